@@ -1,0 +1,1 @@
+"""Common bench for ViT token-reduction methods."""
