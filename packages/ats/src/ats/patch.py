@@ -1,0 +1,272 @@
+"""timm integration: ATS as an in-place class swap of a timm ``VisionTransformer`` (ToMe style).
+
+``apply(model, stages=range(3, 12), rho=1.0)`` swaps the model, its blocks and their attention modules to
+the subclasses below; parameters and ``state_dict`` keys are untouched, so pretrained timm weights load
+unchanged. After every forward ``model.ats_info`` holds, for each block and image, the realised token
+counts and (for ATS blocks) the kept tokens as original token indices in the order the block outputs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from . import sampling
+from .tokens import TokenSets
+
+MODES = ("official", "paper")
+VARIANTS = ("topk", "self_attention", "no_vnorm", "random_row", "cls_not_enforced")
+
+
+@dataclass(frozen=True)
+class ATSConfig:
+    """Where and how ATS runs. ``k[i]`` belongs to block ``stages[i]``: a ratio rho if ``<= 1``
+    (``K_n = max(round(rho * N_n), 8)``), else an absolute K; K counts the CLS token."""
+
+    stages: tuple[int, ...]
+    k: tuple[float, ...]
+    mode: str = "official"
+    variant: frozenset[str] = frozenset()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        unknown = set(self.variant) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown ATS variant(s) {sorted(unknown)}; choose from {VARIANTS}")
+        if len(self.k) != len(self.stages):
+            raise ValueError("one K (or rho) per ATS stage is needed")
+        if any(k <= 0 for k in self.k):
+            raise ValueError(f"K and rho must be positive, got {self.k}")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"ATS stages must be distinct, got {self.stages}")
+
+    def k_of(self, block: int) -> float | None:
+        return self.k[self.stages.index(block)] if block in self.stages else None
+
+
+@dataclass
+class ATSInfo:
+    """Per-forward record, filled by the patched model (read by evaluation, FLOPs and figures).
+
+    ``tokens_in[i]`` / ``tokens_out[i]``: ``[B]`` token counts (CLS included) entering / leaving block i;
+    ``kept[i]``: ``[B, K'max]`` original token indices kept by ATS block i, output order, -1 padded.
+    """
+
+    config: ATSConfig
+    grid: tuple[int, int] = (0, 0)
+    n_ref: int = 0
+    tokens_in: list[Tensor] = field(default_factory=list)
+    tokens_out: list[Tensor] = field(default_factory=list)
+    kept: dict[int, Tensor] = field(default_factory=dict)
+
+    def reset(self, n_ref: int, grid: tuple[int, int]) -> None:
+        self.n_ref, self.grid = n_ref, grid
+        self.tokens_in, self.tokens_out, self.kept = [], [], {}
+
+    def kept_indices(self, block: int) -> list[Tensor]:
+        """Kept original token indices of ATS block ``block``, one tensor per image (output order)."""
+        return [row[row >= 0] for row in self.kept[block]]
+
+    def token_counts(self) -> tuple[Tensor, Tensor]:
+        """``([B, depth], [B, depth])`` tokens entering and leaving every block."""
+        return torch.stack(self.tokens_in, 1), torch.stack(self.tokens_out, 1)
+
+
+class ATSAttention(Attention):
+    """timm ``Attention`` on variable-length token sets, with the ATS sampling step.
+
+    Modifications: takes packed rows plus their ``TokenSets`` layout; keys of padding are masked; the ATS
+    step computes only the attention rows it needs (the score row, then ``O = A_s V`` for the kept queries
+    with the fused ``scaled_dot_product_attention``); pretrained parameters are those of ``Attention``.
+    """
+
+    def heads(self, h: Tensor, tokens: TokenSets) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as ``[B, H, Nmax, d]`` (qkv runs on the valid rows only)."""
+        qkv = tokens.pad(self.qkv(h))
+        B, N, _ = qkv.shape
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0
+        )
+
+    def output(self, o: Tensor, tokens: TokenSets) -> Tensor:
+        """``[B, H, Nq, d]`` attention output -> projected rows in ``tokens``' layout."""
+        B, _, N, _ = o.shape
+        o = tokens.pack(o.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.proj_drop(self.proj(self.norm(o)))
+
+    def forward_tokens(self, h: Tensor, tokens: TokenSets) -> Tensor:
+        """Plain multi-head self-attention on every image's own tokens."""
+        q, k, v = self.heads(h, tokens)
+        return self.output(self.attend(q, k, v, tokens.key_mask()), tokens)
+
+    def sample(self, h: Tensor, tokens: TokenSets, k_cfg: float, info: ATSInfo, block: int):
+        """The ATS step (Sec. 3): score, sample, ``O = A_s V``. Returns (attention rows, positions, K'+1)."""
+        cfg = info.config
+        q, k, v = self.heads(h, tokens)
+        n = tokens.lengths
+        attn = self.score_rows(q, k, n, cfg, block)  # [B, H, N]
+        enforce = "cls_not_enforced" not in cfg.variant
+        first = 1 if enforce else 0
+        n_cand = n - first
+        if "no_vnorm" in cfg.variant:
+            v_norm = torch.ones_like(attn if cfg.mode == "paper" else attn[:, 0])
+        elif cfg.mode == "paper":
+            v_norm = v.float().norm(dim=-1)
+        else:
+            v_norm = v.transpose(1, 2).reshape(v.shape[0], v.shape[2], -1).float().norm(dim=-1)
+        cand = (attn[..., first:], v_norm[..., first:])
+        if cfg.mode == "paper":
+            scores = sampling.significance_scores_per_head(*cand, n_cand)
+        else:
+            scores = sampling.significance_scores(*cand, n_cand)
+        ks = torch.tensor([sampling.stage_k(int(nb), k_cfg) for nb in n.tolist()], device=n.device)
+        points = ks - 1
+        if "topk" in cfg.variant:
+            sel, count = sampling.topk_select(scores, n_cand, points)
+        elif cfg.mode == "paper":
+            sel, count = sampling.paper_select(scores, n_cand, points)
+        else:
+            points = torch.where(ks == n, info.n_ref - 1, points)
+            sel, count = sampling.official_select(scores, n_cand, points)
+        if enforce:
+            positions = torch.cat([sel.new_zeros(sel.shape[0], 1), torch.where(sel >= 0, sel + 1, -1)], 1)
+            count = count + 1
+        else:  # the CLS competes; if it survives it goes first (the classifier reads token 0)
+            rank = torch.where(sel < 0, 2, torch.where(sel == 0, 0, 1))
+            positions = sel.gather(1, rank.sort(dim=-1, stable=True).indices)
+        positions = positions[:, : int(count.max())]
+        q_sel = q.gather(2, positions.clamp(min=0)[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+        o = self.attend(q_sel, k, v, tokens.key_mask())
+        return o, positions, count
+
+    def score_rows(self, q: Tensor, k: Tensor, n: Tensor, cfg: ATSConfig, block: int) -> Tensor:
+        """Attention weights that score the tokens, ``[B, H, N]``: the CLS row (Sec. 3.1) or an ablation."""
+        eps = sampling.OFFICIAL_EPS if cfg.mode == "official" else None
+        if "self_attention" in cfg.variant:  # column sums of the full matrix (Fig. 3 "self-attention")
+            valid = sampling.valid_mask(n, k.shape[2])
+            logits = (q @ k.transpose(-2, -1)) * self.scale
+            attn = logits.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)
+            return (attn * valid[:, None, :, None]).sum(-2)
+        if "random_row" in cfg.variant:  # one fixed random relative non-CLS query position per block
+            u = torch.rand((), generator=torch.Generator().manual_seed(cfg.seed * 1000 + block)).item()
+            row = torch.minimum(1 + ((n - 1).double() * u).long(), (n - 1).clamp(min=0))
+            q_row = q.gather(2, row[:, None, None, None].expand(-1, q.shape[1], 1, q.shape[3]))
+            return sampling.cls_attention(q_row, k, self.scale, n, eps)
+        return sampling.cls_attention(q[:, :, :1], k, self.scale, n, eps)
+
+
+class ATSBlock(Block):
+    """timm ``Block`` on variable-length token sets; an ATS stage when its index is in the config.
+
+    Modifications: the attention branch of an ATS stage outputs only the kept rows (``O = A_s V``) and the
+    residual keeps the matching input rows (pre-LN, as in the released ``ATSBlock``); drop-path is per image.
+    """
+
+    def forward_tokens(self, tokens: TokenSets, info: ATSInfo, block: int) -> TokenSets:
+        k_cfg = info.config.k_of(block)
+        info.tokens_in.append(tokens.lengths)
+        if k_cfg is None and tokens.uniform:
+            out = TokenSets(super().forward(tokens.x), tokens.lengths, tokens.origin)
+        elif k_cfg is None:
+            x = tokens.x + tokens.drop_path(self.ls1(self.attn.forward_tokens(self.norm1(tokens.x), tokens)), self.drop_path1)
+            out = TokenSets(x, tokens.lengths, tokens.origin)
+            out.x = x + out.drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
+        else:
+            o, positions, count = self.attn.sample(self.norm1(tokens.x), tokens, k_cfg, info, block)
+            residual = tokens.x.flatten(0, -2).index_select(0, tokens.rows_of(positions, count))
+            out = tokens.select(residual, positions, count)
+            x = out.x + out.drop_path(self.ls1(self.attn.output(o, out)), self.drop_path1)
+            out.x = x + out.drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
+            info.kept[block] = out.origin.detach()
+        info.tokens_out.append(out.lengths)
+        return out
+
+
+class ATSVisionTransformer(VisionTransformer):
+    """timm ``VisionTransformer`` whose blocks run on per-image token sets.
+
+    Modifications: ``forward_features`` threads a ``TokenSets`` through the blocks and records
+    ``ats_info``; everything before the blocks and after them is timm's own code.
+    """
+
+    ats_info: ATSInfo
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("ATS models do not take an attention mask")
+        if self.grad_checkpointing and self.training:
+            raise ValueError("gradient checkpointing is not supported with ATS")
+        grid = self.patch_embed.dynamic_feat_size(x.shape[-2:]) if self.dynamic_img_size else self.patch_embed.grid_size
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        self.ats_info.reset(x.shape[1], tuple(grid))
+        tokens = TokenSets.full(x)
+        for i, blk in enumerate(self.blocks):
+            tokens = blk.forward_tokens(tokens, self.ats_info, i)
+        return self.norm(tokens.padded())
+
+
+def _check_structure(model: nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"ATS patches a timm VisionTransformer, got {type(model).__name__}")
+    if model.cls_token is None or model.num_prefix_tokens != 1 or model.global_pool != "token":
+        raise ValueError("ATS needs exactly one prefix token, the CLS token, read by the classifier "
+                         "(global_pool='token'); distilled / register / pooled ViTs are not supported")
+    if model.attn_pool is not None or not isinstance(model.patch_drop, nn.Identity):
+        raise ValueError("ATS does not support attention pooling or patch dropout")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in (Block, ATSBlock) or type(blk.attn) not in (Attention, ATSAttention):
+            raise TypeError(f"block {i} is {type(blk).__name__}/{type(blk.attn).__name__}; "
+                            "ATS supports timm Block with Attention")
+        if blk.attn.gate is not None:
+            raise ValueError("gated attention is not supported")
+
+
+def apply(
+    model: VisionTransformer,
+    stages: Iterable[int] = range(3, 12),
+    rho: float | None = None,
+    k: float | Sequence[float] | None = None,
+    mode: str = "official",
+    variant: str | Iterable[str] = (),
+    seed: int = 0,
+) -> VisionTransformer:
+    """Patch ``model`` in place with ATS at ``stages`` (0-based block indices) and return it.
+
+    Give either ``rho`` (multi-stage, ``K_n = max(round(rho * N_n), 8)``) or ``k`` (absolute K per stage, an
+    int or one value per stage; K counts the CLS); the default is rho = 1 (the released configuration).
+    ``mode``: ``"official"`` (released code) or ``"paper"`` (Eqs. 3-6). ``variant``: ablations from
+    ``VARIANTS`` (a name or several). Calling it again on a patched model reconfigures it.
+    """
+    _check_structure(model)
+    stages = tuple(int(s) for s in stages)
+    if any(not 0 <= s < len(model.blocks) for s in stages):
+        raise ValueError(f"ATS stages {stages} outside the model's {len(model.blocks)} blocks")
+    if rho is not None and k is not None:
+        raise ValueError("give rho or k, not both")
+    if rho is not None and not 0 < rho <= 1:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    if k is None:
+        ks = (1.0 if rho is None else float(rho),) * len(stages)
+    else:
+        ks = tuple(float(v) for v in k) if isinstance(k, Sequence) else (float(k),) * len(stages)
+        if any(v < 2 for v in ks):
+            raise ValueError(f"an absolute K must be >= 2 (use rho for ratios), got {ks}")
+    variants = frozenset([variant] if isinstance(variant, str) else variant)
+    model.ats_info = ATSInfo(ATSConfig(stages, ks, mode, variants, seed))
+    model.__class__ = ATSVisionTransformer
+    for blk in model.blocks:
+        blk.__class__ = ATSBlock
+        blk.attn.__class__ = ATSAttention
+    return model
