@@ -1,0 +1,351 @@
+"""Datasets, DeiT transforms and loaders behind every ``--data`` flag.
+
+Dataset specs:
+
+* ``digits`` -- the embedded cluttered-digits set (:mod:`vitbench.digits`), offline, with ground-truth boxes;
+* ``imagefolder:PATH`` -- ImageNet layout (``PATH/train/<class>/*``, ``PATH/val/<class>/*``) read through
+  ``datasets``' ``imagefolder`` builder; class order = sorted directory names, as torchvision's ``ImageFolder``;
+  a ``PATH/boxes.json`` (as written by ``vitbench-digits export``) is picked up;
+* ``hf:NAME[:CONFIG]`` -- a Hub dataset such as ``hf:imagenet-1k`` (needs the Hub);
+* ``arrow:PATH`` -- a dataset saved with ``save_to_disk``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.transforms_factory import transforms_imagenet_eval
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from . import digits as digits_lib
+
+log = logging.getLogger(__name__)
+SPLIT_ALIASES = {"train": ("train",), "val": ("validation", "val", "valid", "test")}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be found, read or decoded."""
+
+
+class CorruptImageError(DataError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str  # digits | imagefolder | hf | arrow
+    path: str | None = None
+    name: str | None = None
+    config: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "digits":
+            return "digits"
+        if self.kind == "hf":
+            return f"hf:{self.name}" + (f":{self.config}" if self.config else "")
+        return f"{self.kind}:{self.path}"
+
+
+@dataclass(frozen=True)
+class DataDefaults:
+    """Per-dataset defaults: evaluation geometry and the training-recipe values that differ from DeiT's."""
+
+    num_classes: int
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float = 0.875
+    hflip: float = 0.5
+    scale: tuple[float, float] = (0.08, 1.0)
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    repeated_aug: bool = True
+
+
+IMAGENET_DEFAULTS = DataDefaults(1000, 224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+# Digits: no flips (they change the class), no random crops or erasing (they cut the digit away), no mixing.
+DIGITS_DEFAULTS = DataDefaults(
+    num_classes=10, img_size=112, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, hflip=0.0,
+    scale=(1.0, 1.0), auto_augment="rand-m6-mstd0.5-inc1", reprob=0.0, mixup=0.0, cutmix=0.0, repeated_aug=False,
+)
+
+
+def parse_data_spec(text: str | DataSpec) -> DataSpec:
+    """Parse ``digits``, ``imagefolder:PATH``, ``hf:NAME[:CONFIG]`` or ``arrow:PATH``."""
+    if isinstance(text, DataSpec):
+        return text
+    kind, _, rest = text.partition(":")
+    if kind == "digits" and not rest:
+        return DataSpec("digits")
+    if kind in ("imagefolder", "arrow") and rest:
+        return DataSpec(kind, path=rest)
+    if kind == "hf" and rest:
+        name, _, config = rest.partition(":")
+        return DataSpec("hf", name=name, config=config or None)
+    raise DataError(f"cannot parse data spec {text!r}; use digits, imagefolder:PATH, hf:NAME[:CONFIG] or arrow:PATH")
+
+
+def data_defaults(spec: str | DataSpec, num_classes: int | None = None) -> DataDefaults:
+    spec = parse_data_spec(spec)
+    base = DIGITS_DEFAULTS if spec.kind == "digits" else IMAGENET_DEFAULTS
+    return replace(base, num_classes=num_classes) if num_classes else base
+
+
+def train_transform(img_size: int, mean, std, defaults: DataDefaults = IMAGENET_DEFAULTS,
+                    color_jitter: float = 0.3, interpolation: str = "bicubic"):
+    """DeiT training transform (timm): random-resized crop, flip, RandAugment, colour jitter, random erasing."""
+    return create_transform(
+        input_size=img_size, is_training=True, scale=defaults.scale, hflip=defaults.hflip,
+        color_jitter=color_jitter, auto_augment=defaults.auto_augment, interpolation=interpolation,
+        re_prob=defaults.reprob, re_mode="pixel", re_count=1, mean=tuple(mean), std=tuple(std),
+    )
+
+
+def eval_transform(img_size: int, mean, std, crop_pct: float = 0.875, interpolation: str = "bicubic"):
+    """DeiT evaluation transform: resize the short side to ``int(img_size / crop_pct)``, centre crop, normalise."""
+    return transforms_imagenet_eval(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation,
+                                    mean=tuple(mean), std=tuple(std))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run a block with python/numpy/torch RNGs seeded, restoring the caller's states afterwards."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def _decode(item: Any, where: str) -> Image.Image:
+    try:
+        if isinstance(item, Image.Image):
+            return item.convert("RGB")
+        if item.get("bytes"):
+            return Image.open(io.BytesIO(item["bytes"])).convert("RGB")
+        return Image.open(item["path"]).convert("RGB")
+    except Exception as e:
+        raise CorruptImageError(f"cannot decode image {where}: {e}") from e
+
+
+class ImageDataset(Dataset):
+    """Images + labels from any source, yielding ``(image, label, index)``.
+
+    With ``seed`` set, the random augmentation of sample ``i`` in epoch ``e`` is a pure function of
+    ``(seed, e, i)``: results do not depend on worker count, batch position or resumption.
+    """
+
+    def __init__(self, source, labels: np.ndarray, classes: list[str], transform=None,
+                 boxes: np.ndarray | None = None, canvas: int | None = None, paths: list[str] | None = None,
+                 name: str = ""):
+        self.source = source
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes)
+        self.transform = transform
+        self.boxes = boxes
+        self.canvas = canvas
+        self.paths = paths
+        self.name = name
+        self.seed: int | None = None
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def image(self, index: int) -> Image.Image:
+        """The decoded, untransformed image."""
+        if isinstance(self.source, np.ndarray):
+            return Image.fromarray(self.source[index])
+        where = self.paths[index] if self.paths else f"#{index} of {self.name}"
+        return _decode(self.source[index]["image"], where)
+
+    def __getitem__(self, index: int):
+        img = self.image(index)
+        if self.transform is not None:
+            if self.seed is None:
+                img = self.transform(img)
+            else:
+                with _seeded(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF):
+                    img = self.transform(img)
+        return img, int(self.labels[index]), index
+
+    def boxes_for(self, indices, img_size: int) -> torch.Tensor | None:
+        """Ground-truth boxes ``(x0, y0, x1, y1)`` in pixels of the ``img_size`` model input (square resize of the
+        canvas, i.e. crop_pct 1.0), or ``None`` when the dataset has no boxes."""
+        if self.boxes is None:
+            return None
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return torch.as_tensor(self.boxes, dtype=torch.float32)[idx] * (img_size / self.canvas)
+
+    def select(self, indices) -> "ImageDataset":
+        """A subset view (e.g. the first N validation images)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if isinstance(self.source, np.ndarray):
+            source = self.source[indices]
+        else:
+            source = self.source.select(indices.tolist())
+        return ImageDataset(
+            source, self.labels[indices], self.classes, self.transform,
+            None if self.boxes is None else self.boxes[indices], self.canvas,
+            None if self.paths is None else [self.paths[i] for i in indices], self.name,
+        )
+
+
+def _hf_split(dd, split: str, where: str):
+    for name in SPLIT_ALIASES[split]:
+        if name in dd:
+            return dd[name]
+    raise DataError(f"{where} has no {split!r} split (found {sorted(dd)})")
+
+
+def _from_hf(ds, where: str, boxes_file: Path | None = None) -> ImageDataset:
+    import datasets
+
+    image_col = "image" if "image" in ds.column_names else "img" if "img" in ds.column_names else None
+    label_col = "label" if "label" in ds.column_names else "labels" if "labels" in ds.column_names else None
+    if image_col is None or label_col is None:
+        raise DataError(f"{where}: need an image and a label column, found {ds.column_names}")
+    if image_col != "image":
+        ds = ds.rename_column(image_col, "image")
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    feature = ds.features[label_col]
+    classes = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(max(ds[label_col]) + 1)]
+    labels = np.asarray(ds[label_col], dtype=np.int64)
+    paths = [item["path"] or f"#{i} of {where}" for i, item in enumerate(ds["image"])]
+    boxes = canvas = None
+    if boxes_file is not None and boxes_file.is_file():
+        table = json.loads(boxes_file.read_text())
+        root = boxes_file.parent
+        rel = [str(Path(p).resolve().relative_to(root.resolve())) for p in paths]
+        if all(r in table for r in rel):
+            boxes = np.asarray([table[r] for r in rel], dtype=np.int64)
+            canvas = Image.open(paths[0]).size[0]
+    return ImageDataset(ds.select_columns(["image"]), labels, classes, boxes=boxes, canvas=canvas, paths=paths,
+                        name=where)
+
+
+def _load_source(spec: DataSpec, split: str) -> ImageDataset:
+    if spec.kind == "digits":
+        data = digits_lib.load_split(split)
+        return ImageDataset(data.images, data.labels, list(digits_lib.CLASSES), boxes=data.boxes,
+                            canvas=data.images.shape[1], name="digits")
+    import datasets
+
+    if spec.kind == "imagefolder":
+        root = Path(spec.path).expanduser()
+        if not root.is_dir():
+            raise DataError(f"image folder not found: {root}")
+        sub = {"train": ["train"], "val": ["val", "validation"]}[split]
+        if not any((root / s).is_dir() for s in sub):
+            raise DataError(f"{root} has no {'/'.join(sub)} directory (expected ImageNet layout: "
+                            f"{root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG)")
+        try:
+            dd = datasets.load_dataset("imagefolder", data_dir=str(root))
+        except Exception as e:
+            raise DataError(f"could not read image folder {root}: {e}") from e
+        return _from_hf(_hf_split(dd, split, str(root)), str(root), root / "boxes.json")
+    if spec.kind == "arrow":
+        root = Path(spec.path).expanduser()
+        if not root.exists():
+            raise DataError(f"saved dataset not found: {root}")
+        try:
+            dd = datasets.load_from_disk(str(root))
+        except Exception as e:
+            raise DataError(f"{root} is not a dataset saved with save_to_disk: {e}") from e
+        ds = _hf_split(dd, split, str(root)) if isinstance(dd, datasets.DatasetDict) else dd
+        return _from_hf(ds, str(root))
+    try:
+        hf_split = "train" if split == "train" else "validation"
+        ds = datasets.load_dataset(spec.name, spec.config, split=hf_split)
+    except Exception as e:
+        raise DataError(
+            f"could not load Hub dataset {spec.name!r} ({type(e).__name__}: {e}). The Hub must be reachable "
+            "(and the dataset's terms accepted, `huggingface-cli login`); offline, use imagefolder:PATH or "
+            "arrow:PATH instead."
+        ) from e
+    return _from_hf(ds, str(spec))
+
+
+def find_corrupt(dataset: ImageDataset, progress: bool = True) -> list[int]:
+    """Indices of images that fail to decode (a full read of the dataset)."""
+    from tqdm.auto import tqdm
+
+    bad = []
+    for i in tqdm(range(len(dataset)), desc="checking images", disable=not progress):
+        try:
+            dataset.image(i).load()
+        except CorruptImageError as e:
+            log.warning("%s", e)
+            bad.append(i)
+    return bad
+
+
+def build_dataset(spec: str | DataSpec, split: str, transform=None, skip_corrupt: bool = False,
+                  limit: int | None = None) -> ImageDataset:
+    """Load a split (``train`` or ``val``) of a dataset spec.
+
+    An unreadable image raises :class:`CorruptImageError` naming the file when it is read; with
+    ``skip_corrupt=True`` all images are checked first and the unreadable ones are dropped, logged and counted
+    (``dataset.skipped``).
+    """
+    if split not in SPLIT_ALIASES:
+        raise DataError(f"unknown split {split!r}; use 'train' or 'val'")
+    dataset = _load_source(parse_data_spec(spec), split)
+    if limit is not None:
+        dataset = dataset.select(np.arange(min(limit, len(dataset))))
+    skipped: list[str] = []
+    if skip_corrupt and dataset.paths is not None:
+        bad = set(find_corrupt(dataset))
+        if bad:
+            skipped = [dataset.paths[i] for i in sorted(bad)]
+            log.warning("skipping %d unreadable image(s) of %d", len(bad), len(dataset))
+            dataset = dataset.select([i for i in range(len(dataset)) if i not in bad])
+    dataset.transform = transform
+    dataset.skipped = skipped
+    return dataset
+
+
+def build_eval_loader(spec: str | DataSpec, img_size: int, mean, std, batch_size: int = 128,
+                      crop_pct: float | None = None, num_workers: int = 2, limit: int | None = None,
+                      skip_corrupt: bool = False) -> DataLoader:
+    """Validation loader with the DeiT eval transform; yields ``(images, labels, indices)``."""
+    crop = crop_pct if crop_pct is not None else data_defaults(spec).crop_pct
+    dataset = build_dataset(spec, "val", eval_transform(img_size, mean, std, crop), skip_corrupt=skip_corrupt,
+                            limit=limit)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def train_sampler_indices(num_samples: int, epoch: int, seed: int, rank: int, world: int,
+                          repeated_aug: int = 0) -> list[int]:
+    """This rank's sample order for an epoch: torch's seeded ``DistributedSampler`` shuffle, or timm's
+    ``RepeatAugSampler`` (DeiT's repeated augmentation) when ``repeated_aug > 1``. Materialised as a list so a
+    resumed run can skip the samples it already consumed."""
+    if repeated_aug > 1:
+        sampler = RepeatAugSampler(range(num_samples), num_replicas=world, rank=rank, num_repeats=repeated_aug)
+    else:
+        sampler = DistributedSampler(range(num_samples), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
