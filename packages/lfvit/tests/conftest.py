@@ -1,0 +1,16 @@
+import pytest
+import timm
+import torch
+
+import lfvit  # noqa: F401  (registers the models)
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    torch.manual_seed(0)
+    model = timm.create_model("lfvit_vit_digits_patch8_112").eval()
+    with torch.no_grad():  # sharper attention than the 0.02 init, so GCA rankings are well separated
+        for name, p in model.named_parameters():
+            if p.dim() > 1 or "pos_embed" in name or "cls_token" in name:
+                p.normal_(0, 0.1)
+    return model
