@@ -1,0 +1,55 @@
+"""Per-image FLOPs (GMACs, the papers' convention) of an ATS model from its recorded token counts."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from vitbench.flops import ViTGeometry, vit_gmacs
+
+from .patch import ATSConfig, ATSInfo
+from .sampling import stage_k
+
+
+def _query_rows(config: ATSConfig, n_in, n_out):
+    """QK^T rows an ATS block computes: the score row plus the kept queries (all rows for the
+    self-attention-score ablation, which needs the full matrix)."""
+    return n_in + n_out if "self_attention" in config.variant else n_out + 1
+
+
+def per_image_gmacs(geometry: ViTGeometry, info: ATSInfo, layernorm: bool = True) -> torch.Tensor:
+    """``[B]`` GMACs of every image of the last forward, from its own token counts (padding never counted)."""
+    n_in, n_out = (t.double() for t in info.token_counts())
+    counts = []
+    for i in range(geometry.depth):
+        if i in info.config.stages:
+            counts.append((n_in[:, i], n_out[:, i], _query_rows(info.config, n_in[:, i], n_out[:, i])))
+        else:
+            counts.append(n_in[:, i])
+    return vit_gmacs(geometry.at_grid(info.grid) if info.grid != (0, 0) else geometry, counts, layernorm)
+
+
+def upper_bound_gmacs(geometry: ViTGeometry, config: ATSConfig, layernorm: bool = True) -> float:
+    """GMACs when every ATS stage keeps its maximum, K_n tokens (CLS included): no data needed.
+
+    Exact for single-stage ATS at an absolute K (the paper's 2.0 / 2.5 / 3.0 G levels for K = 48 / 78 / 108)."""
+    n = geometry.num_tokens
+    counts: list = []
+    for i in range(geometry.depth):
+        if i in config.stages:
+            k = stage_k(n, config.k_of(i))
+            counts.append((n, k, _query_rows(config, n, k)))
+            n = k
+        else:
+            counts.append(n)
+    return vit_gmacs(geometry, counts, layernorm)
+
+
+def dense_gmacs(geometry: ViTGeometry, layernorm: bool = True) -> float:
+    return vit_gmacs(geometry, None, layernorm)
+
+
+def mean_tokens(info: ATSInfo, blocks: Sequence[int]) -> list[float]:
+    """Mean realised output token count per block (CLS included)."""
+    out = info.token_counts()[1].double()
+    return [float(out[:, b].mean()) for b in blocks]

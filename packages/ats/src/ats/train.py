@@ -1,0 +1,95 @@
+"""``ats-train``: fine-tune a ViT with ATS (paper App. E.1) or train it plainly with ATS off, on Accelerate.
+
+Paper setting (DynamicViT/DeiT recipe): initialise from the backbone (``--pretrained`` or ``--checkpoint``),
+30 epochs, AdamW, lr 5e-4 scaled by global batch / 512, batch 8 x 96, cosine schedule, DeiT augmentation, and
+K = all tokens during training (``--ats-rho 1``: multi-stage blocks 3..11). ``--no-ats`` trains the plain model
+(this is how the embedded backbone is trained). Multi-GPU/multi-node: ``accelerate launch -m ats.train ...``;
+multi-process CPU: ``torchrun --nproc_per_node 2 -m ats.train --cpu ...``. The weights keep timm's layout, so
+``ats-eval --checkpoint OUTPUT_DIR/model.safetensors`` evaluates them at any rho or K.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+from vitbench.engine import TrainConfig, add_train_args, train
+
+from . import patch
+from .evaluate import parse_stages
+
+
+@dataclass(frozen=True)
+class ATSTrainConfig:
+    """The ATS part of a training run (None stages: ATS off)."""
+
+    stages: tuple[int, ...] | None = tuple(range(3, 12))
+    rho: float | None = 1.0
+    k: float | None = None
+    mode: str = "official"
+    variant: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.stages is not None:
+            patch.ATSConfig(self.stages, (self.k or self.rho or 1.0,) * len(self.stages), self.mode,
+                            frozenset(self.variant))
+        if self.rho is not None and not 0 < self.rho <= 1:
+            raise ValueError(f"--ats-rho must be in (0, 1], got {self.rho}")
+        if self.k is not None and self.k < 2:
+            raise ValueError(f"--ats-k must be >= 2, got {self.k}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ats-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(p, epochs=30, output_dir="runs/ats_train")
+    g = p.add_argument_group("ATS")
+    g.add_argument("--no-ats", action="store_true", help="train the plain model (ATS off)")
+    g.add_argument("--ats-stages", type=parse_stages, default=tuple(range(3, 12)), help="ATS blocks (default 3-11)")
+    g.add_argument("--ats-rho", type=float, default=None, help="training rho (default 1: K = all tokens, as the paper)")
+    g.add_argument("--ats-k", type=float, default=None, help="training absolute K instead of rho")
+    g.add_argument("--ats-mode", choices=patch.MODES, default="official")
+    g.add_argument("--ats-variant", nargs="+", choices=patch.VARIANTS, default=[],
+                   help="train an ablation, e.g. topk (Table A.3)")
+    return p
+
+
+def ats_config_from_args(ns: argparse.Namespace) -> ATSTrainConfig:
+    if ns.ats_rho is not None and ns.ats_k is not None:
+        raise ValueError("give --ats-rho or --ats-k, not both")
+    rho = None if ns.ats_k is not None else (1.0 if ns.ats_rho is None else ns.ats_rho)
+    return ATSTrainConfig(None if ns.no_ats else tuple(ns.ats_stages), rho, ns.ats_k, ns.ats_mode,
+                          tuple(ns.ats_variant))
+
+
+def build_model(cfg: TrainConfig, ats_cfg: ATSTrainConfig):
+    import vitbench
+
+    kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
+    model = vitbench.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
+                                  drop_path_rate=cfg.drop_path, **kwargs)
+    if ats_cfg.stages is not None:
+        patch.apply(model, stages=ats_cfg.stages, rho=ats_cfg.rho, k=ats_cfg.k, mode=ats_cfg.mode,
+                    variant=ats_cfg.variant)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        cfg = TrainConfig.from_args(ns)
+        ats_cfg = ats_config_from_args(ns)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        result = train(cfg, lambda: build_model(cfg, ats_cfg), extra_config={"ats": asdict(ats_cfg)})
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"ats-train: {e}") from None
+    print(f"done: top-1 {result.get('top1', float('nan')):.2f}% after {result['updates']} updates; "
+          f"weights in {cfg.output_dir}/model.safetensors (ranks in sync: {result['ranks_in_sync']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
