@@ -25,6 +25,7 @@ from .checkpoint import load_lfvit_checkpoint
 from .flops import dense_gflops, stage_flops
 from .localization import REGION_MODES
 from .model import LFVisionTransformer, check_eta
+from .paper import TABLES, paper_rows
 
 MODES = ("anytime", "budgeted", "regions", "variants", "throughput")
 DEFAULT_MODEL = "lfvit_vit_digits_patch8_112"
@@ -56,6 +57,8 @@ class EvalConfig:
     seed: int = 0
     flops_only: bool = False
     device: str = "cpu"
+    paper: tuple[str, ...] = ()
+    loss: str = "ce_kl"
     etas: tuple[float, ...] = field(default_factory=lambda: tuple(round(0.01 * p, 2) for p in range(100)))
 
     def __post_init__(self):
@@ -68,6 +71,9 @@ class EvalConfig:
         for name in ("batch_size", "throughput_batch", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        bad = [t for t in self.paper if t not in TABLES]
+        if bad:
+            raise ValueError(f"unknown --paper table(s) {bad}; choose from {TABLES}")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be >= 1")
 
@@ -79,7 +85,8 @@ class EvalConfig:
                    alpha=ns.alpha, beta=ns.beta, region_mode=ns.region_mode, modes=modes, eta=ns.eta,
                    batch_size=ns.batch_size, limit=ns.limit, num_workers=ns.num_workers, output_dir=ns.output_dir,
                    json=ns.json, throughput_batch=ns.throughput_batch, warmup=ns.warmup, repeats=ns.repeats,
-                   num_visualise=ns.num_visualise, seed=ns.seed, flops_only=ns.flops_only, device=ns.device)
+                   num_visualise=ns.num_visualise, seed=ns.seed, flops_only=ns.flops_only, device=ns.device,
+                   paper=tuple(t.strip() for t in ns.paper.split(",") if t.strip()), loss=ns.loss)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-visualise", type=int, default=16, help="images in the region figure")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-region variant and baseline")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--paper", default="", help=f"comma-separated paper tables to print next to the measured "
+                   f"numbers: {','.join(TABLES)} (ImageNet figures; needs the matching --modes)")
+    p.add_argument("--loss", default="ce_kl", choices=("ce_kl", "ce_ce"),
+                   help="the loss the checkpoint was trained with (labels the Table 7 row)")
     p.add_argument("--flops-only", action="store_true",
                    help="print per-stage cumulative GFLOPs and exit (no data or weights needed)")
     return p
@@ -366,6 +377,11 @@ def run(cfg: EvalConfig) -> dict:
         print(f"\nThroughput (batch {cfg.throughput_batch}, {device}, fp32, eta {cfg.eta}, "
               f"{100 * result['throughput']['focus_fraction']:.1f}% reach focus):\n"
               + markdown_table(result["throughput"]["rows"]))
+    for table in cfg.paper:
+        rows = paper_rows(table, result, model.region_size, model.grid, model.alpha, model.beta, cfg.loss)
+        result.setdefault("paper", {})[table] = rows
+        print(f"\nPaper {table} vs measured ({cfg.data}):\n" + (markdown_table(rows) if rows else
+              f"(no {table} row for g {model.grid}, m {model.region_size})"))
     write_json(out / "results.json", result)
     return result
 
