@@ -1,0 +1,64 @@
+"""Life maps (Fig. 4): predicted lives on the patch grid and the patches kept at each drop layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def plot_life_maps(
+    images: torch.Tensor,
+    lives: torch.Tensor,
+    kept: tuple[torch.Tensor, ...],
+    grid: tuple[int, int],
+    t_base: int,
+    depth: int,
+    drop_layers: tuple[int, ...],
+    path: str | Path,
+    titles: list[str] | None = None,
+) -> Path:
+    """One row per image: the input, its lives (clamped to [t_base, T] for display only, values in the cells) and,
+    per drop layer, the input with the dropped patches darkened. ``images`` (B, 3, H, W) in [0, 1]; ``lives``
+    (B, 1 + gh*gw); ``kept`` original token indices per drop layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gh, gw = grid
+    b = images.shape[0]
+    cols = 2 + len(kept)
+    fig, axes = plt.subplots(b, cols, figsize=(2.2 * cols, 2.3 * b), squeeze=False)
+    h, w = images.shape[-2:]
+    ph, pw = h // gh, w // gw
+    for i in range(b):
+        img = images[i].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+        axes[i, 0].imshow(img)
+        axes[i, 0].set_title(titles[i] if titles else "input", fontsize=8)
+        life = lives[i, 1:].clamp(t_base, depth).reshape(gh, gw).cpu()
+        axes[i, 1].imshow(life.numpy(), cmap="viridis", vmin=t_base, vmax=depth)
+        axes[i, 1].set_title(f"life (clamped {t_base}-{depth})", fontsize=8)
+        if gh * gw <= 256:
+            for r in range(gh):
+                for c in range(gw):
+                    v = life[r, c].item()
+                    axes[i, 1].text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=4.5,
+                                    color="black" if v > (t_base + depth) / 2 else "white")
+        for k, (idx, layer) in enumerate(zip(kept, drop_layers)):
+            mask = torch.zeros(gh * gw)
+            patches = idx[i][idx[i] > 0] - 1
+            mask[patches.cpu()] = 1.0
+            shade = mask.reshape(gh, gw).repeat_interleave(ph, 0).repeat_interleave(pw, 1)
+            shade = (0.25 + 0.75 * shade).numpy()[..., None]
+            axes[i, 2 + k].imshow(img[: gh * ph, : gw * pw] * shade)
+            axes[i, 2 + k].set_title(f"stage {k + 1}: block {layer}, {len(patches)} patches", fontsize=8)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
