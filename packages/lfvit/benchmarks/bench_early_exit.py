@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         conf = model(x).location.softmax(-1).amax(-1)
     n_focus = round(args.focus_fraction * args.batch_size)
-    eta = conf.sort().values[n_focus].item() if n_focus < args.batch_size else 1.0  # conf < eta -> focus
+    c = conf.sort().values  # conf < eta -> focus; eta midway between two images' confidences (no boundary ties)
+    eta = 1.0 if n_focus >= args.batch_size else c[0].item() / 2 if n_focus == 0 else (
+        (c[n_focus - 1] + c[n_focus]) / 2).item()
     fns = {"deit_s_dense": dense, "lfvit_early_exit": lambda t: model.forward_early_exit(t, eta),
            "lfvit_two_stage": model}
     rows = compare(fns, x, baseline="deit_s_dense", warmup=args.warmup, repeats=args.repeats)
