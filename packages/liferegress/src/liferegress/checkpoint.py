@@ -60,11 +60,15 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
     if not is_patched(model):
         raise TypeError("call liferegress.apply(model, ...) before loading a Life Regression checkpoint")
     state = convert_state_dict(read_state_dict(path))
-    result = model.load_state_dict(state, strict=False)
-    unexpected = list(result.unexpected_keys)
-    missing = list(result.missing_keys)
-    if unexpected or (strict and missing) or any(k != "life_predictor.W" for k in missing):
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if unexpected or shapes or (strict and missing) or any(k != "life_predictor.W" for k in missing):
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:6]}, unexpected "
+                         f"{unexpected[:6]}, shape mismatch {shapes[:4]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
     return missing
 
 

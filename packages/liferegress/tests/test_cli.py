@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import liferegress
+from liferegress import evaluate, train
+from liferegress.flops import model_gmacs
+
+
+@pytest.mark.parametrize(
+    ("model", "rho", "expected", "tol"),
+    [
+        ("deit_small_patch16_224", 0.7, 3.21, 0.01),
+        ("deit_small_patch16_224", 0.8, 3.62, 0.01),
+        ("deit_small_patch16_224", 0.9, 4.11, 0.01),
+        ("deit_base_patch16_224", 0.7, 12.3, 0.05),
+        ("vit_tiny_patch16_224", 0.7, 0.86, 0.01),
+    ],
+)
+def test_flops_only_matches_paper(tmp_path, model, rho, expected, tol):
+    out = tmp_path / "f.json"
+    assert evaluate.main(["--flops-only", "--model", model, "--keep-rate", str(rho), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["name"] == "backbone" and rows[0]["gflops"] == pytest.approx(17.58 if "base" in model else
+                                                                                 {"deit_small_patch16_224": 4.61,
+                                                                                  "vit_tiny_patch16_224": 1.26}[model],
+                                                                                 abs=0.01)
+    assert rows[1]["gflops"] == pytest.approx(expected, abs=tol)
+
+
+def test_analytic_flops_match_flop_counter(make_vit):
+    from vitbench.flops import flop_counter_gmacs
+
+    model = liferegress.apply(make_vit(), keep_rate=0.7)
+    assert model_gmacs(model, layernorm=False) == pytest.approx(flop_counter_gmacs(model, torch.randn(2, 3, 56, 56)),
+                                                                rel=1e-6)
+    assert model_gmacs(model) < model_gmacs(make_vit())
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        evaluate.main(["--keep-rate", "1.5", "--flops-only"])
+    assert err.value.code == 2
+    with pytest.raises(SystemExit) as err:
+        evaluate.main(["--checkpoint", str(tmp_path / "nope.safetensors"), "--output-dir", str(tmp_path)])
+    assert err.value.code == 2
+    with pytest.raises(SystemExit) as err:
+        train.main(["--temperature", "0", "--output-dir", str(tmp_path)])
+    assert err.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def backbone_ckpt(tmp_path_factory):
+    from vitbench.models import save_weights
+
+    torch.manual_seed(0)
+    return str(save_weights(timm.create_model("vit_digits_patch8_112"), tmp_path_factory.mktemp("bb") / "bb.safetensors"))
+
+
+def test_eval_on_embedded_data(tmp_path, backbone_ckpt):
+    model = timm.create_model("vit_digits_patch8_112")
+    liferegress.apply(model, keep_rate=0.7)
+    liferegress.load_checkpoint(model, backbone_ckpt, strict=False)
+    ckpt = liferegress.save_checkpoint(model, tmp_path / "lr.safetensors")
+    argv = ["--checkpoint", str(ckpt), "--keep-rate", "0.9", "0.7", "--limit-val", "16", "--batch-size", "8",
+            "--throughput-batch", "4", "--repeats", "1", "--warmup", "0", "--num-workers", "0", "--vis-images", "0",
+            "1", "--output-dir", str(tmp_path / "eval")]
+    assert evaluate.main(argv) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    rows = result["rows"]
+    assert [r["keep_rate"] for r in rows] == [1.0, 0.9, 0.7]
+    assert rows[0]["gflops"] > rows[1]["gflops"] > rows[2]["gflops"]
+    assert all(0 <= r["top1"] <= 100 and r["n"] == 16 and r["img_s"] > 0 for r in rows)
+    assert 0 <= rows[2]["kept_in_box"] <= 1 and 0 < rows[2]["all_in_box"] < 1
+    assert (tmp_path / "eval" / "life_maps_rho0.7.png").stat().st_size > 10_000
+    assert (tmp_path / "eval" / "results.md").read_text().startswith("| name")
+
+
+def _train(out, backbone_ckpt, *extra):
+    argv = ["--checkpoint", backbone_ckpt, "--limit-train", "24", "--limit-val", "8", "--batch-size", "8",
+            "--num-workers", "0", "--cpu", "--checkpointing-steps", "1", "--output-dir", str(out), *extra]
+    return train.main(argv)
+
+
+def test_two_stage_training_and_exact_resume(tmp_path, backbone_ckpt):
+    assert _train(tmp_path / "a", backbone_ckpt) == 0
+    summary = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert summary["finished"] and set(summary["stages"]) == {"stage1", "stage2"}
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    s1 = load_file(tmp_path / "a" / "stage1" / "model.safetensors")
+    init = load_file(backbone_ckpt)
+    # stage 1 moves only W; stage 2 moves only blocks 4..11 and keeps W
+    assert all(torch.equal(s1[k], v) for k, v in init.items())
+    assert torch.equal(a["life_predictor.W"], s1["life_predictor.W"])
+    assert torch.equal(a["blocks.3.attn.qkv.weight"], init["blocks.3.attn.qkv.weight"])
+    assert not torch.equal(a["blocks.11.attn.qkv.weight"], init["blocks.11.attn.qkv.weight"])
+    assert liferegress.read_config(tmp_path / "a" / "model.safetensors")["scheme"] == "two-stage"
+    # killed after 2 of 3 updates of stage 1, resumed: same weights as the uninterrupted run
+    assert _train(tmp_path / "b", backbone_ckpt, "--max-steps", "2") == 0
+    assert not (tmp_path / "b" / "stage2").exists()
+    assert _train(tmp_path / "b", backbone_ckpt, "--resume", "auto") == 0
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_single_stage_trains_everything(tmp_path, backbone_ckpt):
+    assert _train(tmp_path / "s", backbone_ckpt, "--scheme", "single-stage", "--limit-train", "8") == 0
+    s = load_file(tmp_path / "s" / "model.safetensors")
+    init = load_file(backbone_ckpt)
+    assert not torch.equal(s["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+    assert json.loads((tmp_path / "s" / "single" / "results.json").read_text())["epochs"] == 2
