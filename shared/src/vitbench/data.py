@@ -3,6 +3,7 @@
 Dataset specs:
 
 * ``digits`` -- the embedded cluttered-digits set (:mod:`vitbench.digits`), offline, with ground-truth boxes;
+  options as ``digits:train_size=2000,val_size=500,canvas=112,seed=0``;
 * ``imagefolder:PATH`` -- ImageNet layout (``PATH/train/<class>/*``, ``PATH/val/<class>/*``) read through
   ``datasets``' ``imagefolder`` builder; class order = sorted directory names, as torchvision's ``ImageFolder``;
   a ``PATH/boxes.json`` (as written by ``vitbench-digits export``) is picked up;
@@ -49,10 +50,11 @@ class DataSpec:
     path: str | None = None
     name: str | None = None
     config: str | None = None
+    options: tuple[tuple[str, int], ...] = ()
 
     def __str__(self) -> str:
         if self.kind == "digits":
-            return "digits"
+            return "digits" + (":" + ",".join(f"{k}={v}" for k, v in self.options) if self.options else "")
         if self.kind == "hf":
             return f"hf:{self.name}" + (f":{self.config}" if self.config else "")
         return f"{self.kind}:{self.path}"
@@ -89,14 +91,29 @@ def parse_data_spec(text: str | DataSpec) -> DataSpec:
     if isinstance(text, DataSpec):
         return text
     kind, _, rest = text.partition(":")
-    if kind == "digits" and not rest:
-        return DataSpec("digits")
+    if kind == "digits":
+        return DataSpec("digits", options=_digits_options(rest)) if rest else DataSpec("digits")
     if kind in ("imagefolder", "arrow") and rest:
         return DataSpec(kind, path=rest)
     if kind == "hf" and rest:
         name, _, config = rest.partition(":")
         return DataSpec("hf", name=name, config=config or None)
     raise DataError(f"cannot parse data spec {text!r}; use digits, imagefolder:PATH, hf:NAME[:CONFIG] or arrow:PATH")
+
+
+def _digits_options(text: str) -> tuple[tuple[str, int], ...]:
+    allowed = ("train_size", "val_size", "canvas", "seed")
+    options = []
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in allowed or not value.lstrip("-").isdigit():
+            raise DataError(f"bad digits option {item!r}; use digits:KEY=INT,... with KEY in {allowed}")
+        options.append((key, int(value)))
+    try:
+        digits_lib.DigitsConfig(**dict(options))
+    except ValueError as e:
+        raise DataError(f"digits: {e}") from e
+    return tuple(options)
 
 
 def data_defaults(spec: str | DataSpec, num_classes: int | None = None) -> DataDefaults:
@@ -122,18 +139,25 @@ def eval_transform(img_size: int, mean, std, crop_pct: float = 0.875, interpolat
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
-    """Run a block with python/numpy/torch RNGs seeded, restoring the caller's states afterwards."""
+def preserved_rng():
+    """Run a block without disturbing the caller's python/numpy/torch (CPU) random states."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
     try:
         yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run a block with python/numpy/torch RNGs seeded, restoring the caller's states afterwards."""
+    with preserved_rng():
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        yield
 
 
 def _decode(item: Any, where: str) -> Image.Image:
@@ -248,7 +272,7 @@ def _from_hf(ds, where: str, boxes_file: Path | None = None) -> ImageDataset:
 
 def _load_source(spec: DataSpec, split: str) -> ImageDataset:
     if spec.kind == "digits":
-        data = digits_lib.load_split(split)
+        data = digits_lib.load_split(split, digits_lib.DigitsConfig(**dict(spec.options)))
         return ImageDataset(data.images, data.labels, list(digits_lib.CLASSES), boxes=data.boxes,
                             canvas=data.images.shape[1], name="digits")
     import datasets

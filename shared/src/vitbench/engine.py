@@ -32,7 +32,10 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
-from .data import DataDefaults, build_dataset, build_eval_loader, data_defaults, train_sampler_indices, train_transform
+from .data import (
+    build_dataset, build_eval_loader, data_defaults, preserved_rng, train_sampler_indices,
+    train_transform,
+)
 from .report import write_json
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Callable], torch.Tensor]
@@ -184,7 +187,8 @@ def resolve_input(model: torch.nn.Module, cfg_data: str, img_size: int | None = 
 
 def evaluate_classifier(model, loader: DataLoader, accelerator: Accelerator | None = None,
                         forward: Callable | None = None, progress: bool = True) -> dict:
-    """Top-1/top-5 (percent) over a loader; under Accelerate, the loader must be prepared (gather_for_metrics)."""
+    """Top-1/top-5 (percent) over a loader; under Accelerate, the loader must be prepared (gather_for_metrics).
+    Leaves the random states alone, so evaluating inside a training run does not change its course."""
     from tqdm.auto import tqdm
 
     device = accelerator.device if accelerator else next(model.parameters()).device
@@ -192,7 +196,7 @@ def evaluate_classifier(model, loader: DataLoader, accelerator: Accelerator | No
     model.eval()
     correct1 = correct5 = total = 0.0
     main = accelerator is None or accelerator.is_main_process
-    with torch.inference_mode():
+    with torch.inference_mode(), preserved_rng():
         for images, labels, _ in tqdm(loader, desc="eval", disable=not (progress and main), leave=False):
             images, labels = images.to(device), labels.to(device)
             logits = forward(model, images) if forward else model(images)
@@ -204,6 +208,14 @@ def evaluate_classifier(model, loader: DataLoader, accelerator: Accelerator | No
             total += len(labels)
     model.train(was_training)
     return {"top1": 100 * correct1 / max(total, 1), "top5": 100 * correct5 / max(total, 1), "n": int(total)}
+
+
+def ranks_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """Whether every process holds the same weights (compares per-tensor float64 sums and sums of squares)."""
+    params = [p.detach().double() for p in model.parameters()]
+    signature = torch.stack([torch.stack([p.sum(), (p * p).sum()]) for p in params]).flatten()
+    gathered = accelerator.gather(signature.unsqueeze(0).to(accelerator.device))
+    return bool((gathered == gathered[0]).all().item())
 
 
 def _checkpoints(root: Path) -> list[Path]:
@@ -326,6 +338,7 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
     done = False
     metrics: dict = {}
     train_loss = float("nan")
+    saved_at = None
     for epoch in range(progress.epoch, cfg.epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch, accelerator.unwrap_model(model))
@@ -365,6 +378,7 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
                 epoch_end = progress.batches_done >= batches_per_epoch
                 if cfg.checkpointing_steps and progress.num_updates % cfg.checkpointing_steps == 0 and not epoch_end:
                     _save_checkpoint(accelerator, ckpt_root, progress, cfg.keep_checkpoints)
+                    saved_at = progress.num_updates
                 if at_max:
                     done = True
                     break
@@ -385,12 +399,14 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
         if accelerator.is_main_process:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        _save_checkpoint(accelerator, ckpt_root, progress, cfg.keep_checkpoints)
+        if saved_at != progress.num_updates or epoch_finished:
+            _save_checkpoint(accelerator, ckpt_root, progress, cfg.keep_checkpoints)
         if done:
             break
 
     result = {"train_loss": train_loss, **metrics, "updates": progress.num_updates, "epochs": progress.epoch,
-              "wall_time_s": time.time() - started, "world_size": world}
+              "wall_time_s": time.time() - started, "world_size": world,
+              "ranks_in_sync": ranks_in_sync(accelerator, model)}
     if accelerator.is_main_process:
         save_weights(accelerator.unwrap_model(model), out / "model.safetensors")
         write_json(out / "results.json", result)
