@@ -223,7 +223,7 @@ class ImageDataset(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         return torch.as_tensor(self.boxes, dtype=torch.float32)[idx] * (img_size / self.canvas)
 
-    def select(self, indices) -> "ImageDataset":
+    def select(self, indices) -> ImageDataset:
         """A subset view (e.g. the first N validation images)."""
         indices = np.asarray(indices, dtype=np.int64)
         if isinstance(self.source, np.ndarray):

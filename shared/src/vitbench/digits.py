@@ -249,13 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         if target.exists() and any(target.iterdir()):
             parser.error(f"{target} exists and is not empty; choose a new directory")
         export(target, cfg)
-        print(f"wrote {cfg.train_size} train and {cfg.val_size} val images to {target} (use --data imagefolder:{target})")
+        print(f"wrote {cfg.train_size} train and {cfg.val_size} val images to {target} "
+              f"(use --data imagefolder:{target})")
         return 0
     for split in SPLITS:
         data = load_split(split, cfg)
         side = data.boxes[:, 2:] - data.boxes[:, :2]
         counts = np.bincount(data.labels, minlength=10).tolist()
-        print(f"{split}: {len(data.labels)} images {cfg.canvas}px, per class {counts}, digit side {side.min()}-{side.max()} px")
+        print(f"{split}: {len(data.labels)} images {cfg.canvas}px, per class {counts}, "
+              f"digit side {side.min()}-{side.max()} px")
     return 0
 
 

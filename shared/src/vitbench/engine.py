@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -101,7 +100,7 @@ class TrainConfig:
                 raise ValueError(message)
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> "TrainConfig":
+    def from_args(cls, ns: argparse.Namespace) -> TrainConfig:
         return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -68,7 +68,7 @@ class ViTGeometry:
         return self.num_patches + self.num_prefix_tokens
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "ViTGeometry":
+    def from_model(cls, model: torch.nn.Module) -> ViTGeometry:
         """Read the geometry of a timm ``VisionTransformer`` (or anything with the same attributes)."""
         pe = model.patch_embed
         patch = pe.patch_size[0] if isinstance(pe.patch_size, (tuple, list)) else pe.patch_size
@@ -84,7 +84,7 @@ class ViTGeometry:
             num_prefix_tokens=getattr(model, "num_prefix_tokens", 1),
         )
 
-    def at_grid(self, grid: tuple[int, int]) -> "ViTGeometry":
+    def at_grid(self, grid: tuple[int, int]) -> ViTGeometry:
         return ViTGeometry(**{**asdict(self), "grid": tuple(grid)})
 
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
     except RuntimeError as e:
-        raise SystemExit(f"vitbench-flops: {e}")
+        raise SystemExit(f"vitbench-flops: {e}") from e
     geom = ViTGeometry.from_model(model)
     size = geom.grid[0] * geom.patch_size
     result = {"model": args.model, "img_size": size, "tokens": geom.num_tokens,

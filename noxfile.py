@@ -1,0 +1,58 @@
+"""Sessions: ``nox`` runs the tests of every package and the linter.
+
+* ``nox -s tests``                 -- all packages; ``nox -s "tests(package='ats')"`` for one
+* ``nox -s lint``                  -- ruff
+* ``nox -s bench``                 -- every package's CPU throughput benchmark (``packages/*/benchmarks/*.py``)
+
+Each session gets its own virtualenv (uv when available, which hard-links torch from its cache; plain virtualenv
+otherwise). Tests run offline: no Hub, no pretrained downloads.
+"""
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PACKAGES = sorted(p.name for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").is_file())
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+nox.needs_version = ">=2024.3.2"
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests", "lint"]
+
+
+def _install(session: nox.Session, package: str) -> None:
+    if package == "vitbench":
+        session.install("-e", "shared", "pytest")
+    else:
+        session.install("-e", f"packages/{package}", "pytest")
+        session.install("--no-deps", "-e", "shared")  # editable too, so edits to vitbench are seen
+
+
+@nox.session
+@nox.parametrize("package", ["vitbench", *PACKAGES])
+def tests(session: nox.Session, package: str) -> None:
+    """Unit and integration tests of one package (CPU, offline)."""
+    _install(session, package)
+    where = "shared/tests" if package == "vitbench" else f"packages/{package}/tests"
+    session.run("pytest", "-q", "-p", "no:cacheprovider", where, *session.posargs, env=OFFLINE)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the whole tree."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """CPU throughput comparisons (side by side in one process; JSON under runs/bench/)."""
+    for package in PACKAGES:
+        session.install("-e", f"packages/{package}")
+    session.install("--no-deps", "-e", "shared")
+    scripts = sorted(ROOT.glob("packages/*/benchmarks/*.py"))
+    if not scripts:
+        session.skip("no benchmarks")
+    for script in scripts:
+        session.run("python", str(script.relative_to(ROOT)), *session.posargs, env=OFFLINE)
