@@ -56,6 +56,11 @@ PRESETS: dict[str, tuple[str, list[Run]]] = {
                  [_ms(1.0, 79.7, 2.9)]),
     "table-a3": ("Table A.3 / Fig. 5a: top-K vs inverse transform sampling (both fine-tuned)",
                  [_ms(0.865, 78.9, 2.9, series="top-K", variant=("topk",)), _ms(1.0, 79.7, 2.9)]),
+    "fig5a": ("Fig. 5a: top-K (fixed rate, K_n = round(rho N_n)) vs inverse transform sampling, not fine-tuned",
+              [_ms(0.865, None, 3.0, series="top-K", variant=("topk",)),
+               _ms(0.79, None, 2.5, series="top-K", variant=("topk",)),
+               _ms(0.665, None, 2.0, series="top-K", variant=("topk",)),
+               _ms(1.0, 79.2, 3.0), _ms(0.87, None, 2.5), _ms(0.72, None, 2.0)]),
     "table-a4": ("Table A.4: ATS placement at ~3 GFLOPs, not fine-tuned",
                  [_ss(130, 0, 73.1, 3.0), _ss(108, 3, 78.5, 3.0), _ss(56, 6, 77.4, 3.0), _ms(1.0, 79.2, 3.0)]),
     "fig5b": ("Fig. 5b: multi-stage, not fine-tuned vs fine-tuned (run once per checkpoint)",
@@ -146,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--data", default=d.data, help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH")
     g.add_argument("--model", default=d.model, help="timm ViT with a CLS token")
-    g.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (embedded: shipped weights)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="timm's pretrained weights (implied for the embedded default model without --checkpoint)")
     g.add_argument("--checkpoint", default=None, help="local .safetensors/.pth weights (e.g. an ats-train output)")
     g.add_argument("--img-size", type=int, default=None)
     g.add_argument("--crop-pct", type=float, default=None, help="eval crop (default: 0.875 ImageNet, 1.0 digits)")
@@ -177,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(ns: argparse.Namespace) -> EvalConfig:
-    cfg = EvalConfig(ns.data, ns.model, ns.pretrained, ns.checkpoint, tuple(ns.stages), tuple(ns.rho), tuple(ns.k),
+    embedded_default = ns.model == EvalConfig.model and ns.checkpoint is None
+    cfg = EvalConfig(ns.data, ns.model, ns.pretrained or embedded_default, ns.checkpoint, tuple(ns.stages), tuple(ns.rho), tuple(ns.k),
                      ns.mode, tuple(ns.variant), ns.preset, ns.flops_only, ns.batch_size, ns.limit, ns.num_workers,
                      ns.img_size, ns.crop_pct, ns.throughput, ns.throughput_batch, ns.repeats, tuple(ns.visualize),
                      ns.output_dir, ns.json, ns.cpu)
@@ -189,6 +196,8 @@ def load_model(cfg: EvalConfig):
     import vitbench
 
     kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
+    if not (cfg.pretrained or cfg.checkpoint or cfg.flops_only):
+        raise SystemExit(f"ats-eval: give --pretrained or --checkpoint PATH for {cfg.model}")
     try:
         return vitbench.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, **kwargs).eval()
     except FileNotFoundError as e:
