@@ -12,7 +12,7 @@ import argparse
 import copy
 import platform
 from dataclasses import asdict, dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import timm
 import torch

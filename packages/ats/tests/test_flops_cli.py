@@ -66,8 +66,9 @@ def test_eval_on_embedded_data_with_checkpoint(tmp_path):
 
     torch.manual_seed(0)
     ckpt = save_weights(vitbench.create_model("vit_digits_patch8_112", img_size=56), tmp_path / "w.safetensors")
-    argv = ["--checkpoint", str(ckpt), "--img-size", "56", "--limit", "24", "--batch-size", "12", "--rho", "1", "0.7", "--visualize", "0",
-            "--num-workers", "0", "--output-dir", str(tmp_path / "eval"), "--json", str(tmp_path / "r.json")]
+    argv = ["--checkpoint", str(ckpt), "--img-size", "56", "--limit", "24", "--batch-size", "12", "--rho", "1", "0.7",
+            "--visualize", "0", "--num-workers", "0", "--output-dir", str(tmp_path / "eval"),
+            "--json", str(tmp_path / "r.json")]
     assert evaluate.main(argv) == 0
     res = json.loads((tmp_path / "r.json").read_text())
     dense, r1, r07 = res["rows"]

@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(ns: argparse.Namespace) -> EvalConfig:
     embedded_default = ns.model == EvalConfig.model and ns.checkpoint is None
-    cfg = EvalConfig(ns.data, ns.model, ns.pretrained or embedded_default, ns.checkpoint, tuple(ns.stages), tuple(ns.rho), tuple(ns.k),
+    cfg = EvalConfig(ns.data, ns.model, ns.pretrained or embedded_default, ns.checkpoint, tuple(ns.stages),
+                     tuple(ns.rho), tuple(ns.k),
                      ns.mode, tuple(ns.variant), ns.preset, ns.flops_only, ns.batch_size, ns.limit, ns.num_workers,
                      ns.img_size, ns.crop_pct, ns.throughput, ns.throughput_batch, ns.repeats, tuple(ns.visualize),
                      ns.output_dir, ns.json, ns.cpu)

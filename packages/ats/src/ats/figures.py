@@ -4,7 +4,7 @@ accuracy vs GFLOPs (Figs. 4/5)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 

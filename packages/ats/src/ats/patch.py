@@ -9,7 +9,7 @@ counts and (for ATS blocks) the kept tokens as original token indices in the ord
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -180,7 +180,8 @@ class ATSBlock(Block):
         if k_cfg is None and tokens.uniform:
             out = TokenSets(super().forward(tokens.x), tokens.lengths, tokens.origin)
         elif k_cfg is None:
-            x = tokens.x + tokens.drop_path(self.ls1(self.attn.forward_tokens(self.norm1(tokens.x), tokens)), self.drop_path1)
+            attn = self.attn.forward_tokens(self.norm1(tokens.x), tokens)
+            x = tokens.x + tokens.drop_path(self.ls1(attn), self.drop_path1)
             out = TokenSets(x, tokens.lengths, tokens.origin)
             out.x = x + out.drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
         else:

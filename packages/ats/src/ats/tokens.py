@@ -27,7 +27,7 @@ class TokenSets:
             self.offsets = lengths.cumsum(0) - lengths
 
     @classmethod
-    def full(cls, x: Tensor) -> "TokenSets":
+    def full(cls, x: Tensor) -> TokenSets:
         B, N, _ = x.shape
         lengths = torch.full((B,), N, dtype=torch.long, device=x.device)
         origin = torch.arange(N, device=x.device).expand(B, N)
@@ -59,7 +59,7 @@ class TokenSets:
         start = torch.arange(self.batch, device=positions.device) * self.width if self.uniform else self.offsets
         return (start[:, None] + positions)[keep]
 
-    def select(self, x_rows: Tensor, positions: Tensor, count: Tensor) -> "TokenSets":
+    def select(self, x_rows: Tensor, positions: Tensor, count: Tensor) -> TokenSets:
         """The new token sets made of ``positions[b, :count[b]]`` of every image, rows given packed."""
         origin = self.origin.gather(1, positions.clamp(min=0)).masked_fill(positions < 0, -1)
         if bool((count == count[0]).all()):
