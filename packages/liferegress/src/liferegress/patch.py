@@ -1,9 +1,10 @@
 """timm integration: ``apply(model, keep_rate=0.7, temperature=1.5)`` turns a timm ViT/DeiT into Life Regression.
 
-ToMe-style: the model's class is swapped for a subclass that overrides ``forward_features`` only, and a
-``life_predictor`` module (non-affine LayerNorm + one D x D matrix ``W``) is added. timm's ``Block`` and fused
-``Attention`` are used unchanged: soft weights enter as an additive ``attn_mask`` (``log β``), hard pruning slices the
-sequence. Backbone ``state_dict`` keys stay as they are; the predictor adds ``life_predictor.W``.
+ToMe-style: the model's class is swapped for a subclass that overrides ``forward_features`` only, each block's
+``Attention`` for :class:`~liferegress.attention.LifeRegressionAttention` (timm's forward, except that a key bias
+needing a gradient keeps the fused kernel), and a ``life_predictor`` module (non-affine LayerNorm + one D x D matrix
+``W``) is added. timm's ``Block`` is used unchanged: soft weights enter as an additive ``attn_mask`` (``log β``), hard
+pruning slices the sequence. Backbone ``state_dict`` keys stay as they are; the predictor adds ``life_predictor.W``.
 
 After a forward, ``model.life_info`` holds each image's lives and, in hard mode, the original indices of the tokens
 kept from each drop layer on.
@@ -20,6 +21,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from .attention import LifeRegressionAttention
 from .life import (
     DEFAULT_DROP_LAYERS,
     global_importance,
@@ -211,6 +213,8 @@ def apply(
         ref = model.cls_token
         model.life_predictor = LifePredictor(model.embed_dim, device=ref.device, dtype=ref.dtype)
         model.__class__ = _patched_class(type(model))
+        for blk in model.blocks:
+            blk.attn.__class__ = LifeRegressionAttention
     model.life_cfg = cfg
     model.life_info = None
     return model
