@@ -161,3 +161,14 @@ def test_rejects_unsupported_models_and_settings():
         ats.apply(model, variant="nope")
     with pytest.raises(ValueError, match="mode"):
         ats.apply(model, mode="nope")
+
+
+@pytest.mark.parametrize("mode", ["official", "paper"])
+def test_extreme_pruning_down_to_the_cls(images, mode):
+    """Very peaked attention: official mode's three-token quirk leaves only the CLS; later stages cope."""
+    model = ats.apply(tiny_vit(peak=30), stages=range(1, 12), mode=mode)
+    logits = run(model, images)
+    n_out = model.ats_info.token_counts()[1]
+    assert torch.isfinite(logits).all()
+    assert n_out[:, -1].min() == (1 if mode == "official" else 2)
+    assert all(k[0] == 0 for k in model.ats_info.kept_indices(11))

@@ -138,6 +138,13 @@ def compact(values: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     return out[:, :width], count
 
 
+def _nothing(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Selection result when no image has a candidate left."""
+    B = scores.shape[0]
+    return torch.empty(B, 0, dtype=torch.long, device=scores.device), torch.zeros(B, dtype=torch.long,
+                                                                                    device=scores.device)
+
+
 def official_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
     """Released-code inverse transform sampling (ats_block.py:115-196) for each image.
 
@@ -145,6 +152,8 @@ def official_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, 
     of candidates per image, ``points`` the grid size per image (``n_ref - 1`` when K = N, else ``K - 1``).
     Returns the kept candidate indices in ascending-score order (``[B, K'max]`` padded with -1) and K'.
     """
+    if scores.shape[1] == 0:
+        return _nothing(scores)
     B, M = scores.shape
     valid = valid_mask(n, M)
     sorted_scores, order = scores.masked_fill(~valid, float("inf")).sort(dim=-1, stable=True)
@@ -174,6 +183,8 @@ def paper_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, Ten
 
     Returns the kept candidate indices in token order (``[B, K'max]`` padded with -1) and K'.
     """
+    if scores.shape[1] == 0:
+        return _nothing(scores)
     B, M = scores.shape
     cdf = scores.masked_fill(~valid_mask(n, M), 0.0).cumsum(-1)
     width = int(points.max())
@@ -184,6 +195,8 @@ def paper_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, Ten
 
 def topk_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
     """Top-K ablation (Sec. 4.1): the ``min(points, n)`` highest-scoring candidates, highest first."""
+    if scores.shape[1] == 0:
+        return _nothing(scores)
     B, M = scores.shape
     count = torch.minimum(points, n)
     width = int(count.max())
