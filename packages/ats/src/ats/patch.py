@@ -88,12 +88,19 @@ class ATSAttention(Attention):
     with the fused ``scaled_dot_product_attention``); pretrained parameters are those of ``Attention``.
     """
 
-    def heads(self, h: Tensor, tokens: TokenSets) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v as ``[B, H, Nmax, d]`` (qkv runs on the valid rows only)."""
+    def heads(self, h: Tensor, tokens: TokenSets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k, v as ``[B, H, Nmax, d]`` (qkv runs on the valid rows only), and the padded ``[B, Nmax, 3C]`` qkv."""
         qkv = tokens.pad(self.qkv(h))
         B, N, _ = qkv.shape
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
+        return self.q_norm(q), self.k_norm(k), v, qkv
+
+    def queries(self, qkv: Tensor, positions: Tensor) -> Tensor:
+        """The queries of ``positions`` (``[B, K]``, -1 padded) as ``[B, H, K, d]``, gathered as whole rows."""
+        B, N, _ = qkv.shape
+        flat = (torch.arange(B, device=qkv.device)[:, None] * N + positions.clamp(min=0)).flatten()
+        q = qkv.view(B * N, -1)[:, : self.attn_dim].index_select(0, flat)
+        return self.q_norm(q.view(B, -1, self.num_heads, self.head_dim).transpose(1, 2))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         return F.scaled_dot_product_attention(
@@ -108,13 +115,13 @@ class ATSAttention(Attention):
 
     def forward_tokens(self, h: Tensor, tokens: TokenSets) -> Tensor:
         """Plain multi-head self-attention on every image's own tokens."""
-        q, k, v = self.heads(h, tokens)
+        q, k, v, _ = self.heads(h, tokens)
         return self.output(self.attend(q, k, v, tokens.key_mask()), tokens)
 
     def sample(self, h: Tensor, tokens: TokenSets, k_cfg: float, info: ATSInfo, block: int):
         """The ATS step (Sec. 3): score, sample, ``O = A_s V``. Returns (attention rows, positions, K'+1)."""
         cfg = info.config
-        q, k, v = self.heads(h, tokens)
+        q, k, v, qkv = self.heads(h, tokens)
         n = tokens.lengths
         attn = self.score_rows(q, k, n, cfg, block)  # [B, H, N]
         enforce = "cls_not_enforced" not in cfg.variant
@@ -147,8 +154,7 @@ class ATSAttention(Attention):
             rank = torch.where(sel < 0, 2, torch.where(sel == 0, 0, 1))
             positions = sel.gather(1, rank.sort(dim=-1, stable=True).indices)
         positions = positions[:, : int(count.max())]
-        q_sel = q.gather(2, positions.clamp(min=0)[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-        o = self.attend(q_sel, k, v, tokens.key_mask())
+        o = self.attend(self.queries(qkv, positions), k, v, tokens.key_mask())
         return o, positions, count
 
     def score_rows(self, q: Tensor, k: Tensor, n: Tensor, cfg: ATSConfig, block: int) -> Tensor:
