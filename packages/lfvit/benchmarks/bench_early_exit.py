@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         model.forward_early_exit(x, eta)
     reached = model.last_record.exit_stage.float().mean().item()
     s = stage_flops(model)
-    result = {"rows": rows, "cpu_time_rows": cpu_rows, "batch_size": args.batch_size, "focus_fraction": reached, "eta": eta,
+    result = {"rows": rows, "cpu_time_rows": cpu_rows, "batch_size": args.batch_size, "focus_fraction": reached,
+              "eta": eta,
               "threads": torch.get_num_threads(), "dtype": "float32",
               "expected_gflops": s.expected(reached), "dense_gflops": dense_gflops(model),
               "ideal_speedup": dense_gflops(model) / s.expected(reached)}

@@ -78,7 +78,7 @@ class EvalConfig:
             raise ValueError("--limit must be >= 1")
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> "EvalConfig":
+    def from_args(cls, ns: argparse.Namespace) -> EvalConfig:
         model = ns.model or (FLOPS_DEFAULT_MODEL if ns.flops_only else DEFAULT_MODEL)
         modes = tuple(m.strip() for m in ns.modes.split(",") if m.strip())
         return cls(model=model, data=ns.data, checkpoint=ns.checkpoint, region_size=ns.region_size,
@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="LF-ViT weights, ours or the released layout (.pth {'model': ...} or .safetensors); "
                         "default for the embedded model: the shipped embedded weights")
-    p.add_argument("--region-size", type=int, default=5, help="m, the side of the NGCA window (paper: 4, 5, 6; 8 at g 9)")
+    p.add_argument("--region-size", type=int, default=5,
+                   help="m, the side of the NGCA window (paper: 4, 5, 6; 8 at g 9)")
     p.add_argument("--alpha", type=float, default=0.88, help="K = ceil(alpha m^2) coarse cells are refined")
     p.add_argument("--beta", type=float, default=0.99, help="GCA moving-average weight (Eq. 8)")
     p.add_argument("--region-mode", default="ngca", choices=REGION_MODES, help="region selection (Table 6)")
@@ -262,8 +263,8 @@ def plot_regions(dataset, res: dict, model: LFVisionTransformer, eta: float, n: 
     cell = model.patch_embed.patch_size[0] * 2
     size = model.patch_embed.img_size[0]
     cols = min(4, len(rows))
-    fig, axes = plt.subplots((len(rows) + cols - 1) // cols, cols, figsize=(3 * cols, 3 * ((len(rows) + cols - 1) // cols)),
-                             squeeze=False)
+    nrows = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3 * cols, 3 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, rows):

@@ -7,7 +7,7 @@ given by its top-left cell ``(row, col)`` and has side ``m``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -39,7 +39,7 @@ class LFTrainOptions:
             raise ValueError(f"--selection-epoch must be >= 0, got {self.selection_epoch}")
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> "LFTrainOptions":
+    def from_args(cls, ns: argparse.Namespace) -> LFTrainOptions:
         return cls(region_size=ns.region_size, alpha=ns.alpha, beta=ns.beta, loss=ns.loss,
                    selection_epoch=ns.selection_epoch, released_whole_image_pos=ns.released_whole_image_pos,
                    init_backbone=ns.init_backbone)
@@ -70,7 +70,8 @@ def build_lfvit(model_name: str, opts: LFTrainOptions, drop_path: float = 0.0, c
                 img_size: int | None = None, pretrained: bool = False) -> LFVisionTransformer:
     """Create an LF-ViT for training, optionally initialised from an LF-ViT checkpoint or a plain backbone."""
     kwargs = {"img_size": img_size} if img_size else {}
-    model = timm.create_model(model_name, pretrained=pretrained, region_size=opts.region_size, alpha=opts.alpha, beta=opts.beta,
+    model = timm.create_model(model_name, pretrained=pretrained, region_size=opts.region_size, alpha=opts.alpha,
+                              beta=opts.beta,
                               whole_image_pos_embed=not opts.released_whole_image_pos, drop_path_rate=drop_path,
                               **kwargs)
     if not isinstance(model, LFVisionTransformer):
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = TrainConfig.from_args(ns)
         opts = LFTrainOptions.from_args(ns)
-        build_lfvit(cfg.model, opts, 0.0, cfg.checkpoint, cfg.img_size, cfg.pretrained)  # fail fast on bad options or checkpoints
+        # fail fast on bad options or checkpoints
+        build_lfvit(cfg.model, opts, 0.0, cfg.checkpoint, cfg.img_size, cfg.pretrained)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
 
