@@ -84,6 +84,9 @@ def build_lfvit(model_name: str, opts: LFTrainOptions, drop_path: float = 0.0, c
         path = opts.init_backbone
         if path == "embedded":
             from vitbench.models import EMBEDDED_WEIGHTS
+            if not EMBEDDED_WEIGHTS.is_file():
+                raise FileNotFoundError(f"--init-backbone embedded: the embedded backbone weights are not installed "
+                                        f"({EMBEDDED_WEIGHTS}); train them with vitbench-train or pass a path")
             path = EMBEDDED_WEIGHTS
         init_from_backbone(model, read_state_dict(path))
     return model
