@@ -110,7 +110,8 @@ class ATSAttention(Attention):
     def output(self, o: Tensor, tokens: TokenSets) -> Tensor:
         """``[B, H, Nq, d]`` attention output -> projected rows in ``tokens``' layout."""
         B, _, N, _ = o.shape
-        o = tokens.pack(o.transpose(1, 2).reshape(B, N, self.attn_dim))
+        o = o.transpose(1, 2)
+        o = o.reshape(B, N, self.attn_dim) if tokens.uniform else o[tokens.valid].reshape(-1, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(o)))
 
     def forward_tokens(self, h: Tensor, tokens: TokenSets) -> Tensor:
