@@ -23,6 +23,18 @@ def test_compare_rejects_bad_arguments():
         compare({"a": torch.nn.Identity()}, torch.randn(2, 3), baseline="b")
     with pytest.raises(ValueError):
         compare({"a": torch.nn.Identity()}, torch.randn(2, 3), repeats=0)
+    with pytest.raises(ValueError):
+        compare({"a": torch.nn.Identity()}, torch.randn(2, 3), clock="sundial")
+
+
+def test_thread_clock_counts_cpu_work():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = compare({"mm": lambda x: x @ x}, torch.randn(64, 64), warmup=0, repeats=2, clock="thread")
+    finally:
+        torch.set_num_threads(threads)
+    assert rows[0]["clock"] == "thread" and rows[0]["img_s"] > 0
 
 
 def test_cli(tmp_path):

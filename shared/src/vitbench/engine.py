@@ -17,7 +17,7 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from collections.abc import Callable
 
@@ -66,6 +66,7 @@ class TrainConfig:
     mixup: float | None = None
     cutmix: float | None = None
     repeated_aug: int | None = None
+    auto_augment: str | None = None
     drop_path: float = 0.1
     img_size: int | None = None
     num_workers: int = 2
@@ -144,6 +145,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argu
     g.add_argument("--cutmix", type=float, default=d["cutmix"], help="cutmix alpha (default: per dataset)")
     g.add_argument("--repeated-aug", type=int, default=d["repeated_aug"],
                    help="repeats per sample (DeiT: 3; default: per dataset; 0 off)")
+    g.add_argument("--auto-augment", default=d["auto_augment"],
+                   help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (default: per dataset; 'none' off)")
     g.add_argument("--drop-path", type=float, default=d["drop_path"])
     g.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="gradient accumulation steps")
     g = parser.add_argument_group("run")
@@ -275,6 +278,8 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
     ckpt_root = out / "checkpoints"
     model = build_model()
     img_size, mean, std, dd = resolve_input(model, cfg.data, cfg.img_size)
+    if cfg.auto_augment is not None:
+        dd = replace(dd, auto_augment=None if cfg.auto_augment == "none" else cfg.auto_augment)
     train_set = build_dataset(cfg.data, "train", train_transform(img_size, mean, std, dd),
                               skip_corrupt=cfg.skip_corrupt, limit=cfg.limit_train)
     train_set.seed = cfg.seed

@@ -2,6 +2,10 @@
 
 :func:`compare` interleaves several models in one process (round-robin per repeat), so slow drifts of a shared
 machine hit every model alike, and reports img/s and the ratio to a named baseline.
+
+``clock="wall"`` (default) times with ``time.perf_counter``. ``clock="thread"`` times with the calling thread's CPU
+time: with a single intra-op thread (``torch.set_num_threads(1)``) all the work runs on that thread, and other
+processes on a shared CPU do not inflate it as they inflate wall-clock time. CPU only.
 """
 
 from __future__ import annotations
@@ -42,12 +46,21 @@ def _context(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
 def compare(fns: Mapping[str, Callable[[torch.Tensor], Any]], inputs: torch.Tensor, baseline: str | None = None,
-            warmup: int = 3, repeats: int = 10, amp: bool = False) -> list[dict]:
+            warmup: int = 3, repeats: int = 10, amp: bool = False, clock: str = "wall") -> list[dict]:
     """Time every ``fns[name](inputs)`` ``repeats`` times, interleaved; rows of name, batch, median ms, img/s and
     ``speedup`` (img/s over the baseline's; default the first entry)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    if clock == "thread" and (inputs.device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("clock='thread' measures the CPU work of one thread: needs a CPU tensor and "
+                         "torch.set_num_threads(1)")
+    now = CLOCKS[clock]
     if not fns:
         raise ValueError("nothing to time")
     baseline = baseline or next(iter(fns))
@@ -63,21 +76,21 @@ def compare(fns: Mapping[str, Callable[[torch.Tensor], Any]], inputs: torch.Tens
         for _ in range(repeats):
             for name, fn in fns.items():
                 _sync(device)
-                start = time.perf_counter()
+                start = now()
                 fn(inputs)
                 _sync(device)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
     timings = {n: Timing(n, inputs.shape[0], statistics.median(t), min(t), repeats) for n, t in times.items()}
     base = timings[baseline].img_s
     return [{"name": t.name, "batch_size": t.batch_size, "median_ms": 1e3 * t.median_s, "min_ms": 1e3 * t.min_s,
-             "img_s": t.img_s, "speedup": t.img_s / base, "device": str(device), "amp": amp}
+             "img_s": t.img_s, "speedup": t.img_s / base, "device": str(device), "amp": amp, "clock": clock}
             for t in timings.values()]
 
 
 def measure(fn: Callable[[torch.Tensor], Any], inputs: torch.Tensor, warmup: int = 3, repeats: int = 10,
-            amp: bool = False) -> dict:
+            amp: bool = False, clock: str = "wall") -> dict:
     """Throughput of one callable (see :func:`compare`)."""
-    return compare({"model": fn}, inputs, warmup=warmup, repeats=repeats, amp=amp)[0]
+    return compare({"model": fn}, inputs, warmup=warmup, repeats=repeats, amp=amp, clock=clock)[0]
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool = False,
@@ -104,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time; thread: CPU time of the calling thread (CPU, sets 1 intra-op thread)")
     p.add_argument("--json", default=None)
     return p
 
@@ -116,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
+    if args.clock == "thread":
+        torch.set_num_threads(1)
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     fns, size = {}, None
     for name in args.models:
@@ -123,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         size = size or model.patch_embed.img_size[0]
         fns[name] = prepare_model(model, device, args.channels_last, args.compile)
     inputs = torch.randn(args.batch_size, 3, size, size, device=device)
-    rows = compare(fns, inputs, baseline=args.baseline, warmup=args.warmup, repeats=args.repeats, amp=args.amp)
+    rows = compare(fns, inputs, baseline=args.baseline, warmup=args.warmup, repeats=args.repeats, amp=args.amp,
+                   clock=args.clock)
     print(markdown_table(rows, ["name", "batch_size", "median_ms", "img_s", "speedup", "device"]))
     if args.json:
         write_json(args.json, {"rows": rows, "threads": torch.get_num_threads()})
