@@ -9,9 +9,7 @@ Writes JSON (default runs/bench/lfvit_early_exit.json) and prints a Markdown tab
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import timm
 import torch
@@ -21,24 +19,6 @@ import lfvit  # noqa: F401  (registers the models)
 from lfvit.flops import dense_gflops, stage_flops
 from vitbench.report import markdown_table, write_json
 from vitbench.throughput import compare
-
-
-def cpu_time_compare(fns: dict, x: torch.Tensor, baseline: str, warmup: int, repeats: int) -> list[dict]:
-    """Interleaved timing by the calling thread's CPU time (single intra-op thread: all work is on this thread),
-    which other processes on a shared CPU do not inflate the way they inflate wall-clock time."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn(x)
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                start = time.thread_time()
-                fn(x)
-                times[name].append(time.thread_time() - start)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    return [{"name": name, "batch_size": x.shape[0], "cpu_ms": 1e3 * m, "img_per_cpu_s": x.shape[0] / m,
-             "speedup": med[baseline] / m} for name, m in med.items()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     fns = {"deit_s_dense": dense, "lfvit_early_exit": lambda t: model.forward_early_exit(t, eta),
            "lfvit_two_stage": model}
     rows = compare(fns, x, baseline="deit_s_dense", warmup=args.warmup, repeats=args.repeats)
-    cpu_rows = cpu_time_compare(fns, x, "deit_s_dense", args.warmup, args.repeats)
+    cpu_rows = (compare(fns, x, baseline="deit_s_dense", warmup=args.warmup, repeats=args.repeats, clock="thread")
+                if args.threads == 1 else [])
     with torch.inference_mode():
         model.forward_early_exit(x, eta)
     reached = model.last_record.exit_stage.float().mean().item()
@@ -84,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
               "expected_gflops": s.expected(reached), "dense_gflops": dense_gflops(model),
               "ideal_speedup": dense_gflops(model) / s.expected(reached)}
     print("wall clock (median):\n" + markdown_table(rows, ["name", "batch_size", "median_ms", "img_s", "speedup"]))
-    print("\nthread CPU time (median):\n" + markdown_table(cpu_rows, ["name", "batch_size", "cpu_ms", "img_per_cpu_s",
-                                                                     "speedup"]))
+    if cpu_rows:
+        print("\nthread CPU time (median):\n" + markdown_table(cpu_rows, ["name", "batch_size", "median_ms", "img_s",
+                                                                         "speedup"]))
     print(f"\nfocus fraction {reached:.3f} (eta {eta:.6f}), expected {result['expected_gflops']:.3f} GFLOPs vs "
           f"dense {result['dense_gflops']:.3f}: ideal speedup {result['ideal_speedup']:.2f}x; "
           f"{result['threads']} threads, fp32, CPU")
