@@ -51,6 +51,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert full.keys() == split.keys()
     for k in full:
         assert torch.equal(full[k], split[k]), k
+    # resuming a run that already reached --max-steps trains no further
+    again = train(_cfg(tmp_path, "split", checkpointing_steps=4, max_steps=4, resume="auto"), _tiny)
+    assert again["updates"] == 12
 
 
 def test_resume_with_a_wrong_model_is_refused(tmp_path):

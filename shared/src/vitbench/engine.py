@@ -339,11 +339,11 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
     log_path = out / "log.jsonl"
     scheduler.step(progress.epoch, None) if not cfg.sched_on_updates else scheduler.step_update(progress.num_updates)
     started = time.time()
-    done = False
+    done = cfg.max_steps is not None and progress.num_updates >= cfg.max_steps  # resumed at --max-steps
     metrics: dict = {}
     train_loss = float("nan")
     saved_at = None
-    for epoch in range(progress.epoch, cfg.epochs):
+    for epoch in range(progress.epoch, progress.epoch if done else cfg.epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch, accelerator.unwrap_model(model))
         train_set.set_epoch(epoch)
@@ -408,6 +408,8 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
         if done:
             break
 
+    if not metrics:
+        metrics = evaluate_classifier(model, val_loader, accelerator, eval_forward)
     result = {"train_loss": train_loss, **metrics, "updates": progress.num_updates, "epochs": progress.epoch,
               "wall_time_s": time.time() - started, "world_size": world,
               "ranks_in_sync": ranks_in_sync(accelerator, model)}
