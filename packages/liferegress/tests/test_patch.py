@@ -136,12 +136,13 @@ def test_reapply_keeps_predictor_and_changes_schedule(make_vit, images):
 def test_apply_rejects_unsupported_models():
     with pytest.raises(TypeError, match="VisionTransformer"):
         liferegress.apply(torch.nn.Linear(2, 2))
+    small = dict(img_size=32, patch_size=8, embed_dim=16, num_heads=2)
     with pytest.raises(ValueError, match="CLS"):
-        liferegress.apply(VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=12, num_heads=2, reg_tokens=1))
+        liferegress.apply(VisionTransformer(depth=12, reg_tokens=1, **small))
     with pytest.raises(ValueError, match="drop layers"):
-        liferegress.apply(VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=2))
+        liferegress.apply(VisionTransformer(depth=4, **small))
     with pytest.raises(ValueError, match="temperature"):
-        liferegress.apply(VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=12, num_heads=2), temperature=0)
+        liferegress.apply(VisionTransformer(depth=12, **small), temperature=0)
 
 
 def test_embedded_backbone_geometry():

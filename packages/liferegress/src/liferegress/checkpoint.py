@@ -42,9 +42,11 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     if not w_keys:
         return dict(state)
     prefix = w_keys[0][: -len(_RELEASED_W)]
-    norm_w, norm_b = state.get(f"{prefix}blocks.plugin_norm_layer.weight"), state.get(f"{prefix}blocks.plugin_norm_layer.bias")
+    norm_w = state.get(f"{prefix}blocks.plugin_norm_layer.weight")
+    norm_b = state.get(f"{prefix}blocks.plugin_norm_layer.bias")
     if norm_w is not None and not (torch.all(norm_w == 1) and torch.all(norm_b == 0)):
-        raise ValueError("released checkpoint has a trained plugin LayerNorm; only the identity (untrained) one is supported")
+        raise ValueError("released checkpoint has a trained plugin LayerNorm; only the identity (untrained) one "
+                         "is supported")
     out = {}
     backbone = f"{prefix}model."
     for key, value in state.items():

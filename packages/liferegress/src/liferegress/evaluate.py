@@ -59,7 +59,7 @@ class EvalConfig:
             raise ValueError("--vis-images takes non-negative validation indices")
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> "EvalConfig":
+    def from_args(cls, ns: argparse.Namespace) -> EvalConfig:
         d = vars(ns).copy()
         d["keep_rates"] = tuple(d.pop("keep_rate"))
         d["vis_images"] = tuple(d["vis_images"])

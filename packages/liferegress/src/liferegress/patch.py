@@ -175,7 +175,8 @@ def _check_structure(model: nn.Module) -> None:
         raise ValueError("attention pooling and dynamic image size are not supported")
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block or type(blk.attn) is not Attention:
-            raise TypeError(f"block {i} is {type(blk).__name__}/{type(blk.attn).__name__}, expected timm Block/Attention")
+            raise TypeError(f"block {i} is {type(blk).__name__}/{type(blk.attn).__name__}, "
+                            "expected timm Block/Attention")
 
 
 def apply(

@@ -60,7 +60,7 @@ class LifeTrainConfig:
             raise ValueError("--predictor-lr and --backbone-lr must be > 0")
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> "LifeTrainConfig":
+    def from_args(cls, ns: argparse.Namespace) -> LifeTrainConfig:
         return cls(scheme=ns.scheme, keep_rate=ns.keep_rate, temperature=ns.temperature,
                    drop_layers=tuple(ns.drop_layers), predictor_lr=ns.predictor_lr, backbone_lr=ns.backbone_lr)
 
