@@ -111,3 +111,17 @@ def test_single_stage_trains_everything(tmp_path, backbone_ckpt):
     init = load_file(backbone_ckpt)
     assert not torch.equal(s["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
     assert json.loads((tmp_path / "s" / "single" / "results.json").read_text())["epochs"] == 2
+
+
+def test_two_stage_training_on_two_cpu_processes(tmp_path, backbone_ckpt):
+    """torchrun, 2 ranks (gloo): both stages really distributed and the ranks end with the same weights."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "liferegress.train", "--checkpoint", backbone_ckpt, "--limit-train", "32", "--limit-val", "8",
+           "--batch-size", "8", "--num-workers", "0", "--cpu", "--output-dir", str(tmp_path / "ddp")]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    stages = json.loads((tmp_path / "ddp" / "results.json").read_text())["stages"]
+    assert {s: (r["world_size"], r["ranks_in_sync"], r["updates"]) for s, r in stages.items()} == {
+        "stage1": (2, True, 2), "stage2": (2, True, 2)}

@@ -143,11 +143,11 @@ def _step_logger(path: Path):
     diagnostic) to ``steps.jsonl`` on the main process."""
     from accelerate import PartialState
 
-    main_process = PartialState().is_main_process
-
     def loss_fn(model, images, targets, criterion):
         loss = criterion(model(images), targets)
-        if main_process:
+        # looked up per call: a PartialState made before the engine's Accelerator(cpu=...) would pin the process
+        # group to a non-distributed state
+        if PartialState().is_main_process:
             inner = getattr(model, "module", model)
             lives, cfg = inner.life_info.lives, inner.life_cfg
             record = {"loss": loss.item(), "life": lives[:, 1:].clamp(cfg.t_base, cfg.depth).mean().item()}
@@ -169,6 +169,7 @@ def loss_trend(path: Path, frac: float = 0.1) -> dict:
 
 def run(tcfg, lcfg: LifeTrainConfig) -> dict:
     """Run the scheme's stages (skipping finished ones); returns the per-stage results."""
+    from accelerate.state import AcceleratorState
     from vitbench.engine import train
 
     out = Path(tcfg.output_dir)
@@ -191,6 +192,8 @@ def run(tcfg, lcfg: LifeTrainConfig) -> dict:
             results[stage] = train(scfg, _builder(tcfg, lcfg, stage, init), param_groups=_param_groups(lcfg),
                                    loss_fn=_step_logger(sdir / "steps.jsonl"), extra_config=extra)
             results[stage].update(loss_trend(sdir / "steps.jsonl"))
+            # the engine's end_training() destroyed the process group: let the next stage's Accelerator rebuild it
+            AcceleratorState._reset_state(reset_partial_state=True)
             if results[stage].get("epochs", 0) < epochs:  # stopped by --max-steps: resume later
                 return {"stages": results, "finished": False}
         init = str(sdir / "model.safetensors")
