@@ -294,7 +294,7 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
     lr = cfg.lr if cfg.unscale_lr else cfg.lr * global_batch / 512
     params = param_groups(model) if param_groups else model
     optimizer = create_optimizer_v2(params, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay)
-    repeats = dd.repeated_aug * 3 if cfg.repeated_aug is None else cfg.repeated_aug
+    repeats = (3 if dd.repeated_aug else 0) if cfg.repeated_aug is None else cfg.repeated_aug
     samples_per_rank = len(train_sampler_indices(len(train_set), 0, cfg.seed, accelerator.process_index, world,
                                                  repeats))
     batches_per_epoch = samples_per_rank // cfg.batch_size // cfg.grad_accum * cfg.grad_accum
@@ -337,7 +337,10 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
                                          "global_batch": global_batch, "scaled_lr": lr})
     device = accelerator.device
     log_path = out / "log.jsonl"
-    scheduler.step(progress.epoch, None) if not cfg.sched_on_updates else scheduler.step_update(progress.num_updates)
+    if cfg.sched_on_updates:
+        scheduler.step_update(progress.num_updates)
+    else:
+        scheduler.step(progress.epoch)
     started = time.time()
     done = cfg.max_steps is not None and progress.num_updates >= cfg.max_steps  # resumed at --max-steps
     metrics: dict = {}
@@ -392,7 +395,7 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
         if epoch_finished:
             progress.epoch, progress.batches_done = epoch + 1, 0
             if not cfg.sched_on_updates:
-                scheduler.step(progress.epoch, None)
+                scheduler.step(progress.epoch)
         last = progress.epoch >= cfg.epochs or done
         record = {"epoch": epoch, "updates": progress.num_updates, "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"], "time_s": time.time() - started}
