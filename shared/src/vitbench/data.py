@@ -72,6 +72,7 @@ class DataDefaults:
     hflip: float = 0.5
     scale: tuple[float, float] = (0.08, 1.0)
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.3
     reprob: float = 0.25
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -123,11 +124,11 @@ def data_defaults(spec: str | DataSpec, num_classes: int | None = None) -> DataD
 
 
 def train_transform(img_size: int, mean, std, defaults: DataDefaults = IMAGENET_DEFAULTS,
-                    color_jitter: float = 0.3, interpolation: str = "bicubic"):
+                    interpolation: str = "bicubic"):
     """DeiT training transform (timm): random-resized crop, flip, RandAugment, colour jitter, random erasing."""
     return create_transform(
         input_size=img_size, is_training=True, scale=defaults.scale, hflip=defaults.hflip,
-        color_jitter=color_jitter, auto_augment=defaults.auto_augment, interpolation=interpolation,
+        color_jitter=defaults.color_jitter, auto_augment=defaults.auto_augment, interpolation=interpolation,
         re_prob=defaults.reprob, re_mode="pixel", re_count=1, mean=tuple(mean), std=tuple(std),
     )
 

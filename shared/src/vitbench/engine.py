@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from timm.data import Mixup, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -258,14 +259,17 @@ def _save_checkpoint(accelerator: Accelerator, root: Path, progress: TrainProgre
 def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_fn: LossFn | None = None,
           param_groups: Callable[[torch.nn.Module], list] | None = None,
           on_epoch_start: Callable[[int, torch.nn.Module], None] | None = None,
-          eval_forward: Callable | None = None, extra_config: dict | None = None) -> dict:
+          eval_forward: Callable | None = None, extra_config: dict | None = None,
+          recipe_overrides: dict | None = None) -> dict:
     """Train ``build_model()`` with the DeiT recipe; returns the final metrics.
 
     ``loss_fn(model, images, targets, criterion)`` computes the loss (default ``criterion(model(images), targets)``);
     ``param_groups(model)`` returns optimiser groups (dicts may set their own ``lr``; default: every trainable
     parameter, no weight decay on norms/biases); ``on_epoch_start(epoch, model)`` may switch phases;
-    ``eval_forward(model, images)`` returns logits for evaluation. Writes ``config.json``, ``log.jsonl``,
-    ``checkpoints/step_*`` and finally ``model.safetensors`` and ``results.json`` to ``cfg.output_dir``.
+    ``eval_forward(model, images)`` returns logits for evaluation; ``recipe_overrides`` replaces fields of the
+    dataset's :class:`~vitbench.data.DataDefaults` (e.g. a paper's own augmentation). Writes ``config.json``,
+    ``log.jsonl``, ``checkpoints/step_*`` and finally ``model.safetensors`` and ``results.json`` to ``cfg.output_dir``.
+    Accelerate's state is reset on return, so several ``train`` calls (stages) can run in one process.
     """
     from tqdm.auto import tqdm
 
@@ -278,6 +282,8 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
     ckpt_root = out / "checkpoints"
     model = build_model()
     img_size, mean, std, dd = resolve_input(model, cfg.data, cfg.img_size)
+    if recipe_overrides:
+        dd = replace(dd, **recipe_overrides)
     if cfg.auto_augment is not None:
         dd = replace(dd, auto_augment=None if cfg.auto_augment == "none" else cfg.auto_augment)
     train_set = build_dataset(cfg.data, "train", train_transform(img_size, mean, std, dd),
@@ -421,4 +427,5 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
         write_json(out / "results.json", result)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    AcceleratorState._reset_state(reset_partial_state=True)  # end_training() destroyed the process group
     return result

@@ -167,9 +167,14 @@ def loss_trend(path: Path, frac: float = 0.1) -> dict:
     return {"loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "steps_logged": len(losses)}
 
 
+def released_augmentation(data: str) -> dict | None:
+    """The released training transform (spec section 4): random-resized crop, flip and colour jitter 0.4, without
+    RandAugment or random erasing. The embedded digits keep their own defaults (no crops or flips)."""
+    return None if data.startswith("digits") else {"auto_augment": None, "reprob": 0.0, "color_jitter": 0.4}
+
+
 def run(tcfg, lcfg: LifeTrainConfig) -> dict:
     """Run the scheme's stages (skipping finished ones); returns the per-stage results."""
-    from accelerate.state import AcceleratorState
     from vitbench.engine import train
 
     out = Path(tcfg.output_dir)
@@ -190,10 +195,9 @@ def run(tcfg, lcfg: LifeTrainConfig) -> dict:
             extra = {"stage": stage, **dataclasses.asdict(lcfg)}
             sdir.mkdir(parents=True, exist_ok=True)
             results[stage] = train(scfg, _builder(tcfg, lcfg, stage, init), param_groups=_param_groups(lcfg),
-                                   loss_fn=_step_logger(sdir / "steps.jsonl"), extra_config=extra)
+                                   loss_fn=_step_logger(sdir / "steps.jsonl"), extra_config=extra,
+                                   recipe_overrides=released_augmentation(tcfg.data))
             results[stage].update(loss_trend(sdir / "steps.jsonl"))
-            # the engine's end_training() destroyed the process group: let the next stage's Accelerator rebuild it
-            AcceleratorState._reset_state(reset_partial_state=True)
             if results[stage].get("epochs", 0) < epochs:  # stopped by --max-steps: resume later
                 return {"stages": results, "finished": False}
         init = str(sdir / "model.safetensors")
