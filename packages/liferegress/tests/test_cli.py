@@ -121,7 +121,8 @@ def test_two_stage_training_on_two_cpu_processes(tmp_path, backbone_ckpt):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "liferegress.train", "--checkpoint", backbone_ckpt, "--limit-train", "32", "--limit-val", "8",
            "--batch-size", "8", "--num-workers", "0", "--cpu", "--output-dir", str(tmp_path / "ddp")]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     stages = json.loads((tmp_path / "ddp" / "results.json").read_text())["stages"]
     assert {s: (r["world_size"], r["ranks_in_sync"], r["updates"]) for s, r in stages.items()} == {
         "stage1": (2, True, 2), "stage2": (2, True, 2)}

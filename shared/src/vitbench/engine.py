@@ -23,7 +23,6 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from timm.data import Mixup, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -269,7 +268,8 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
     ``eval_forward(model, images)`` returns logits for evaluation; ``recipe_overrides`` replaces fields of the
     dataset's :class:`~vitbench.data.DataDefaults` (e.g. a paper's own augmentation). Writes ``config.json``,
     ``log.jsonl``, ``checkpoints/step_*`` and finally ``model.safetensors`` and ``results.json`` to ``cfg.output_dir``.
-    Accelerate's state is reset on return, so several ``train`` calls (stages) can run in one process.
+    The process group is left up (no ``end_training``), so several ``train`` calls (stages) can run in one process:
+    tearing it down and re-creating it on the same torchrun store races on stale addresses.
     """
     from tqdm.auto import tqdm
 
@@ -426,6 +426,4 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
         save_weights(accelerator.unwrap_model(model), out / "model.safetensors")
         write_json(out / "results.json", result)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-    AcceleratorState._reset_state(reset_partial_state=True)  # end_training() destroyed the process group
     return result
