@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10, help="inference repeats per model")
     p.add_argument("--train-repeats", type=int, default=5, help="training-step repeats per variant (0: skip)")
-    p.add_argument("--released", default=os.environ.get("LIFEREGRESS_RELEASED", "/work/official/life-regression"),
+    p.add_argument("--released", default=os.environ.get("LIFEREGRESS_RELEASED"),
                    help="checkout of github.com/cjwcommuny/life-regression (skipped when absent)")
     p.add_argument("--json", default="runs/bench/liferegress_speed.json")
     return p
@@ -68,9 +68,9 @@ def _stub_modules() -> None:
             sys.modules[name] = module
 
 
-def released_model(path: str, model: str, keep_rate: float) -> torch.nn.Module | None:
-    """The released ``TimmVitAdapter`` in pruning-eval mode, or ``None`` when the checkout is missing."""
-    if not (Path(path) / "tv" / "models" / "timm_vit_adapter.py").is_file():
+def released_model(path: str | None, model: str, keep_rate: float) -> torch.nn.Module | None:
+    """The released ``TimmVitAdapter`` in pruning-eval mode, or ``None`` when no checkout is given or found."""
+    if path is None or not (Path(path) / "tv" / "models" / "timm_vit_adapter.py").is_file():
         return None
     _stub_modules()
     sys.path.insert(0, str(path))
