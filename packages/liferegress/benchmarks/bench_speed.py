@@ -17,9 +17,7 @@ import argparse
 import contextlib
 import copy
 import os
-import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -85,21 +83,10 @@ def released_model(path: str | None, model: str, keep_rate: float) -> torch.nn.M
     return adapter.eval()
 
 
-def time_interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
-    times = {name: [] for name in fns}
-    for r in range(warmup + repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def train_step(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor):
+def train_step(model: torch.nn.Module, targets: torch.Tensor):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
 
-    def step():
+    def step(images: torch.Tensor):
         loss = torch.nn.functional.cross_entropy(model(images), targets)
         loss.backward()
         opt.step()
@@ -139,12 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         unfused = copy.deepcopy(soft)
         for blk in unfused.blocks:
             blk.attn.__class__ = Attention
-        steps = {"plain": train_step(plain, images, targets), "soft (fused key-bias grad)": train_step(soft, images,
-                 targets), "soft (torch's unfused key-bias grad)": train_step(unfused, images, targets)}
-        times = time_interleaved(steps, 1, args.train_repeats)
-        base = statistics.median(times["plain"])
-        training = [{"name": n, "batch_size": args.batch_size, "median_s": statistics.median(t),
-                     "min_s": min(t), "ratio_vs_plain": statistics.median(t) / base} for n, t in times.items()]
+        steps = {"plain": train_step(plain, targets), "soft (fused key-bias grad)": train_step(soft, targets),
+                 "soft (torch's unfused key-bias grad)": train_step(unfused, targets)}
+        rows = compare(steps, images, baseline="plain", warmup=1, repeats=args.train_repeats, inference=False)
+        training = [{"name": r["name"], "batch_size": r["batch_size"], "median_s": r["median_ms"] / 1e3,
+                     "min_s": r["min_ms"] / 1e3, "ratio_vs_plain": 1 / r["speedup"]} for r in rows]
 
     print(markdown_table(inference, [c for c in ("name", "batch_size", "gflops", "flops_ratio", "median_ms", "img_s",
                                                  "speedup", "vs_released") if any(c in r for r in inference)],

@@ -50,9 +50,11 @@ CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 def compare(fns: Mapping[str, Callable[[torch.Tensor], Any]], inputs: torch.Tensor, baseline: str | None = None,
-            warmup: int = 3, repeats: int = 10, amp: bool = False, clock: str = "wall") -> list[dict]:
+            warmup: int = 3, repeats: int = 10, amp: bool = False, clock: str = "wall",
+            inference: bool = True) -> list[dict]:
     """Time every ``fns[name](inputs)`` ``repeats`` times, interleaved; rows of name, batch, median ms, img/s and
-    ``speedup`` (img/s over the baseline's; default the first entry)."""
+    ``speedup`` (img/s over the baseline's; default the first entry). ``inference=False`` keeps autograd on, for
+    timing training steps."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     if clock not in CLOCKS:
@@ -68,7 +70,7 @@ def compare(fns: Mapping[str, Callable[[torch.Tensor], Any]], inputs: torch.Tens
         raise ValueError(f"baseline {baseline!r} is not among {list(fns)}")
     device = inputs.device
     times: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.inference_mode(), _context(device, amp):
+    with torch.inference_mode(inference), _context(device, amp):
         for _ in range(warmup):
             for fn in fns.values():
                 fn(inputs)
