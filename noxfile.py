@@ -3,6 +3,8 @@
 * ``nox -s tests``                 -- all packages; ``nox -s "tests(package='ats')"`` for one
 * ``nox -s lint``                  -- ruff
 * ``nox -s bench``                 -- every package's CPU throughput benchmark (``packages/*/benchmarks/*.py``)
+* ``nox -s reproduce``             -- the three methods side by side on the embedded default: writes
+                                      ``docs/RESULTS.md``'s generated section and ``docs/figures/``
 
 Each session gets its own virtualenv (uv when available, which hard-links torch from its cache; plain virtualenv
 otherwise). Tests run offline: no Hub, no pretrained downloads.
@@ -56,3 +58,12 @@ def bench(session: nox.Session) -> None:
         session.skip("no benchmarks")
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *session.posargs, env=OFFLINE)
+
+
+@nox.session
+def reproduce(session: nox.Session) -> None:
+    """ATS, LF-ViT and Life-Regression on the embedded default, side by side (``tools/reproduce.py``)."""
+    for package in PACKAGES:
+        session.install("-e", f"packages/{package}")
+    session.install("--no-deps", "-e", "shared")
+    session.run("python", "tools/reproduce.py", *session.posargs, env=OFFLINE)

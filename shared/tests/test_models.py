@@ -69,3 +69,15 @@ def test_fp16_weights_load_into_fp32_model(tmp_path):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model"):
         create_model("no_such_model_xyz")
+
+
+def test_checkpoint_at_another_resolution_resamples_the_positional_table(tmp_path):
+    torch.manual_seed(0)
+    small = timm.create_model("vit_digits_patch8_112", pretrained=False, depth=2, img_size=32)
+    path = save_weights(small, tmp_path / "w32.safetensors")
+    big = load_checkpoint(timm.create_model("vit_digits_patch8_112", pretrained=False, depth=2), path)
+    assert big.pos_embed.shape == (1, 197, 64)
+    assert torch.equal(big.pos_embed[:, 0], small.pos_embed[:, 0])  # the CLS entry is kept as is
+    assert torch.equal(big.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight)
+    grid = big.pos_embed[0, 1:].reshape(14, 14, 64)
+    assert grid.std(dim=(0, 1)).mean() > 0  # interpolated, not zero-filled

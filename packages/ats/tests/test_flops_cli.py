@@ -67,7 +67,7 @@ def test_eval_on_embedded_data_with_checkpoint(tmp_path):
     torch.manual_seed(0)
     ckpt = save_weights(vitbench.create_model("vit_digits_patch8_112", img_size=56), tmp_path / "w.safetensors")
     argv = ["--checkpoint", str(ckpt), "--img-size", "56", "--limit", "24", "--batch-size", "12", "--rho", "1", "0.7",
-            "--visualize", "0", "--num-workers", "0", "--output-dir", str(tmp_path / "eval"),
+            "--visualize", "0", "--num-workers", "0", "--no-throughput", "--output-dir", str(tmp_path / "eval"),
             "--json", str(tmp_path / "r.json")]
     assert evaluate.main(argv) == 0
     res = json.loads((tmp_path / "r.json").read_text())
@@ -77,6 +77,9 @@ def test_eval_on_embedded_data_with_checkpoint(tmp_path):
     for key in ("histogram_png", "tokens_png"):
         assert (tmp_path / "eval" / r07[key].split("/")[-1]).is_file()
     assert (tmp_path / "eval" / "accuracy_vs_gflops.png").is_file()
+    # localization against the digit boxes: a share of the kept tokens, next to the uniform-token baseline
+    assert 0.0 <= r07["on_object"] <= 100.0 and 0.0 < r07["on_object_random"] < 100.0
+    assert r1["on_object_random"] == r07["on_object_random"]
 
 
 def test_train_smoke_then_eval(tmp_path):
@@ -88,7 +91,8 @@ def test_train_smoke_then_eval(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["ats"]["stages"] == list(range(3, 12)) and config["epochs"] == 1
     assert evaluate.main(["--checkpoint", str(out / "model.safetensors"), "--img-size", "56", "--limit", "16",
-                          "--visualize", "--num-workers", "0", "--output-dir", str(tmp_path / "e")]) == 0
+                          "--visualize", "--num-workers", "0", "--no-throughput",
+                          "--output-dir", str(tmp_path / "e")]) == 0
 
 
 def test_train_rejects_bad_ats_arguments(capsys):

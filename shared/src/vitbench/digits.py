@@ -37,9 +37,9 @@ class DigitsConfig:
     canvas: int = 112
     seed: int = 0
     val_fraction: float = 0.25
-    min_scale: float = 3.0
-    max_scale: float = 5.0
-    fragments: tuple[int, int] = (3, 6)
+    min_scale: float = 5.0
+    max_scale: float = 8.0
+    fragments: tuple[int, int] = (1, 3)
 
     def __post_init__(self):
         if self.train_size < 1 or self.val_size < 1:

@@ -67,6 +67,7 @@ class TrainConfig:
     cutmix: float | None = None
     repeated_aug: int | None = None
     auto_augment: str | None = None
+    color_jitter: float | None = None
     drop_path: float = 0.1
     img_size: int | None = None
     num_workers: int = 2
@@ -147,6 +148,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argu
                    help="repeats per sample (DeiT: 3; default: per dataset; 0 off)")
     g.add_argument("--auto-augment", default=d["auto_augment"],
                    help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (default: per dataset; 'none' off)")
+    g.add_argument("--color-jitter", type=float, default=d["color_jitter"],
+                   help="colour jitter strength, used by timm only without auto-augment (default: per dataset; 0 off)")
     g.add_argument("--drop-path", type=float, default=d["drop_path"])
     g.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="gradient accumulation steps")
     g = parser.add_argument_group("run")
@@ -286,6 +289,8 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
         dd = replace(dd, **recipe_overrides)
     if cfg.auto_augment is not None:
         dd = replace(dd, auto_augment=None if cfg.auto_augment == "none" else cfg.auto_augment)
+    if cfg.color_jitter is not None:
+        dd = replace(dd, color_jitter=cfg.color_jitter or None)
     train_set = build_dataset(cfg.data, "train", train_transform(img_size, mean, std, dd),
                               skip_corrupt=cfg.skip_corrupt, limit=cfg.limit_train)
     train_set.seed = cfg.seed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import timm
@@ -80,6 +81,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, strict: bool = Tru
     unexpected and mis-shaped keys instead of loading a partial model."""
     state = read_state_dict(path)
     own = model.state_dict()
+    _resample_pos_embed(model, state)
     shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                     for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = sorted(set(own) - set(state))
@@ -98,6 +100,22 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, strict: bool = Tru
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def _resample_pos_embed(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Fine-tuning at another resolution (as DeiT does at 384 px): interpolate a checkpoint's square
+    ``pos_embed`` grid to the model's, in place."""
+    pos, own = state.get("pos_embed"), getattr(model, "pos_embed", None)
+    if pos is None or not isinstance(own, torch.Tensor) or pos.shape == own.shape or pos.ndim != 3:
+        return
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    side = math.isqrt(pos.shape[1] - prefix)
+    if side * side != pos.shape[1] - prefix or pos.shape[2] != own.shape[2]:
+        return  # not a square grid of the same width: reported as a shape mismatch
+    from timm.layers import resample_abs_pos_embed
+
+    state["pos_embed"] = resample_abs_pos_embed(pos.float(), list(model.patch_embed.grid_size), (side, side),
+                                                num_prefix_tokens=prefix).to(pos.dtype)
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | None = None, **kwargs):

@@ -1,8 +1,9 @@
 """``ats-eval``: accuracy, mean per-image GFLOPs, throughput, kept-token histograms and visualisations of ATS.
 
 Without arguments it evaluates the embedded default (``--data digits --model vit_digits_patch8_112 --pretrained``)
-with the released configuration (blocks 3..11, rho = 1). Give several ``--rho`` or ``--k`` values for a sweep
-(accuracy vs GFLOPs curve, paper Figs. 4/5), ``--preset`` for a paper table with its reported numbers, and
+with the released configuration (blocks 3..11) at rho 1 / 0.87 / 0.72 (the paper's 3.0 / 2.5 / 2.0 GFLOPs levels
+on DeiT-S, Fig. 5), timed against the dense model in the same run. Give ``--rho`` or ``--k`` values for another
+sweep (accuracy vs GFLOPs curve, paper Figs. 4/5), ``--preset`` for a paper table with its reported numbers, and
 ``--flops-only`` for the data-free upper bound (exact for single-stage ATS at an absolute K).
 """
 
@@ -20,6 +21,7 @@ from . import patch
 from .flops import dense_gmacs, per_image_gmacs, upper_bound_gmacs
 
 MULTI = tuple(range(3, 12))
+DEFAULT_RHO = (1.0, 0.87, 0.72)
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class EvalConfig:
     num_workers: int = 2
     img_size: int | None = None
     crop_pct: float | None = None
-    throughput: bool = False
+    throughput: bool = True
     throughput_batch: int = 32
     repeats: int = 5
     visualize: tuple[int, ...] = (0, 1, 2, 3)
@@ -117,7 +119,7 @@ class EvalConfig:
     def build_runs(self) -> tuple[Run, ...]:
         if self.preset:
             return tuple(PRESETS[self.preset][1])
-        values = self.k or self.rho or (1.0,)
+        values = self.k or self.rho or DEFAULT_RHO
         series = "+".join(self.variant) or "ATS"
         label = "K" if self.k else "rho"
         return tuple(Run(f"{series} stages={_stage_text(self.stages)} {label}={v:g}", self.stages, float(v),
@@ -162,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     g = p.add_argument_group("ATS")
     g.add_argument("--stages", type=parse_stages, default=d.stages, help="ATS blocks, 0-based (default 3-11)")
-    g.add_argument("--rho", type=float, nargs="+", default=[], help="K_n = max(round(rho*N_n), 8); several = sweep")
+    g.add_argument("--rho", type=float, nargs="+", default=[],
+                   help="K_n = max(round(rho*N_n), 8); several = sweep (default 1 0.87 0.72)")
     g.add_argument("--k", type=float, nargs="+", default=[], help="absolute K per stage (counts the CLS); sweep")
     g.add_argument("--mode", choices=patch.MODES, default=d.mode, help="released-code or paper selection")
     g.add_argument("--variant", nargs="+", default=[], choices=patch.VARIANTS, help="ablations (Figs. 3/5a/A.4)")
@@ -172,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flops-only", action="store_true",
                    help="no data: GFLOPs when every stage keeps K_n tokens (exact for single-stage absolute K)")
     g = p.add_argument_group("outputs")
-    g.add_argument("--throughput", action="store_true", help="also time every configuration against the dense model")
+    g.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=d.throughput,
+                   help="time every configuration against the dense model in the same run (default on)")
     g.add_argument("--throughput-batch", type=int, default=d.throughput_batch)
     g.add_argument("--repeats", type=int, default=d.repeats, help="timed repeats for --throughput")
     g.add_argument("--visualize", type=int, nargs="*", default=list(d.visualize),
@@ -224,11 +228,15 @@ def flops_rows(cfg: EvalConfig, model) -> list[dict]:
     return rows
 
 
-def evaluate_run(model, loader, device, geom, keep_indices: set[int]) -> dict:
-    """One pass over ``loader``: top-1/top-5, per-image GMACs, per-block kept counts, kept tokens of chosen images."""
+def evaluate_run(model, loader, device, geom, keep_indices: set[int], img_size: int | None = None) -> dict:
+    """One pass over ``loader``: top-1/top-5, per-image GMACs, per-block kept counts, kept tokens of chosen images,
+    and on data with boxes (given ``img_size``) the share of the last stage's kept tokens on the object."""
     correct1 = correct5 = 0
-    gmacs, counts, kept = [], [], {}
+    gmacs, counts, kept, on_object, at_random = [], [], {}, [], []
     from tqdm.auto import tqdm
+    from vitbench.localization import on_box_share, random_share
+
+    boxes_for = getattr(loader.dataset, "boxes_for", None) if img_size else None
 
     with torch.inference_mode():
         for images, labels, index in tqdm(loader, desc="eval", leave=False, file=sys.stderr):
@@ -245,10 +253,18 @@ def evaluate_run(model, loader, device, geom, keep_indices: set[int]) -> dict:
             for j, i in enumerate(index.tolist()):
                 if i in keep_indices:
                     kept[i] = {b: info.kept_indices(b)[j].cpu() for b in info.config.stages}
+            boxes = boxes_for(index, img_size) if boxes_for else None
+            if boxes is not None and info.config.stages:
+                last = info.kept[info.config.stages[-1]].cpu()
+                on_object.append(on_box_share(last, boxes, geom.grid, img_size))
+                at_random.append(random_share(boxes, geom.grid, img_size))
     n = len(loader.dataset)
     out = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "images": n}
     if gmacs:
         out.update(gmacs=torch.cat(gmacs), counts=torch.cat(counts), kept=kept)
+    if on_object:
+        out.update(on_object=100.0 * float(torch.cat(on_object).mean()),
+                   on_object_random=100.0 * float(torch.cat(at_random).mean()))
     return out
 
 
@@ -282,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["name", "top1", "paper_top1", "top5", "gflops", "gflops_upper_bound", "paper_gflops", "tokens_out"]
     if cfg.throughput:
         columns += ["img_s", "speedup", "ideal_speedup"]
+    if any("on_object" in r for r in rows):
+        columns += ["on_object", "on_object_random"]
     print(markdown_table(rows, columns, digits=2))
     _write(result, cfg, out_dir, write_json)
     return 0
@@ -323,7 +341,7 @@ def run_evaluation(cfg: EvalConfig, model, out_dir: Path) -> list[dict]:
     timing_batch = next(iter(loader))[0][: cfg.throughput_batch].to(device) if cfg.throughput else None
     for run in cfg.runs:
         patched.ats_info = patch.ATSInfo(run.config())
-        res = evaluate_run(patched, loader, device, geom, keep)
+        res = evaluate_run(patched, loader, device, geom, keep, img_size)
         counts = res["counts"].double()
         row = {"name": run.name, "series": run.series, "stages": list(run.stages), "k": run.k, "mode": run.mode,
                "variant": list(run.variant), "top1": res["top1"], "top5": res["top5"],
@@ -333,6 +351,8 @@ def run_evaluation(cfg: EvalConfig, model, out_dir: Path) -> list[dict]:
                "tokens_out_mean": [float(counts[:, b].mean()) for b in run.stages],
                "tokens_out_min": [int(counts[:, b].min()) for b in run.stages],
                "tokens_out_max": [int(counts[:, b].max()) for b in run.stages]}
+        if "on_object" in res:
+            row.update(on_object=res["on_object"], on_object_random=res["on_object_random"])
         slug = _slug(run.name)
         row["histogram_png"] = str(figures.token_histograms(res["counts"], run.stages, out_dir / f"hist_{slug}.png",
                                                             run.name))

@@ -1,0 +1,276 @@
+"""Side by side on the embedded default: ATS, LF-ViT and Life-Regression on the same validation set, with the same
+FLOPs counter (``vitbench.flops``) and the same timer (``vitbench.throughput.compare``, all models in one run).
+
+Runs each package's own evaluation (``ats-eval``, ``lfvit-eval``, ``liferegress-eval``) with a sweep, then times
+the dense backbone and the three methods on the same batch of validation images, and writes
+
+* ``docs/figures/``: one accuracy-vs-GFLOPs plot with the three curves and the dense point, plus each package's
+  figures (ATS kept tokens, LF-ViT regions and eta budget, Life-Regression life maps);
+* the generated section of ``docs/RESULTS.md`` (between the ``embedded`` markers), with the commands.
+
+Usage: ``nox -s reproduce`` (or ``python tools/reproduce.py`` with the three packages installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ATS_RHO = ("1.0", "0.95", "0.9", "0.87", "0.8", "0.72", "0.6", "0.5")
+LR_RHO = ("0.9", "0.8", "0.7", "0.6", "0.5")
+BEGIN, END = "<!-- embedded:begin -->", "<!-- embedded:end -->"
+
+
+def run_evaluations(work: Path, limit: int | None) -> dict:
+    """The three packages' own CLIs, in this process; returns their JSON results."""
+    from ats.evaluate import main as ats_eval
+    from lfvit.evaluate import main as lfvit_eval
+    from liferegress.evaluate import main as liferegress_eval
+
+    lim = ["--limit", str(limit)] if limit else []
+    commands = {
+        "ats": (ats_eval, ["--rho", *ATS_RHO, "--no-throughput", *lim]),
+        "lfvit": (lfvit_eval, ["--modes", "anytime,budgeted,regions", *lim]),
+        "liferegress": (liferegress_eval, ["--keep-rate", *LR_RHO, "--no-throughput",
+                                           *(["--limit-val", str(limit)] if limit else [])]),
+    }
+    results = {}
+    for name, (main, args) in commands.items():
+        out = work / name
+        args = [*args, "--output-dir", str(out), "--json", str(work / f"{name}.json")]
+        print(f"\n$ {name}-eval {' '.join(args)}", flush=True)
+        start = time.perf_counter()
+        if main(args):
+            raise SystemExit(f"{name}-eval failed")
+        results[name] = json.loads((work / f"{name}.json").read_text())
+        results[name]["wall_s"] = time.perf_counter() - start
+        results[name]["command"] = f"{name}-eval " + " ".join(a for a in args if not a.startswith(str(work)))
+    return results
+
+
+def operating_points(res: dict) -> dict:
+    """The setting of each method that the side-by-side table and the timing use: ATS at rho 0.72 (the paper's 2.0
+    GFLOPs level), LF-ViT at the cheapest eta within 0.5 point of the dense model (else the most accurate),
+    Life-Regression at rho 0.7 (the paper's setting)."""
+    dense = res["ats"]["rows"][0]
+    ats = next(r for r in res["ats"]["rows"] if r["name"].endswith("rho=0.72"))
+    budget = res["lfvit"]["budgeted"]
+    close = [r for r in budget if r["top1"] >= dense["top1"] - 0.5]
+    lf = min(close, key=lambda r: r["gflops"]) if close else max(budget, key=lambda r: r["top1"])
+    lr = next(r for r in res["liferegress"]["rows"] if r["keep_rate"] == 0.7)
+    return {"dense": dense, "ats": ats, "lfvit": lf, "liferegress": lr}
+
+
+def time_side_by_side(points: dict, batch: int, repeats: int) -> list[dict]:
+    """Dense backbone, ATS, LF-ViT early exit and Life-Regression (hard) on one batch of validation images."""
+    import ats
+    import vitbench
+    from lfvit.evaluate import EvalConfig as LFConfig
+    from lfvit.evaluate import build_model as build_lfvit
+    from liferegress.evaluate import EvalConfig as LRConfig
+    from liferegress.evaluate import _resolve_checkpoint, build_models
+    from vitbench.throughput import compare
+
+    dense = vitbench.create_model("vit_digits_patch8_112", pretrained=True).eval()
+    size = dense.patch_embed.img_size[0]
+    cfg = dense.pretrained_cfg
+    loader = vitbench.build_eval_loader("digits", size, cfg["mean"], cfg["std"], batch_size=batch, crop_pct=1.0,
+                                        num_workers=0)
+    images = next(iter(loader))[0]
+    patched = ats.apply(copy.deepcopy(dense), rho=0.72)
+    lf = build_lfvit(LFConfig())
+    eta = points["lfvit"]["eta"]
+    lr_cfg = LRConfig(keep_rates=(0.7,))
+    _, lr_models = build_models(lr_cfg, _resolve_checkpoint(lr_cfg))
+    fns = {"dense": dense, "ATS rho=0.72": patched, f"LF-ViT eta={eta:g}": lambda x: lf.forward_early_exit(x, eta),
+           "Life-Regression rho=0.7": lr_models[0.7]}
+    with torch.inference_mode():
+        rows = compare(fns, images, baseline="dense", warmup=2, repeats=repeats)
+    for row in rows:
+        row.update(batch=images.shape[0], threads=torch.get_num_threads())
+    return rows
+
+
+def plot(res: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = res["ats"]["rows"][0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ats_rows = sorted(res["ats"]["rows"][1:], key=lambda r: r["gflops"])
+    ax.plot([r["gflops"] for r in ats_rows], [r["top1"] for r in ats_rows], "o-", label="ATS (rho sweep, no fine-tuning)")
+    lf = sorted(res["lfvit"]["budgeted"], key=lambda r: r["gflops"])
+    ax.plot([r["gflops"] for r in lf], [r["top1"] for r in lf], "-", label="LF-ViT (eta sweep)")
+    lr = sorted(res["liferegress"]["rows"][1:], key=lambda r: r["gflops"])
+    ax.plot([r["gflops"] for r in lr], [r["top1"] for r in lr], "s-", label="Life-Regression (rho sweep)")
+    ax.plot([dense["gflops"]], [dense["top1"]], "k*", markersize=12, label="dense backbone")
+    ax.set_xlabel("mean GFLOPs per image (GMACs)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Embedded digits, validation set: accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _collect_figures(res: dict, figures: Path) -> list[str]:
+    wanted = [("ats", "tokens_ATS_stages=3-11_rho=0.72.png", "ats_tokens_rho0.72.png"),
+              ("ats", "hist_ATS_stages=3-11_rho=0.72.png", "ats_token_histogram_rho0.72.png"),
+              ("lfvit", "regions.png", "lfvit_regions.png"), ("lfvit", "budgeted.png", "lfvit_budgeted.png"),
+              ("liferegress", "life_maps_rho0.5.png", "liferegress_life_maps_rho0.5.png")]
+    copied = []
+    for name, src, dst in wanted:
+        path = Path(res[name]["_dir"]) / src
+        if path.is_file():
+            shutil.copyfile(path, figures / dst)
+            copied.append(dst)
+    return copied
+
+
+def _f(x, digits=1):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def report(res: dict, points: dict, timing: list[dict], figures: list[str], env: str) -> str:
+    dense = points["dense"]
+    d1, dg = dense["top1"], dense["gflops"]
+    ats, lf, lr = points["ats"], points["lfvit"], points["liferegress"]
+    lr_dense = res["liferegress"]["rows"][0]
+    hits = res["lfvit"].get("region_hits", {})
+    lines = [
+        BEGIN,
+        "## Side by side on the embedded default (`nox -s reproduce`)",
+        "",
+        f"Generated by `nox -s reproduce` ({env}). Same validation set (embedded digits, {dense['images']} images),",
+        "same FLOPs counter (`vitbench.flops`), one timer run for all models (`vitbench.throughput.compare`).",
+        "",
+        "| method | setting | top-1 | Δ vs dense | GFLOPs | GFLOPs saved | issue target |",
+        "|---|---|---|---|---|---|---|",
+        f"| dense backbone `vit_digits_patch8_112` | – | {d1:.2f} | – | {dg:.4f} | – | ≥ 90 % top-1 |",
+        f"| ATS, no fine-tuning | blocks 3..11, rho 0.72 | {ats['top1']:.2f} | {ats['top1'] - d1:+.2f} | "
+        f"{ats['gflops']:.4f} | {100 * (1 - ats['gflops'] / dg):.1f} % | ≥ 30 % saved within 1.0 pt |",
+        f"| LF-ViT (m 5, early exit) | eta {lf['eta']:g} ({100 * lf['focus_fraction']:.1f} % reach focus) | "
+        f"{lf['top1']:.2f} | {lf['top1'] - d1:+.2f} | {lf['gflops']:.4f} | {100 * (1 - lf['gflops'] / dg):.1f} % | "
+        "≥ 50 % saved within 0.5 pt |",
+        f"| Life-Regression (hard pruning) | rho 0.7, blocks 4/7/10 | {lr['top1']:.2f} | {lr['top1'] - d1:+.2f} | "
+        f"{lr['gflops']:.4f} | {100 * (1 - lr['gflops'] / dg):.1f} % | within 1.0 pt |",
+        "",
+        f"LF-ViT's own dense counterpart (its shared weights and fine positional table, no localization stage) and "
+        f"Life-Regression's unpruned fine-tuned backbone: LF-ViT anytime top-1 localization "
+        f"{_f(res['lfvit']['anytime']['location_top1'], 2)} / focus {_f(res['lfvit']['anytime']['focus_top1'], 2)}; "
+        f"Life-Regression backbone unpruned {lr_dense['top1']:.2f}.",
+        "",
+        "### Accuracy vs GFLOPs",
+        "",
+        "![accuracy vs GFLOPs](figures/accuracy_vs_gflops.png)",
+        "",
+        "| ATS rho | top-1 | GFLOPs |  | LF-ViT eta | top-1 | GFLOPs | reach focus |  | Life-Regression rho | top-1 | "
+        "GFLOPs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ats_rows = res["ats"]["rows"][1:]
+    lf_rows = [r for r in res["lfvit"]["budgeted"] if round(r["eta"] * 100) % 10 == 0 or r is lf]
+    lr_rows = res["liferegress"]["rows"][1:]
+    for i in range(max(len(ats_rows), len(lf_rows), len(lr_rows))):
+        a = ats_rows[i] if i < len(ats_rows) else None
+        f = lf_rows[i] if i < len(lf_rows) else None
+        r = lr_rows[i] if i < len(lr_rows) else None
+        lines.append(" | ".join([
+            "", a["name"].split("rho=")[-1] if a else "", _f(a and a["top1"], 2), _f(a and a["gflops"], 4), "",
+            f"{f['eta']:g}" if f else "", _f(f and f["top1"], 2), _f(f and f["gflops"], 4),
+            f"{100 * f['focus_fraction']:.1f} %" if f else "", "", f"{r['keep_rate']:g}" if r else "",
+            _f(r and r["top1"], 2), _f(r and r["gflops"], 4), ""]).strip())
+    lines += [
+        "",
+        f"### Throughput, one run (batch {timing[0]['batch']} validation images, CPU, fp32, "
+        f"{timing[0]['threads']} threads, median of repeats)",
+        "",
+        "| model | img/s | speedup vs dense | ideal (GFLOPs ratio) |",
+        "|---|---|---|---|",
+    ]
+    ideal = {"dense": 1.0, "ATS": dg / ats["gflops"], "LF-ViT": dg / lf["gflops"], "Life-Regression": dg / lr["gflops"]}
+    for row in timing:
+        key = row["name"].split(" ")[0]
+        lines.append(f"| {row['name']} | {row['img_s']:.0f} | {row['speedup']:.2f}x | {ideal.get(key, 1.0):.2f}x |")
+    lines += [
+        "",
+        "The ATS and LF-ViT ideals use the mean GFLOPs over the whole validation set; the timed batch is its first "
+        f"{timing[0]['batch']} images.",
+        "",
+        "### Localization against the ground-truth digit boxes",
+        "",
+        "| method | measure | measured | random baseline |",
+        "|---|---|---|---|",
+        f"| LF-ViT | chosen m x m window contains the box centre | {_f(hits.get('hit_rate'))} % | "
+        f"{_f(hits.get('random_window_hit_rate'))} % (uniform window) |",
+        f"| ATS rho 0.72 | share of tokens kept by block 11 that lie on the digit | {_f(ats.get('on_object'))} % | "
+        f"{_f(ats.get('on_object_random'))} % (uniform tokens) |",
+        f"| Life-Regression rho 0.7 | share of the longest-lived tokens (kept after block 10) on the digit | "
+        f"{_f(100 * lr['kept_in_box'] if 'kept_in_box' in lr else None)} % | "
+        f"{_f(100 * lr['all_in_box'] if 'all_in_box' in lr else None)} % (uniform tokens) |",
+        "",
+        "A token is on the digit when its patch centre lies in the box; LF-ViT's hit uses the box centre's coarse cell.",
+        "",
+        "### Commands and wall time (the same process ran all three)",
+        "",
+    ]
+    lines += [f"- `{res[n]['command']}`: {res[n]['wall_s']:.0f} s" for n in ("ats", "lfvit", "liferegress")]
+    lines += ["", "Figures: " + ", ".join(f"[{f}](figures/{f})" for f in ["accuracy_vs_gflops.png", *figures]), END]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(results_md: Path, section: str) -> None:
+    text = results_md.read_text() if results_md.is_file() else "# Results\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        marker = "\n## "
+        cut = text.find(marker, text.find(marker) + 1) if text.count(marker) > 1 else len(text)
+        text = text[:cut].rstrip("\n") + "\n\n" + section + text[cut:]
+    tmp = results_md.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(results_md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--docs", default=str(ROOT / "docs"), help="writes DOCS/RESULTS.md's section and DOCS/figures/")
+    p.add_argument("--work-dir", default=str(ROOT / "runs" / "reproduce"), help="raw outputs of the three evaluations")
+    p.add_argument("--limit", type=int, default=None, help="first N validation images only (quick check)")
+    p.add_argument("--timing-batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    work, docs = Path(args.work_dir), Path(args.docs)
+    work.mkdir(parents=True, exist_ok=True)
+    res = run_evaluations(work, args.limit)
+    for name in res:
+        res[name]["_dir"] = str(work / name)
+    points = operating_points(res)
+    timing = time_side_by_side(points, args.timing_batch, args.repeats)
+    figures_dir = docs / "figures"
+    plot(res, figures_dir / "accuracy_vs_gflops.png")
+    figures = _collect_figures(res, figures_dir)
+    env = f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, no GPU"
+    section = report(res, points, timing, figures, env)
+    write_section(docs / "RESULTS.md", section)
+    (work / "side_by_side.json").write_text(json.dumps({"points": points, "timing": timing}, indent=2))
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
