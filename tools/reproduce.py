@@ -112,7 +112,8 @@ def plot(res: dict, path: Path) -> Path:
     dense = res["ats"]["rows"][0]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ats_rows = sorted(res["ats"]["rows"][1:], key=lambda r: r["gflops"])
-    ax.plot([r["gflops"] for r in ats_rows], [r["top1"] for r in ats_rows], "o-", label="ATS (rho sweep, no fine-tuning)")
+    ax.plot([r["gflops"] for r in ats_rows], [r["top1"] for r in ats_rows], "o-",
+            label="ATS (rho sweep, no fine-tuning)")
     lf = sorted(res["lfvit"]["budgeted"], key=lambda r: r["gflops"])
     ax.plot([r["gflops"] for r in lf], [r["top1"] for r in lf], "-", label="LF-ViT (eta sweep)")
     lr = sorted(res["liferegress"]["rows"][1:], key=lambda r: r["gflops"])
@@ -228,7 +229,8 @@ def report(res: dict, points: dict, timing: list[dict], figures: list[str], env:
         f"{_f(100 * lr['kept_in_box'] if 'kept_in_box' in lr else None)} % | "
         f"{_f(100 * lr['all_in_box'] if 'all_in_box' in lr else None)} % (uniform tokens) |",
         "",
-        "A token is on the digit when its patch centre lies in the box; LF-ViT's hit uses the box centre's coarse cell.",
+        "A token is on the digit when its patch centre lies in the box; LF-ViT's hit uses the box centre's coarse "
+        "cell.",
         "",
         "### Commands and wall time (the same process ran all three)",
         "",
