@@ -66,7 +66,8 @@ def test_resume_with_a_wrong_model_is_refused(tmp_path):
 
 
 def test_impossible_hyper_parameters_are_rejected():
-    for bad in ({"epochs": 0}, {"lr": -1.0}, {"smoothing": 1.5}, {"grad_accum": 0}, {"mixed_precision": "fp8"}):
+    for bad in ({"epochs": 0}, {"lr": -1.0}, {"smoothing": 1.5}, {"grad_accum": 0}, {"mixed_precision": "fp8"},
+                {"color_jitter": -0.1}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
     with pytest.raises(SystemExit):

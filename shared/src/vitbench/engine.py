@@ -92,6 +92,8 @@ class TrainConfig:
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (0.0 <= self.smoothing < 1.0, f"--smoothing must be in [0, 1), got {self.smoothing}"),
             (0.0 <= self.drop_path < 1.0, f"--drop-path must be in [0, 1), got {self.drop_path}"),
+            (self.color_jitter is None or self.color_jitter >= 0,
+             f"--color-jitter must be >= 0, got {self.color_jitter}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
             (self.mixed_precision in ("no", "fp16", "bf16"), f"--mixed-precision {self.mixed_precision!r}"),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
