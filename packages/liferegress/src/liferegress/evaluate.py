@@ -148,22 +148,6 @@ def build_models(cfg: EvalConfig, checkpoint: str | None) -> tuple[torch.nn.Modu
     return backbone.eval(), patched
 
 
-def _kept_in_box(kept_last: torch.Tensor, boxes: torch.Tensor, grid: tuple[int, int], img: int) -> torch.Tensor:
-    """Per image: fraction of the finally kept patches whose centre lies in the ground-truth box."""
-    gh, gw = grid
-    patches = kept_last[:, 1:] - 1
-    cy = (patches // gw).float().add(0.5) * img / gh
-    cx = (patches % gw).float().add(0.5) * img / gw
-    x0, y0, x1, y1 = (boxes[:, i : i + 1] for i in range(4))
-    return ((cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)).float().mean(1)
-
-
-def _box_fraction(boxes: torch.Tensor, grid: tuple[int, int], img: int) -> torch.Tensor:
-    gh, gw = grid
-    all_patches = torch.arange(1, gh * gw + 1).expand(boxes.shape[0], -1)
-    return _kept_in_box(torch.cat((torch.zeros_like(all_patches[:, :1]), all_patches), 1), boxes, grid, img)
-
-
 def evaluate(cfg: EvalConfig) -> dict:
     from vitbench.engine import evaluate_classifier, resolve_input
     from vitbench.flops import ViTGeometry
@@ -240,13 +224,15 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def _localization(model, loader, dataset, geom, img_size, device) -> dict:
     """Digits only: share of the finally kept patches inside the digit's box vs the share of all patches there."""
+    from vitbench.localization import on_box_share, random_share
+
     in_box, chance = [], []
     with torch.inference_mode():
         for images, _, indices in loader:
             model(images.to(device))
             boxes = dataset.boxes_for(indices, img_size)
-            in_box.append(_kept_in_box(model.life_info.kept_indices[-1].cpu(), boxes, geom.grid, img_size))
-            chance.append(_box_fraction(boxes, geom.grid, img_size))
+            in_box.append(on_box_share(model.life_info.kept_indices[-1].cpu(), boxes, geom.grid, img_size))
+            chance.append(random_share(boxes, geom.grid, img_size))
     return {"kept_in_box": torch.cat(in_box).mean().item(), "all_in_box": torch.cat(chance).mean().item()}
 
 
