@@ -131,14 +131,14 @@ def plot(res: dict, path: Path) -> Path:
     return path
 
 
-def _collect_figures(res: dict, figures: Path) -> list[str]:
+def _collect_figures(work: Path, figures: Path) -> list[str]:
     wanted = [("ats", "tokens_ATS_stages=3-11_rho=1.png", "ats_tokens_rho1.png"),
               ("ats", "hist_ATS_stages=3-11_rho=1.png", "ats_token_histogram_rho1.png"),
               ("lfvit", "regions.png", "lfvit_regions.png"), ("lfvit", "budgeted.png", "lfvit_budgeted.png"),
               ("liferegress", "life_maps_rho0.5.png", "liferegress_life_maps_rho0.5.png")]
     copied = []
     for name, src, dst in wanted:
-        path = Path(res[name]["_dir"]) / src
+        path = work / name / src
         if path.is_file():
             shutil.copyfile(path, figures / dst)
             copied.append(dst)
@@ -265,13 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     work, docs = Path(args.work_dir), Path(args.docs)
     work.mkdir(parents=True, exist_ok=True)
     res = run_evaluations(work, args.limit)
-    for name in res:
-        res[name]["_dir"] = str(work / name)
     points = operating_points(res)
     timing = time_side_by_side(points, args.timing_batch, args.repeats)
     figures_dir = docs / "figures"
     plot(res, figures_dir / "accuracy_vs_gflops.png")
-    figures = _collect_figures(res, figures_dir)
+    figures = _collect_figures(work, figures_dir)
     env = f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, no GPU"
     section = report(res, points, timing, figures, env)
     write_section(docs / "RESULTS.md", section)
