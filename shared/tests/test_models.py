@@ -93,4 +93,4 @@ def test_shipped_backbone_classifies_the_embedded_digits():
     images, labels, _ = next(iter(loader))
     with torch.inference_mode():
         top1 = (model(images).argmax(-1) == labels).float().mean().item()
-    assert top1 > 0.75  # 87.6 % on the whole validation set
+    assert top1 > 0.85  # 93.8 % on the whole validation set
