@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from .cli import run
 from .engine import TrainConfig, add_train_args, train
 from .models import create_model
 
@@ -20,12 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = TrainConfig.from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
+    return run(build_parser(), _train, argv)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = TrainConfig.from_args(args)
 
     def build():
         return create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
+from vitbench.cli import run
 from vitbench.engine import TrainConfig, add_train_args, train
 
 from . import patch
@@ -75,17 +76,13 @@ def build_model(cfg: TrainConfig, ats_cfg: ATSTrainConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        cfg = TrainConfig.from_args(ns)
-        ats_cfg = ats_config_from_args(ns)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        result = train(cfg, lambda: build_model(cfg, ats_cfg), extra_config={"ats": asdict(ats_cfg)})
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"ats-train: {e}") from None
+    return run(build_parser(), _train, argv)
+
+
+def _train(ns: argparse.Namespace) -> int:
+    cfg = TrainConfig.from_args(ns)
+    ats_cfg = ats_config_from_args(ns)
+    result = train(cfg, lambda: build_model(cfg, ats_cfg), extra_config={"ats": asdict(ats_cfg)})
     print(f"done: top-1 {result.get('top1', float('nan')):.2f}% after {result['updates']} updates; "
           f"weights in {cfg.output_dir}/model.safetensors (ranks in sync: {result['ranks_in_sync']})")
     return 0

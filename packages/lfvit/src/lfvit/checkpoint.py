@@ -47,7 +47,10 @@ def read_state_dict(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"{path} is not a valid safetensors file: {exc}") from exc
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -69,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 def build_lfvit(model_name: str, opts: LFTrainOptions, drop_path: float = 0.0, checkpoint: str | None = None,
                 img_size: int | None = None, pretrained: bool = False) -> LFVisionTransformer:
     """Create an LF-ViT for training, optionally initialised from an LF-ViT checkpoint or a plain backbone."""
+    if model_name not in timm.list_models("lfvit_*"):
+        raise ValueError(f"{model_name!r} is not an LF-ViT model; choose from {timm.list_models('lfvit_*')}")
     kwargs = {"img_size": img_size} if img_size else {}
     model = timm.create_model(model_name, pretrained=pretrained, region_size=opts.region_size, alpha=opts.alpha,
                               beta=opts.beta,
                               whole_image_pos_embed=not opts.released_whole_image_pos, drop_path_rate=drop_path,
                               **kwargs)
-    if not isinstance(model, LFVisionTransformer):
-        raise ValueError(f"{model_name} is not an LF-ViT model; choose from {timm.list_models('lfvit_*')}")
     if checkpoint and opts.init_backbone:
         raise ValueError("give either --checkpoint (LF-ViT weights) or --init-backbone (plain ViT), not both")
     if checkpoint:
@@ -93,17 +93,17 @@ def build_lfvit(model_name: str, opts: LFTrainOptions, drop_path: float = 0.0, c
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vitbench.cli import run
+
+    return run(build_parser(), _train, argv)
+
+
+def _train(ns: argparse.Namespace) -> int:
     from vitbench.engine import TrainConfig, train
 
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        cfg = TrainConfig.from_args(ns)
-        opts = LFTrainOptions.from_args(ns)
-        # fail fast on bad options or checkpoints
-        build_lfvit(cfg.model, opts, 0.0, cfg.checkpoint, cfg.img_size, cfg.pretrained)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    cfg = TrainConfig.from_args(ns)
+    opts = LFTrainOptions.from_args(ns)
+    build_lfvit(cfg.model, opts, 0.0, cfg.checkpoint, cfg.img_size, cfg.pretrained)  # bad options/checkpoints: now
 
     def build():
         return build_lfvit(cfg.model, opts, cfg.drop_path, cfg.checkpoint, cfg.img_size, cfg.pretrained)

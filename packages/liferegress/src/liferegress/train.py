@@ -5,7 +5,9 @@
 * single stage: ``W`` (1e-3) and the whole backbone (1e-5) together with soft weights, for both stages' epochs.
 
 Each stage is one run of ``vitbench.engine.train`` (Accelerate: multi-GPU/node, CPU multi-process, AMP, atomic
-checkpoints, exact resume) in ``OUTPUT_DIR/stage1``, ``stage2`` or ``single``; ``--resume auto`` continues whichever
+checkpoints, exact resume) in ``OUTPUT_DIR/stage1``, ``stage2`` or ``single``: the stages are parts of one run, which
+owns ``OUTPUT_DIR`` (a folder holding another run is refused unless ``--resume auto`` or ``--overwrite``).
+``--resume auto`` keeps the finished stages only if they were trained with the same settings and continues whichever
 stage was interrupted. The final model is ``OUTPUT_DIR/model.safetensors`` (backbone + ``life_predictor.W``, config in
 the metadata) and ``OUTPUT_DIR/results.json`` holds every stage's metrics next to the paper's.
 """
@@ -26,6 +28,7 @@ from .paper import paper_row
 from .patch import apply, set_mode
 
 SCHEMES = ("two-stage", "single-stage")
+RUN_FILES = ("stage1", "stage2", "single", "model.safetensors", "results.json")
 
 # The released recipe (spec section 4): 1 epoch per stage, batch 128, AdamW wd 0.05 on every trained tensor, linear
 # warm-up over 1 % of the updates then linear decay to 0 (timm "poly" with power 1), label smoothing 0.1, no mixup,
@@ -90,10 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _stage_done(stage_dir: Path, epochs: int) -> bool:
     results = stage_dir / "results.json"
     return results.is_file() and json.loads(results.read_text()).get("epochs", 0) >= epochs
-
-
-def _has_checkpoint(stage_dir: Path) -> bool:
-    return any((stage_dir / "checkpoints").glob("step_*"))
 
 
 def _builder(tcfg, lcfg: LifeTrainConfig, stage: str, init: str | None):
@@ -174,26 +173,35 @@ def released_augmentation(data: str) -> dict | None:
 
 
 def run(tcfg, lcfg: LifeTrainConfig) -> dict:
-    """Run the scheme's stages (skipping finished ones); returns the per-stage results."""
-    from vitbench.engine import train
+    """Run the scheme's stages (keeping finished ones on ``--resume``); returns the per-stage results. Only the main
+    process writes the final weights and ``results.json``."""
+    from accelerate import PartialState
+    from vitbench.engine import accept_changes, claim_output_dir, config_changes, remove_run_files, train
+    from vitbench.report import write_json
 
     out = Path(tcfg.output_dir)
     if tcfg.resume not in (None, "auto"):
         raise ValueError("liferegress-train resumes per stage: use --resume auto")
+    state = PartialState(cpu=tcfg.cpu)  # the same process group the engine's Accelerator(cpu=...) uses
+    held = claim_output_dir(out, tcfg.resume, tcfg.overwrite, RUN_FILES)
+    state.wait_for_everyone()
+    if tcfg.overwrite and held and state.is_main_process:
+        remove_run_files(out, held)
+    state.wait_for_everyone()
     stages = ["stage1", "stage2"] if lcfg.scheme == "two-stage" else ["single"]
-    results, init = {}, None
+    results, init, accepted, trained = {}, None, {}, False
     for stage in stages:
         sdir = out / stage
         epochs = tcfg.epochs * (2 if stage == "single" else 1)
-        if _stage_done(sdir, epochs):
+        scfg = dataclasses.replace(tcfg, output_dir=str(sdir), epochs=epochs, overwrite=False)
+        extra = {"stage": stage, **dataclasses.asdict(lcfg)}
+        if _stage_done(sdir, epochs):  # only with --resume: the folder held no run otherwise
+            saved = json.loads((sdir / "config.json").read_text())
+            changes = config_changes(saved, {**dataclasses.asdict(scfg), **extra})
+            accepted |= accept_changes(changes, tcfg.resume_override, sdir)
             results[stage] = json.loads((sdir / "results.json").read_text())
         else:
-            if (sdir / "config.json").exists() and not (tcfg.resume and _has_checkpoint(sdir)):
-                raise FileExistsError(f"{sdir} holds an unfinished stage; pass --resume auto or remove it")
-            scfg = dataclasses.replace(tcfg, output_dir=str(sdir), epochs=epochs,
-                                       resume="auto" if tcfg.resume and _has_checkpoint(sdir) else None)
-            extra = {"stage": stage, **dataclasses.asdict(lcfg)}
-            sdir.mkdir(parents=True, exist_ok=True)
+            trained = True
             results[stage] = train(scfg, _builder(tcfg, lcfg, stage, init), param_groups=_param_groups(lcfg),
                                    loss_fn=_step_logger(sdir / "steps.jsonl"), extra_config=extra,
                                    recipe_overrides=released_augmentation(tcfg.data))
@@ -201,30 +209,36 @@ def run(tcfg, lcfg: LifeTrainConfig) -> dict:
             if results[stage].get("epochs", 0) < epochs:  # stopped by --max-steps: resume later
                 return {"stages": results, "finished": False}
         init = str(sdir / "model.safetensors")
-    model = _builder(tcfg, lcfg, "final", init)()
-    final = save_checkpoint(model, out / "model.safetensors",
-                            extra={"model": tcfg.model, "data": tcfg.data, "scheme": lcfg.scheme})
+    if accepted and not trained:
+        listed = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in accepted.items())
+        raise ValueError(f"{out} holds a finished run; its weights were trained without these changes ({listed}); "
+                         "use --overwrite or another --output-dir")
     last = results[stages[-1]]
     scheme = "two" if lcfg.scheme == "two-stage" else "single"
-    summary = {"stages": results, "finished": True, "checkpoint": str(final), "model": tcfg.model,
+    summary = {"stages": results, "finished": True, "checkpoint": str(out / "model.safetensors"), "model": tcfg.model,
                "keep_rate": lcfg.keep_rate, "temperature": lcfg.temperature, "scheme": lcfg.scheme,
-               "top1": last.get("top1"), "top5": last.get("top5"),
+               "top1": last.get("top1"), "top5": last.get("top5"), "resume_overrides": accepted,
                **paper_row(tcfg.model, lcfg.keep_rate, scheme, lcfg.temperature)}
+    if state.is_main_process:
+        model = _builder(tcfg, lcfg, "final", init)()
+        save_checkpoint(model, out / "model.safetensors",
+                        extra={"model": tcfg.model, "data": tcfg.data, "scheme": lcfg.scheme})
+        write_json(out / "results.json", summary)
+    state.wait_for_everyone()
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitbench.engine import TrainConfig
-    from vitbench.report import markdown_table, write_json
+    from vitbench.cli import run as run_command
 
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        tcfg = TrainConfig.from_args(ns)
-        lcfg = LifeTrainConfig.from_args(ns)
-        summary = run(tcfg, lcfg)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
-        parser.exit(2, f"liferegress-train: error: {err}\n")
+    return run_command(build_parser(), _train, argv)
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from vitbench.engine import TrainConfig
+    from vitbench.report import markdown_table
+
+    summary = run(TrainConfig.from_args(ns), LifeTrainConfig.from_args(ns))
     if not summary["finished"]:
         print("stopped early (--max-steps); continue with --resume auto")
         return 0
@@ -233,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows, digits=4))
     print(markdown_table([summary], [c for c in ("model", "scheme", "keep_rate", "temperature", "top1", "paper_top1",
                                                   "top5", "paper_top5") if c in summary], digits=2))
-    if Path(tcfg.output_dir).is_dir():
-        write_json(Path(tcfg.output_dir) / "results.json", summary)
     return 0
 
 
