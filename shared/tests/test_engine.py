@@ -213,6 +213,11 @@ def test_corrupt_validation_image_is_named_before_work_is_lost_or_skipped_and_co
     result = train(_small(out, **cfg, resume="auto", skip_corrupt=True), _tiny)
     assert result["skipped_images"] == {"train": 0, "val": 1} and result["n"] == 8 and result["updates"] == 2
     assert _log(out)[-1]["skipped_images"] == {"train": [], "val": [str(bad)]}
+    # a truncated training image stops the run when its batch is read, naming the file and the way on
+    bad_train = sorted((root / "train").rglob("*.png"))[0]
+    bad_train.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=f"cannot decode image {bad_train}.*--resume-override train_samples"):
+        train(_small(tmp_path / "run2", **cfg, skip_corrupt=False), _tiny)
 
 
 def test_unwritable_output_folder_fails_before_any_work(tmp_path, capsys):
