@@ -117,6 +117,12 @@ def clip_gmacs(g: VideoGeometry, alive: list[Tensor] | None = None, sampled: set
     return (macs + ln(1, C) + C * g.head_hidden + g.head_hidden * g.num_classes) / 1e9
 
 
+def recorded_gmacs(model: VideoTransformer, layernorm: bool = True) -> Tensor:
+    """``[B]`` GMACs per clip of the last forward of an ATS-patched model (:mod:`ats.video_ats`)."""
+    info = model.ats_info
+    return clip_gmacs(VideoGeometry.from_model(model), info.alive, set(info.config.stages), layernorm)
+
+
 def dense_gmacs(name: str, layernorm: bool = True) -> float:
     """Dense GMACs of one view of a registered video model (no data, no weights)."""
     return float(clip_gmacs(VideoGeometry.of(name), layernorm=layernorm)[0])
