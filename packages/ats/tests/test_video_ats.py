@@ -119,3 +119,19 @@ def test_rejects_bad_settings():
         video_ats.apply(tiny("xvit"), rho=1.5)
     with pytest.raises(ValueError, match="mode"):
         video_ats.apply(tiny("xvit"), mode="fast")
+
+
+def test_moving_digits_views_through_ats_and_per_clip_flops(tmp_path, monkeypatch):
+    from torch.utils.data import DataLoader
+    from vitbench.video import ClipSampling, build_video_dataset
+
+    monkeypatch.setenv("VITBENCH_CACHE", str(tmp_path))
+    sampling = ClipSampling(frames=4, stride=2, crop=32, jitter=(32, 32))
+    val = build_video_dataset("moving-digits:train_size=2,val_size=3,frames=8,canvas=40", "val", sampling)
+    views, labels, _ = next(iter(DataLoader(val, batch_size=3)))
+    assert views.shape == (3, 3, 3, 4, 32, 32)  # [B, V, C, T, H, W]
+    model = patched(dict(arch="timesformer", rho=0.5))
+    logits = run(model, views.flatten(0, 1)).view(3, 3, -1).softmax(-1).mean(1)  # 1 x 3 views averaged
+    gflops = recorded_gmacs(model).view(3, 3).sum(1)  # per clip, 1 x 3 views
+    dense = 3 * float(clip_gmacs(VideoGeometry.from_model(model))[0])
+    assert logits.shape == (3, 5) and labels.shape == (3,) and (gflops < dense).all()
