@@ -33,6 +33,7 @@ def test_moving_digits_are_deterministic_cached_and_move():
 def test_specs_parse_through_vitbench_data():
     assert str(parse_data_spec(SMALL)) == SMALL
     assert parse_data_spec("videofolder:/data/k400").path == "/data/k400"
+    assert video.is_video(SMALL) and video.is_video(parse_data_spec("videofolder:/x")) and not video.is_video("digits")
     with pytest.raises(DataError, match="moving-digits option"):
         parse_data_spec("moving-digits:speed=3")
 

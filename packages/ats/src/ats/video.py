@@ -33,11 +33,10 @@ Selector = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 (``[B, T, H, 1 + S, d]``, CLS first) and the alive mask ``[B, T, S]``; returns the mask of kept tokens."""
 
 
-def attention_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive ``[B', 1, N, N]`` mask: a query sees the kept keys and always itself (so no row is empty)."""
+def attention_mask(keep: Tensor) -> Tensor:
+    """Boolean ``[B', 1, N, N]`` mask: a query sees the kept keys and always itself (so no row is empty)."""
     n = keep.shape[-1]
-    allowed = keep[:, None, :] | torch.eye(n, dtype=torch.bool, device=keep.device)
-    return torch.zeros(allowed.shape, dtype=dtype, device=keep.device).masked_fill(~allowed, float("-inf"))[:, None]
+    return (keep[:, None, :] | torch.eye(n, dtype=torch.bool, device=keep.device))[:, None]
 
 
 class VideoAttention(Attention):
@@ -58,16 +57,16 @@ class VideoAttention(Attention):
         return self.proj_drop(self.proj(self.norm(o.transpose(1, 2).reshape(B, N, self.attn_dim))))
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        mask = None if keep is None else attention_mask(keep, x.dtype)
+        mask = None if keep is None else attention_mask(keep)
         return self.attend(*self.heads(x, keep), mask)
 
 
-def _frames_keep(alive: Tensor | None, cls_tokens: int = 1) -> Tensor | None:
+def _frames_keep(alive: Tensor | None) -> Tensor | None:
     """``[B, T, S]`` alive patches -> ``[B * T, 1 + S]`` keep mask with the (per-frame) CLS always kept."""
     if alive is None:
         return None
     B, T, S = alive.shape
-    return torch.cat([alive.new_ones(B, T, cls_tokens), alive], -1).reshape(B * T, cls_tokens + S)
+    return torch.cat([alive.new_ones(B, T, 1), alive], -1).reshape(B * T, 1 + S)
 
 
 class TimeSformerBlock(Block):
@@ -96,7 +95,7 @@ class TimeSformerBlock(Block):
         q, k, v = self.attn.heads(self.norm1(xs), keep_s)
         if select is not None:
             alive = select(*(t.reshape(B, T, *t.shape[1:]) for t in (q, k, v)), _all_alive(alive, x))
-        mask = None if keep_s is None else attention_mask(keep_s, x.dtype)
+        mask = None if keep_s is None else attention_mask(keep_s)
         res = self.drop_path1(self.ls1(self.attn.attend(q, k, v, mask))).reshape(B, T, 1 + S, C)
         tokens = torch.cat([cls[:, None], x.reshape(B, T * S, C)], 1)
         tokens = tokens + torch.cat([res[:, :, 0].mean(1, keepdim=True), res[:, :, 1:].reshape(B, T * S, C)], 1)
@@ -114,7 +113,6 @@ class XViTAttention(VideoAttention):
     ``TemporalShift`` on the concatenated heads; the query stays frame t's. Frames are cut into segments of
     ``segment`` frames that do not mix (the released K400/K600 configs shift within 8 of 16 frames)."""
 
-    frames: int = 8
     segment: int = 8
     shift_div: int = 8
 
@@ -151,7 +149,7 @@ class XViTBlock(Block):
         q, k, v = self.attn.heads(self.norm1(tokens), keep)
         if select is not None:
             alive = select(*(t.reshape(B, T, *t.shape[1:]) for t in (q, k, v)), _all_alive(alive, x))
-        mask = None if keep is None else attention_mask(keep, x.dtype)
+        mask = None if keep is None else attention_mask(keep)
         tokens = tokens + self.drop_path1(self.ls1(self.attn.attend(q, k, v, mask)))
         tokens = tokens + self.drop_path2(self.ls2(self.mlp(self.norm2(tokens))))
         tokens = tokens.reshape(B, T, 1 + S, C)
@@ -203,8 +201,8 @@ class VideoTransformer(nn.Module):
             raise ValueError(f"{type(self).__name__} takes clips [B, C, T, H, W] = [B, {', '.join(map(str, expected))}]"
                              f", got {list(x.shape)}")
 
-    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, C, T, H, W]`` -> (frame tokens with CLS first ``[B, T, 1 + S, C]``, after positions)."""
+    def embed(self, x: Tensor) -> Tensor:
+        """``[B, C, T, H, W]`` -> every frame's tokens, CLS first, with positions: ``[B, T, 1 + S, C]``."""
         self.check_input(x)
         B, _, T, H, W = x.shape
         p = self.patch_embed(x.transpose(1, 2).reshape(B * T, -1, H, W))
@@ -212,7 +210,10 @@ class VideoTransformer(nn.Module):
         return self.pos_drop(tokens).reshape(B, T, 1 + p.shape[1], -1)
 
     def run_blocks(self, cls: Tensor, x: Tensor, selectors: dict[int, Selector] | None = None,
-                   alive: Tensor | None = None, record: Callable | None = None):
+                   record: Callable | None = None) -> tuple[Tensor, Tensor]:
+        """Every block in turn; ``selectors[i]`` makes block i an ATS stage, ``record(i, alive_in, alive_out)``
+        sees the masks (None while no token was dropped)."""
+        alive = None
         for i, blk in enumerate(self.blocks):
             select = selectors.get(i) if selectors else None
             before = alive
@@ -249,7 +250,7 @@ class TimeSformer(VideoTransformer):
 
     def forward_features(self, x: Tensor, selectors: dict[int, Selector] | None = None,
                          record: Callable | None = None) -> Tensor:
-        cls, grid = self.run_blocks(*self.tokens(x), selectors, record=record)
+        cls, _ = self.run_blocks(*self.tokens(x), selectors, record)
         return self.norm(cls)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -290,7 +291,7 @@ class XViT(VideoTransformer):
             raise ValueError(f"X-ViT needs frames ({num_frames}) divisible by segment ({segment}) and width "
                              f"({embed_dim}) divisible by shift_div ({shift_div})")
         for blk in self.blocks:
-            blk.attn.frames, blk.attn.segment, blk.attn.shift_div = num_frames, segment, shift_div
+            blk.attn.segment, blk.attn.shift_div = segment, shift_div
         self.temp_embed = nn.Parameter(torch.zeros(1, num_frames, 1, embed_dim))
         self.head_drop = nn.Dropout(head_dropout)
         self.consensus = TemporalHead(embed_dim, num_classes, head_heads or num_heads, dropout=head_dropout)
@@ -302,7 +303,7 @@ class XViT(VideoTransformer):
 
     def forward_features(self, x: Tensor, selectors: dict[int, Selector] | None = None,
                          record: Callable | None = None) -> Tensor:
-        cls, grid = self.run_blocks(*self.tokens(x), selectors, record=record)
+        cls, _ = self.run_blocks(*self.tokens(x), selectors, record)
         return self.norm(cls)  # [B, T, C]: every frame's CLS
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
