@@ -46,15 +46,15 @@ class CorruptImageError(DataError):
 
 @dataclass(frozen=True)
 class DataSpec:
-    kind: str  # digits | imagefolder | hf | arrow
+    kind: str  # digits | imagefolder | hf | arrow | moving-digits | videofolder
     path: str | None = None
     name: str | None = None
     config: str | None = None
     options: tuple[tuple[str, int], ...] = ()
 
     def __str__(self) -> str:
-        if self.kind == "digits":
-            return "digits" + (":" + ",".join(f"{k}={v}" for k, v in self.options) if self.options else "")
+        if self.kind in ("digits", "moving-digits"):
+            return self.kind + (":" + ",".join(f"{k}={v}" for k, v in self.options) if self.options else "")
         if self.kind == "hf":
             return f"hf:{self.name}" + (f":{self.config}" if self.config else "")
         return f"{self.kind}:{self.path}"
@@ -99,7 +99,12 @@ def parse_data_spec(text: str | DataSpec) -> DataSpec:
     if kind == "hf" and rest:
         name, _, config = rest.partition(":")
         return DataSpec("hf", name=name, config=config or None)
-    raise DataError(f"cannot parse data spec {text!r}; use digits, imagefolder:PATH, hf:NAME[:CONFIG] or arrow:PATH")
+    if kind in ("moving-digits", "videofolder"):  # clips: vitbench.video
+        from .video import parse_video_spec
+
+        return parse_video_spec(text)
+    raise DataError(f"cannot parse data spec {text!r}; use digits, imagefolder:PATH, hf:NAME[:CONFIG], arrow:PATH, "
+                    "moving-digits or videofolder:PATH")
 
 
 def _digits_options(text: str) -> tuple[tuple[str, int], ...]:

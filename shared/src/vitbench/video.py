@@ -1,0 +1,489 @@
+"""Video data: the embedded ``moving-digits`` clips and ``videofolder:PATH`` (Kinetics layout), with the video
+transformers' clip sampling.
+
+Specs (parsed through :func:`vitbench.data.parse_data_spec`):
+
+* ``moving-digits`` -- deterministic clips of one scikit-learn handwritten digit moving (bouncing) over a
+  textured background with moving distractor fragments, ground-truth box per frame; options as
+  ``moving-digits:train_size=800,val_size=200,frames=16,canvas=64,seed=0``. Generated in seconds, cached as
+  ``.npz`` under ``$VITBENCH_CACHE`` like :mod:`vitbench.digits`; ``vitbench-video export DIR`` writes it as a video
+  folder (``DIR/{train,val}/<digit>/*.mp4``, ``DIR/{train,val}.csv``, ``DIR/boxes.json``).
+* ``videofolder:PATH`` -- ``PATH/{train,val}/<class>/<video>`` (classes = sorted folder names), or the released
+  Kinetics code's CSV form ``PATH/{train,val}.csv`` with one ``path label`` per line (paths relative to PATH or
+  absolute). Decoded with PyAV.
+
+Clip sampling (TimeSformer / X-ViT / SlowFast protocol): training takes ``frames`` frames every ``stride`` frames
+from a random start, a random short-side scale in ``jitter``, a random ``crop`` and an optional flip; evaluation
+takes the centre clip (1 temporal view), resizes the short side to ``crop`` and returns 3 spatial crops along the
+long side (the papers' 1 x 3 views) as ``[3, C, T, H, W]`` (or the centre crop alone with ``views=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from . import digits as digits_lib
+from .data import DataError, DataSpec
+
+log = logging.getLogger(__name__)
+GENERATOR_VERSION = 1
+KINDS = ("moving-digits", "videofolder")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+
+
+class CorruptVideoError(DataError):
+    """A video file that cannot be decoded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class MovingDigitsConfig:
+    """Size and geometry of the embedded clips."""
+
+    train_size: int = 800
+    val_size: int = 200
+    frames: int = 16
+    canvas: int = 64
+    seed: int = 0
+    val_fraction: float = 0.25
+    min_scale: float = 3.0
+    max_scale: float = 4.5
+    fragments: tuple[int, int] = (1, 3)
+    max_speed: float = 3.0
+
+    def __post_init__(self):
+        if self.train_size < 1 or self.val_size < 1 or self.frames < 1:
+            raise ValueError(f"sizes must be positive, got {self.train_size}/{self.val_size}/{self.frames} frames")
+        if self.canvas < 8 * self.max_scale + 2:
+            raise ValueError(f"canvas {self.canvas} px is too small for digits up to {8 * self.max_scale:.0f} px")
+
+    def size(self, split: str) -> int:
+        return {"train": self.train_size, "val": self.val_size}[split]
+
+    def key(self) -> str:
+        import hashlib
+
+        blob = json.dumps({"version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ClipSplit:
+    """``clips`` uint8 ``[N, T, H, W, 3]``, ``labels`` ``[N]``, ``boxes`` ``[N, T, 4]`` (x0, y0, x1, y1), exclusive."""
+
+    clips: np.ndarray
+    labels: np.ndarray
+    boxes: np.ndarray
+
+
+def _bounce(pos: float, vel: float, lo: float, hi: float) -> tuple[float, float]:
+    pos += vel
+    if pos < lo:
+        pos, vel = 2 * lo - pos, -vel
+    if pos > hi:
+        pos, vel = 2 * hi - pos, -vel
+    return pos, vel
+
+
+def _track(rng: np.random.Generator, frames: int, side_h: int, side_w: int, canvas: int, max_speed: float):
+    """Top-left corners of an object bouncing inside the canvas, one per frame."""
+    y, x = rng.uniform(0, canvas - side_h), rng.uniform(0, canvas - side_w)
+    angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, max_speed)
+    vy, vx = speed * np.sin(angle), speed * np.cos(angle)
+    out = []
+    for _ in range(frames):
+        out.append((int(round(y)), int(round(x))))
+        y, vy = _bounce(y, vy, 0, canvas - side_h)
+        x, vx = _bounce(x, vx, 0, canvas - side_w)
+    return out
+
+
+def render_clip(cfg: MovingDigitsConfig, split: str, index: int, glyphs: np.ndarray, labels: np.ndarray):
+    """Clip ``index`` of ``split``: (uint8 ``[T, H, W, 3]``, label, boxes ``[T, 4]``); a pure function of its key."""
+    rng = np.random.default_rng([cfg.seed, digits_lib.SPLITS.index(split), index, 15])
+    size = cfg.canvas
+    background = digits_lib._background(rng, size)
+    src = int(rng.integers(len(glyphs)))
+    side = int(round(8 * rng.uniform(cfg.min_scale, cfg.max_scale)))
+    alpha = digits_lib._upscale(glyphs[src], side, side)
+    ys, xs = np.nonzero(alpha > 0.15)
+    colour = rng.uniform(0.6, 1.0, size=3).astype(np.float32)
+    path = _track(rng, cfg.frames, side, side, size, cfg.max_speed)
+    pieces = []
+    for _ in range(int(rng.integers(cfg.fragments[0], cfg.fragments[1] + 1))):
+        glyph = glyphs[int(rng.integers(len(glyphs)))]
+        fh, fw = int(rng.integers(2, 5)), int(rng.integers(2, 5))
+        fy, fx = int(rng.integers(0, 9 - fh)), int(rng.integers(0, 9 - fw))
+        fscale = rng.uniform(cfg.min_scale, cfg.max_scale)
+        piece = digits_lib._upscale(glyph[fy : fy + fh, fx : fx + fw], int(round(fh * fscale)), int(round(fw * fscale)))
+        pieces.append((piece, rng.uniform(0.55, 1.0, size=3).astype(np.float32),
+                       _track(rng, cfg.frames, *piece.shape, size, cfg.max_speed)))
+    clip = np.empty((cfg.frames, size, size, 3), dtype=np.uint8)
+    boxes = np.empty((cfg.frames, 4), dtype=np.int64)
+    for t in range(cfg.frames):
+        canvas = background.copy()
+        for piece, c, track in pieces:
+            digits_lib._paste(canvas, piece, *track[t], c)
+        top, left = path[t]
+        digits_lib._paste(canvas, alpha, top, left, colour)
+        clip[t] = np.round(canvas * 255.0).astype(np.uint8)
+        boxes[t] = (left + xs.min(), top + ys.min(), left + xs.max() + 1, top + ys.max() + 1)
+    return clip, int(labels[src]), boxes
+
+
+def generate(cfg: MovingDigitsConfig, split: str) -> ClipSplit:
+    glyphs, labels = digits_lib.source_digits(digits_lib.DigitsConfig(seed=cfg.seed, val_fraction=cfg.val_fraction),
+                                              split)
+    n = cfg.size(split)
+    clips = np.empty((n, cfg.frames, cfg.canvas, cfg.canvas, 3), dtype=np.uint8)
+    out_labels = np.empty(n, dtype=np.int64)
+    boxes = np.empty((n, cfg.frames, 4), dtype=np.int64)
+    for i in range(n):
+        clips[i], out_labels[i], boxes[i] = render_clip(cfg, split, i, glyphs, labels)
+    return ClipSplit(clips, out_labels, boxes)
+
+
+def load_split(split: str, cfg: MovingDigitsConfig | None = None) -> ClipSplit:
+    """A split from the cache when present; generated (seconds) and cached atomically otherwise."""
+    cfg = cfg or MovingDigitsConfig()
+    path = digits_lib.cache_dir() / "moving_digits" / f"{split}-{cfg.key()}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return ClipSplit(z["clips"], z["labels"], z["boxes"])
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)
+    data = generate(cfg, split)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            np.savez(f, clips=data.clips, labels=data.labels, boxes=data.boxes)
+        os.replace(f.name, path)
+    except OSError:
+        pass  # a read-only home still works, without the cache
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- video files
+def write_video(path: str | os.PathLike, clip: np.ndarray, fps: int = 8) -> None:
+    """Write uint8 ``[T, H, W, 3]`` as H.264 (PyAV), near-lossless (crf 1)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "1"})
+        stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
+        for frame in clip:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def read_video(path: str | os.PathLike) -> np.ndarray:
+    """Decode every frame of a video file as uint8 ``[T, H, W, 3]``; raises :class:`CorruptVideoError` naming it."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except (av.error.FFmpegError, ValueError, OSError, EOFError) as e:
+        raise CorruptVideoError(f"cannot decode video {path}: {e}") from e
+    if not frames:
+        raise CorruptVideoError(f"cannot decode video {path}: no frames")
+    return np.stack(frames)
+
+
+def export(root: str | os.PathLike, cfg: MovingDigitsConfig | None = None) -> Path:
+    """Write ``root/{split}/<digit>/<index>.mp4``, ``root/{split}.csv`` (``path label``) and ``root/boxes.json``."""
+    cfg = cfg or MovingDigitsConfig()
+    root = Path(root)
+    boxes = {}
+    for split in digits_lib.SPLITS:
+        data = load_split(split, cfg)
+        for name in digits_lib.CLASSES:  # every class folder, so class indices match the embedded labels
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, (clip, label, box) in enumerate(zip(data.clips, data.labels, data.boxes)):
+            rel = f"{split}/{digits_lib.CLASSES[label]}/{i:05d}.mp4"
+            write_video(root / rel, clip)
+            boxes[rel] = box.tolist()
+            lines.append(f"{rel} {int(label)}")
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    (root / "boxes.json").write_text(json.dumps(boxes, sort_keys=True) + "\n")
+    return root
+
+
+def _folder_index(root: Path, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(paths, labels, classes) of a split of a video folder: class folders, else the ``path label`` CSV."""
+    folder = root / split
+    if folder.is_dir():
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        paths, labels = [], []
+        for c, name in enumerate(classes):
+            for f in sorted((folder / name).iterdir()):
+                if f.suffix.lower() in VIDEO_SUFFIXES:
+                    paths.append(str(f))
+                    labels.append(c)
+        if not paths:
+            raise DataError(f"{folder} holds no video files ({', '.join(VIDEO_SUFFIXES)}) in class folders")
+        return paths, np.asarray(labels, dtype=np.int64), classes
+    table = root / f"{split}.csv"
+    if not table.is_file():
+        raise DataError(f"{root} has neither {split}/<class>/<video> folders nor a {split}.csv of 'path label' lines")
+    paths, labels = [], []
+    for n, line in enumerate(table.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1) if " " in line.strip() else line.split(",")
+        if len(parts) != 2 or not parts[1].strip().isdigit():
+            raise DataError(f"{table}:{n}: expected 'path label', got {line!r}")
+        p = Path(parts[0].strip())
+        paths.append(str(p if p.is_absolute() else root / p))
+        labels.append(int(parts[1]))
+    return paths, np.asarray(labels, dtype=np.int64), [str(c) for c in range(max(labels) + 1)]
+
+
+# ---------------------------------------------------------------------------------------------- clip sampling
+@dataclass(frozen=True)
+class ClipSampling:
+    """How a clip is cut from a video: ``frames`` x ``stride`` in time, a ``crop`` in space."""
+
+    frames: int = 8
+    stride: int = 2
+    crop: int = 64
+    jitter: tuple[int, int] = (64, 64)
+    hflip: float = 0.0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    views: int = 3
+
+    def __post_init__(self):
+        if self.frames < 1 or self.stride < 1 or self.crop < 1 or self.views not in (1, 3):
+            raise ValueError(f"bad clip sampling {self}: frames, stride, crop >= 1 and views 1 or 3")
+
+
+MOVING_DIGITS_SAMPLING = ClipSampling()
+# TimeSformer's Kinetics recipe (8 x 32, 224, jitter 256-320); X-ViT 16 x 16 uses mean = std = 0.5.
+KINETICS_SAMPLING = ClipSampling(frames=8, stride=32, crop=224, jitter=(256, 320), hflip=0.5,
+                                 mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225))
+
+
+def frame_indices(length: int, frames: int, stride: int, start: int | None = None) -> np.ndarray:
+    """``frames`` indices every ``stride`` frames from ``start`` (default: the centre clip), clamped to the video."""
+    span = (frames - 1) * stride + 1
+    if start is None:
+        start = max(length - span, 0) // 2
+    return np.clip(start + stride * np.arange(frames), 0, length - 1)
+
+
+def _resize_short(x: torch.Tensor, short: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if min(h, w) == short:
+        return x
+    size = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def spatial_crops(x: torch.Tensor, crop: int, views: int) -> list[torch.Tensor]:
+    """``views`` crops of ``crop`` px along the long side (start, centre, end), as SlowFast's ``uniform_crop``."""
+    h, w = x.shape[-2:]
+    if h < crop or w < crop:
+        raise DataError(f"frames of {h}x{w} px are smaller than the {crop} px crop")
+    offsets = [(h - crop) // 2, (w - crop) // 2]
+    if views == 1:
+        return [x[..., offsets[0] : offsets[0] + crop, offsets[1] : offsets[1] + crop]]
+    long_axis = 0 if h > w else 1
+    out = []
+    for pos in (0, ((h, w)[long_axis] - crop) // 2, (h, w)[long_axis] - crop):
+        o = list(offsets)
+        o[long_axis] = pos
+        out.append(x[..., o[0] : o[0] + crop, o[1] : o[1] + crop])
+    return out
+
+
+class VideoDataset(Dataset):
+    """Clips + labels yielding ``(clip, label, index)``: ``clip`` ``[C, T, H, W]`` for training, ``[V, C, T, H, W]``
+    for evaluation (V = ``sampling.views``). Training randomness of sample i in epoch e is a function of
+    ``(seed, e, i)``."""
+
+    def __init__(self, source, labels, classes: list[str], sampling: ClipSampling, train: bool,
+                 boxes: np.ndarray | None = None, paths: list[str] | None = None, name: str = "", seed: int = 0):
+        self.source, self.labels, self.classes = source, np.asarray(labels, dtype=np.int64), list(classes)
+        self.sampling, self.train = sampling, train
+        self.boxes, self.paths, self.name, self.seed = boxes, paths, name, seed
+        self.epoch = 0
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def video(self, index: int) -> np.ndarray:
+        """The decoded video, uint8 ``[T, H, W, 3]``."""
+        return self.source[index] if isinstance(self.source, np.ndarray) else read_video(self.source[index])
+
+    def __getitem__(self, index: int):
+        s = self.sampling
+        video = self.video(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
+        span = (s.frames - 1) * s.stride + 1
+        start = int(rng.integers(0, max(len(video) - span, 0) + 1)) if rng is not None else None
+        x = torch.from_numpy(video[frame_indices(len(video), s.frames, s.stride, start)])
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # [T, C, H, W]
+        mean, std = torch.tensor(s.mean)[:, None, None], torch.tensor(s.std)[:, None, None]
+        if rng is None:
+            x = _resize_short(x, s.crop)
+            views = [((v - mean) / std).transpose(0, 1) for v in spatial_crops(x, s.crop, s.views)]
+            return torch.stack(views) if s.views > 1 else views[0], int(self.labels[index]), index
+        x = _resize_short(x, int(rng.integers(s.jitter[0], s.jitter[1] + 1)))
+        h, w = x.shape[-2:]
+        if h < s.crop or w < s.crop:
+            raise DataError(f"frames of {h}x{w} px are smaller than the {s.crop} px crop")
+        top, left = int(rng.integers(0, h - s.crop + 1)), int(rng.integers(0, w - s.crop + 1))
+        x = x[..., top : top + s.crop, left : left + s.crop]
+        if rng.random() < s.hflip:
+            x = x.flip(-1)
+        return ((x - mean) / std).transpose(0, 1), int(self.labels[index]), index
+
+    def select(self, indices) -> VideoDataset:
+        idx = np.asarray(indices, dtype=np.int64)
+        source = self.source[idx] if isinstance(self.source, np.ndarray) else [self.source[i] for i in idx]
+        out = VideoDataset(source, self.labels[idx], self.classes, self.sampling, self.train,
+                           None if self.boxes is None else self.boxes[idx],
+                           None if self.paths is None else [self.paths[i] for i in idx], self.name, self.seed)
+        out.epoch, out.skipped = self.epoch, list(self.skipped)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------- specs
+_OPTIONS = ("train_size", "val_size", "frames", "canvas", "seed")
+
+
+def parse_video_spec(text: str) -> DataSpec:
+    """``moving-digits[:KEY=INT,...]`` or ``videofolder:PATH``."""
+    kind, _, rest = text.partition(":")
+    if kind == "videofolder" and rest:
+        return DataSpec("videofolder", path=rest)
+    if kind != "moving-digits":
+        raise DataError(f"cannot parse video data spec {text!r}; use moving-digits[:KEY=INT,...] or videofolder:PATH")
+    options = []
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in _OPTIONS or not value.isdigit():
+            raise DataError(f"bad moving-digits option {item!r}; use moving-digits:KEY=INT,... with KEY in {_OPTIONS}")
+        options.append((key, int(value)))
+    try:
+        MovingDigitsConfig(**dict(options))
+    except ValueError as e:
+        raise DataError(f"moving-digits: {e}") from e
+    return DataSpec("moving-digits", options=tuple(options))
+
+
+def is_video(spec: str | DataSpec) -> bool:
+    return (spec.kind if isinstance(spec, DataSpec) else spec.partition(":")[0]) in KINDS
+
+
+def default_sampling(spec: str | DataSpec) -> ClipSampling:
+    spec = spec if isinstance(spec, DataSpec) else parse_video_spec(spec)
+    return MOVING_DIGITS_SAMPLING if spec.kind == "moving-digits" else KINETICS_SAMPLING
+
+
+def build_video_dataset(spec: str | DataSpec, split: str, sampling: ClipSampling | None = None,
+                        train: bool | None = None, skip_corrupt: bool = False, limit: int | None = None,
+                        seed: int = 0) -> VideoDataset:
+    """Load a split (``train`` / ``val``) of a video spec; ``train`` (default: ``split == 'train'``) picks the
+    random training clip or the deterministic 1 x ``views`` evaluation clips.
+
+    An undecodable file raises :class:`CorruptVideoError` naming it when it is read; with ``skip_corrupt`` every file
+    is decoded first and the bad ones are dropped, logged and listed in ``dataset.skipped``."""
+    spec = spec if isinstance(spec, DataSpec) else parse_video_spec(spec)
+    if split not in digits_lib.SPLITS:
+        raise DataError(f"unknown split {split!r}; use 'train' or 'val'")
+    sampling = sampling or default_sampling(spec)
+    train = split == "train" if train is None else train
+    if spec.kind == "moving-digits":
+        data = load_split(split, MovingDigitsConfig(**dict(spec.options)))
+        dataset = VideoDataset(data.clips, data.labels, list(digits_lib.CLASSES), sampling, train, boxes=data.boxes,
+                               name="moving-digits", seed=seed)
+    else:
+        root = Path(spec.path).expanduser()
+        if not root.is_dir():
+            raise DataError(f"video folder not found: {root}")
+        paths, labels, classes = _folder_index(root, split)
+        dataset = VideoDataset(paths, labels, classes, sampling, train, paths=paths, name=str(root), seed=seed)
+    if limit is not None:
+        dataset = dataset.select(np.arange(min(limit, len(dataset))))
+    if skip_corrupt and dataset.paths is not None:
+        bad = []
+        for i, path in enumerate(dataset.paths):
+            try:
+                read_video(path)
+            except CorruptVideoError as e:
+                log.warning("%s", e)
+                bad.append(i)
+        if bad:
+            log.warning("skipping %d unreadable video(s) of %d", len(bad), len(dataset))
+            skipped = [dataset.paths[i] for i in bad]
+            dataset = dataset.select([i for i in range(len(dataset)) if i not in set(bad)])
+            dataset.skipped = skipped
+    return dataset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vitbench-video",
+        description="The embedded moving-digits clips. 'export DIR' writes them as a video folder "
+        "(DIR/{train,val}/<digit>/*.mp4 plus DIR/{train,val}.csv and DIR/boxes.json) usable as "
+        "--data videofolder:DIR; 'info' prints their statistics.",
+    )
+    p.add_argument("command", choices=["export", "info"], help="export: write a video folder; info: print stats")
+    p.add_argument("directory", nargs="?", help="target directory for export (must be new or empty)")
+    for key in _OPTIONS:
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=getattr(MovingDigitsConfig, key),
+                       help=f"{key.replace('_', ' ')} (default: %(default)s)")
+    return p
+
+
+def _body(args: argparse.Namespace) -> int:
+    cfg = MovingDigitsConfig(**{k: getattr(args, k) for k in _OPTIONS})
+    if args.command == "export":
+        if not args.directory:
+            raise ValueError("export needs a target DIRECTORY")
+        target = Path(args.directory)
+        if target.exists() and any(target.iterdir()):
+            raise ValueError(f"{target} exists and is not empty; choose a new directory")
+        from .cli import check_writable
+
+        check_writable(target)
+        export(target, cfg)
+        print(f"wrote {cfg.train_size} train and {cfg.val_size} val clips to {target} "
+              f"(use --data videofolder:{target})")
+        return 0
+    for split in digits_lib.SPLITS:
+        data = load_split(split, cfg)
+        travel = np.abs(data.boxes[:, -1, :2] - data.boxes[:, 0, :2]).sum(-1)
+        print(f"{split}: {len(data.labels)} clips of {cfg.frames} x {cfg.canvas}px, per class "
+              f"{np.bincount(data.labels, minlength=10).tolist()}, mean digit travel {travel.mean():.1f} px")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run
+
+    return run(build_parser(), _body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
