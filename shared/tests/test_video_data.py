@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vitbench import video
-from vitbench.data import DataError, parse_data_spec
+from vitbench.data import DataError, build_dataset, parse_data_spec
 
 SMALL = "moving-digits:train_size=6,val_size=4,frames=6,canvas=40"
 SAMPLING = video.ClipSampling(frames=3, stride=2, crop=32, jitter=(32, 40))
@@ -36,6 +36,8 @@ def test_specs_parse_through_vitbench_data():
     assert video.is_video(SMALL) and video.is_video(parse_data_spec("videofolder:/x")) and not video.is_video("digits")
     with pytest.raises(DataError, match="moving-digits option"):
         parse_data_spec("moving-digits:speed=3")
+    with pytest.raises(DataError, match="is video data"):
+        build_dataset("moving-digits", "val")  # the image loader refuses clips with a clear message
 
 
 def test_train_and_eval_clip_shapes():

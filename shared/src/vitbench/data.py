@@ -277,6 +277,8 @@ def _from_hf(ds, where: str, boxes_file: Path | None = None) -> ImageDataset:
 
 
 def _load_source(spec: DataSpec, split: str) -> ImageDataset:
+    if spec.kind in ("moving-digits", "videofolder"):
+        raise DataError(f"{spec} is video data: it needs a video model (vitbench.video.build_video_dataset)")
     if spec.kind == "digits":
         data = digits_lib.load_split(split, digits_lib.DigitsConfig(**dict(spec.options)))
         return ImageDataset(data.images, data.labels, list(digits_lib.CLASSES), boxes=data.boxes,

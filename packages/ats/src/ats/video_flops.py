@@ -147,8 +147,10 @@ def rows(names: list[str], layernorm: bool = True) -> list[dict]:
         g = VideoGeometry.of(name)
         view = dense_gmacs(name, layernorm)
         table, paper = PAPER_GFLOPS.get(name, ("", None))
+        cls_tokens = 1 if g.arch == "timesformer" else g.frames
         out.append({"model": name, "frames": g.frames, "img_size": g.grid[0] * g.patch_size,
-                    "tokens_per_view": 1 + g.frames * g.patches, "gflops_view": view, "gflops_1x3": VIEWS * view,
+                    "tokens_per_view": cls_tokens + g.frames * g.patches, "gflops_view": view,
+                    "gflops_1x3": VIEWS * view,
                     "paper_1x3": paper, "paper_table": table,
                     "diff_pct": None if paper is None else 100 * (VIEWS * view - paper) / paper})
     return out
