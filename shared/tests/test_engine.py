@@ -199,7 +199,7 @@ def test_corrupt_validation_image_is_named_before_work_is_lost_or_skipped_and_co
     bad = root / "val" / "3" / "x.png"
     bad.write_bytes(b"\x89PNG but not really" * 100)
     out = tmp_path / "run"
-    cfg = dict(data=f"imagefolder:{root}", limit_train=None, limit_val=None, epochs=1)
+    cfg = dict(data=f"imagefolder:{root}", limit_train=None, limit_val=None, epochs=1, repeated_aug=0)  # every image
     # a file that is no image at all: found at start, nothing written
     with pytest.raises(ValueError, match=f"cannot decode image {bad}.*--skip-corrupt"):
         train(_small(out, **cfg), _tiny)
