@@ -15,7 +15,7 @@ validation images with ground-truth object boxes:
   kept tokens (single stage at K = N, exactly ATS's block output), the top-K tokens by ATS's score (Eq. 3) and
   random tokens of the same count as either, the background tokens, and the released multi-stage configuration.
 
-Writes ``diagnosis.json`` and three PNG figures (``ats_diag_norms.png``, ``ats_diag_cls_attention.png``,
+Writes ``ats_diag.json`` and three PNG figures (``ats_diag_norms.png``, ``ats_diag_cls_attention.png``,
 ``ats_diag_keep.png``) to ``--output-dir`` and prints Markdown tables.
 """
 
@@ -246,7 +246,7 @@ def diagnose_model(model, loader, cfg: DiagnoseConfig, img_size: int, device) ->
     if not 0 <= cfg.block < depth - 1:
         raise ValueError(f"--block {cfg.block} must leave at least one block after it ({depth} blocks)")
     grid = tuple(model.patch_embed.grid_size)
-    single = patch.apply(copy.deepcopy(model), stages=[cfg.block], rho=1.0)
+    # multi-stage ATS from ``block`` on; its first stage is exactly single-stage ATS at ``block`` (K = N)
     multi = patch.apply(copy.deepcopy(model), stages=range(cfg.block, depth), rho=1.0)
     generator = torch.Generator().manual_seed(cfg.seed)
     stats: list[list[BlockStats]] = []
@@ -272,12 +272,11 @@ def diagnose_model(model, loader, cfg: DiagnoseConfig, img_size: int, device) ->
                     after = x
             stats.append(per_block)
             correct["dense"] += _hits(model.forward_head(model.norm(x)), labels)
-            single(images)
-            masks = keep_masks(on_object, single.ats_info.kept[cfg.block], scores, generator)
+            correct["ATS multi-stage"] += _hits(multi(images), labels)
+            masks = keep_masks(on_object, multi.ats_info.kept[cfg.block], scores, generator)
             for name, mask in masks.items():
                 correct[name] += _hits(finish(model, after, positions_from_mask(mask), cfg.block + 1), labels)
                 counts[name].append(mask.sum(-1).float().cpu() + 1)
-            correct["ATS multi-stage"] += _hits(multi(images), labels)
             total += len(labels)
     by_block = [{f: float(torch.cat([getattr(b[i], f) for b in stats]).nanmean())
                  for f in BlockStats.__dataclass_fields__} for i in range(depth)]
@@ -320,8 +319,8 @@ def _main(ns: argparse.Namespace) -> int:
         label = weights_label(weights)
         results["models"][label] = {"weights": weights, **diagnose_model(model, loader, cfg, img_size, device)}
     _report(results, out_dir)
-    write_json(out_dir / "diagnosis.json", results)
-    print(f"results: {out_dir / 'diagnosis.json'}")
+    write_json(out_dir / "ats_diag.json", results)
+    print(f"results: {out_dir / 'ats_diag.json'}")
     return 0
 
 
