@@ -40,7 +40,7 @@ def patch_masks(boxes: Tensor, grid: tuple[int, int], img_size: int) -> Tensor:
     """``[B, P]`` bool: patch ``p`` (token ``p + 1``) has its centre inside the image's box."""
     from vitbench.localization import on_box
 
-    every = torch.arange(1, grid[0] * grid[1] + 1).expand(boxes.shape[0], -1)
+    every = torch.arange(1, grid[0] * grid[1] + 1, device=boxes.device).expand(boxes.shape[0], -1)
     return on_box(every, boxes, grid, img_size)
 
 
@@ -66,7 +66,7 @@ def positions_from_mask(keep: Tensor) -> Tensor:
     order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept patches first, token order
     count = keep.sum(-1)
     width = int(count.max()) if keep.numel() else 0
-    picks = torch.where(torch.arange(width) < count[:, None], order[:, :width] + 1, -1)
+    picks = torch.where(torch.arange(width, device=keep.device) < count[:, None], order[:, :width] + 1, -1)
     return torch.cat([picks.new_zeros(keep.shape[0], 1), picks], 1)
 
 
@@ -78,7 +78,7 @@ def top_count_mask(scores: Tensor, count: Tensor) -> Tensor:
 
 def random_count_mask(shape: tuple[int, int], count: Tensor, generator: torch.Generator) -> Tensor:
     """``[B, P]`` bool: ``count[b]`` patches per image drawn uniformly without replacement."""
-    return top_count_mask(torch.rand(shape, generator=generator), count)
+    return top_count_mask(torch.rand(shape, generator=generator).to(count.device), count)
 
 
 def ats_scores(attn_module, h: Tensor) -> Tensor:
@@ -88,7 +88,7 @@ def ats_scores(attn_module, h: Tensor) -> Tensor:
     qkv = attn_module.qkv(h).reshape(B, N, 3, attn_module.num_heads, attn_module.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn_module.q_norm(q), attn_module.k_norm(k)
-    n = torch.full((B,), N, dtype=torch.long)
+    n = torch.full((B,), N, dtype=torch.long, device=h.device)
     attn = sampling.cls_attention(q[:, :, :1], k, attn_module.scale, n, sampling.OFFICIAL_EPS)
     v_norm = v.transpose(1, 2).reshape(B, N, -1).norm(dim=-1)
     return sampling.significance_scores(attn[..., 1:], v_norm[:, 1:], n - 1)
