@@ -102,3 +102,15 @@ def test_cli_errors_are_one_line(capsys, tmp_path, argv, message):
     assert diagnose.main([*argv, "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ats-diagnose: error:") and message in err[0]
+
+
+def test_cls_attention_row_is_a_distribution_matching_ats_cls_row(images):
+    model = tiny_vit()
+    with torch.inference_mode():
+        h = model.blocks[0].norm1(diagnose.embed(model, images))
+        row = diagnose.cls_attention_row(model.blocks[0].attn, h)
+        q, k, _ = diagnose._qkv(model.blocks[0].attn, h)
+        n = torch.full((images.shape[0],), h.shape[1])
+        reference = ats.sampling.cls_attention(q[:, :, :1], k, model.blocks[0].attn.scale, n).mean(1)
+    assert torch.allclose(row.sum(-1), torch.ones(images.shape[0]), atol=1e-5)
+    assert torch.allclose(row, reference, atol=1e-6)

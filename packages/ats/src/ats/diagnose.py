@@ -81,13 +81,19 @@ def random_count_mask(shape: tuple[int, int], count: Tensor, generator: torch.Ge
     return top_count_mask(torch.rand(shape, generator=generator).to(count.device), count)
 
 
+def _qkv(attn_module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v ``[B, H, N, d]`` of a timm ``Attention`` for its normalised input ``h`` ``[B, N, C]``."""
+    B, N, _ = h.shape
+    qkv = attn_module.qkv(h).reshape(B, N, 3, attn_module.num_heads, attn_module.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn_module.q_norm(q), attn_module.k_norm(k), v
+
+
 def ats_scores(attn_module, h: Tensor) -> Tensor:
     """ATS's released-code significance score (Eq. 3) of every patch token, ``[B, P]``, from a block's normalised
     input ``h`` ``[B, N, C]`` (the same functions the ATS block uses)."""
     B, N, _ = h.shape
-    qkv = attn_module.qkv(h).reshape(B, N, 3, attn_module.num_heads, attn_module.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn_module.q_norm(q), attn_module.k_norm(k)
+    q, k, v = _qkv(attn_module, h)
     n = torch.full((B,), N, dtype=torch.long, device=h.device)
     attn = sampling.cls_attention(q[:, :, :1], k, attn_module.scale, n, sampling.OFFICIAL_EPS)
     v_norm = v.transpose(1, 2).reshape(B, N, -1).norm(dim=-1)
@@ -96,10 +102,7 @@ def ats_scores(attn_module, h: Tensor) -> Tensor:
 
 def cls_attention_row(attn_module, h: Tensor) -> Tensor:
     """Head-mean attention row of the CLS query, ``[B, N]`` (standard softmax, Eq. 1)."""
-    B, N, _ = h.shape
-    qkv = attn_module.qkv(h).reshape(B, N, 3, attn_module.num_heads, attn_module.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, _ = qkv.unbind(0)
-    q, k = attn_module.q_norm(q), attn_module.k_norm(k)
+    q, k, _ = _qkv(attn_module, h)
     return ((q[:, :, :1] @ k.transpose(-2, -1)) * attn_module.scale).softmax(-1).mean(1).squeeze(-2)
 
 
