@@ -259,10 +259,7 @@ def diagnose_model(model, loader, cfg: DiagnoseConfig, img_size: int, device) ->
     with torch.inference_mode():
         for images, labels, index in tqdm(loader, desc="diagnose", leave=False, file=sys.stderr):
             images, labels = images.to(device), labels.to(device)
-            boxes = loader.dataset.boxes_for(index, img_size)
-            if boxes is None:
-                raise ValueError(f"--data {cfg.data} has no object boxes; the diagnosis needs them")
-            on_object = patch_masks(boxes, grid, img_size).to(device)
+            on_object = patch_masks(loader.dataset.boxes_for(index, img_size), grid, img_size).to(device)
             x = embed(model, images)
             per_block = []
             for i, blk in enumerate(model.blocks):
