@@ -1,6 +1,12 @@
-import pytest
-import torch
-from timm.models.vision_transformer import VisionTransformer
+import os
+
+# Tests never touch the network (set before timm / huggingface_hub are imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 
 def tiny_vit(**kwargs) -> VisionTransformer:

@@ -252,7 +252,7 @@ class Setting:
     """One evaluated setting. ``run(images, labels, index) -> (logits [B, C], gflops [B])`` is the per-batch hook
     (it may record method state); ``finish(row, out_dir)`` fills ``row["extra"]`` / ``row["figures"]`` after the
     pass. ``timed`` is what the timing run calls (default ``model``); ``evaluate=False`` gives a timing-only row.
-    ``gflops`` is the data-free count used by ``--flops-only``."""
+    ``gflops`` is the data-free count used by ``--flops-only``; ``extra`` the method fields known without data."""
 
     method: str
     series: str
@@ -264,6 +264,7 @@ class Setting:
     timed: Callable[[torch.Tensor], Any] | None = None
     finish: Callable[[dict, Path], None] | None = None
     paper: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
     evaluate: bool = True
 
     @property
@@ -312,8 +313,9 @@ def validate_result(result: dict) -> None:
 
 def empty_row(s: Setting) -> dict:
     """The row of ``s`` with every measured field null."""
-    return {**dict.fromkeys(ROW_FIELDS), "method": s.method, "series": s.series, "point": s.point, "label": s.label,
-            "setting": dict(s.params), "gflops": s.gflops, "paper": dict(s.paper), "figures": {}, "extra": {}}
+    return {**dict.fromkeys(ROW_FIELDS), "method": s.method, "series": s.series, "point": s.point,
+            "label": s.label, "setting": dict(s.params), "gflops": s.gflops, "paper": dict(s.paper), "figures": {},
+            "extra": dict(s.extra)}
 
 
 def _fill_ratios(rows: list[dict]) -> None:

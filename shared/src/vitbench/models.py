@@ -83,16 +83,16 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
     if shape_errors or (strict and (required or unexpected)):
         def head(keys):
             return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-        lines = [f"checkpoint {path} does not fit {type(model).__name__}:"]
+        lines = []
         if shape_errors:
-            lines.append(f"  shape mismatch: {head(shape_errors)}"
+            lines.append(f"shape mismatch: {head(shape_errors)}"
                          + ("; for another class count give --num-classes" if any("head." in e for e in
                                                                                shape_errors) else ""))
         if required:
-            lines.append(f"  missing keys: {head(required)}")
+            lines.append(f"missing keys: {head(required)}")
         if unexpected:
-            lines.append(f"  unexpected keys: {head(unexpected)}")
-        raise ValueError("\n".join(lines))
+            lines.append(f"unexpected keys: {head(unexpected)}")
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(lines))
     return missing
 
 
