@@ -220,8 +220,9 @@ def build_settings(cfg, opts, model, finetuned, loader, spec) -> list[ev.Setting
             series = f"{run.series} {tag}".strip() if tag else f"{run.series} off-the-shelf" if finetuned else \
                 run.series
             m = _patched(base, run, cfg.seed)
-            s = ev.Setting("ats", series, run.point, {**run.params(), "weights": tag or "given"}, m,
-                           gflops=upper_bound_gmacs(geom, m.ats_info.config), paper=paper)
+            bound = upper_bound_gmacs(geom, m.ats_info.config)
+            s = ev.Setting("ats", series, run.point, {**run.params(), "weights": tag or "given"}, m, gflops=bound,
+                           paper=paper, extra={"gflops_upper_bound": bound})
             if loader is not None:
                 _attach_probe(s, geom, set(cfg.visualize), loader, spec, figures, cfg)
             settings.append(s)
@@ -251,9 +252,9 @@ def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg) -> None
 
     def finish(row: dict, out_dir: Path) -> None:
         c = torch.cat(counts).double()
-        row["extra"] = {"gflops_upper_bound": s.gflops, "tokens_out_mean": [float(c[:, b].mean()) for b in stages],
-                        "tokens_out_min": [int(c[:, b].min()) for b in stages],
-                        "tokens_out_max": [int(c[:, b].max()) for b in stages], "stages": list(stages)}
+        row["extra"].update({"tokens_out_mean": [float(c[:, b].mean()) for b in stages],
+                             "tokens_out_min": [int(c[:, b].min()) for b in stages],
+                             "tokens_out_max": [int(c[:, b].max()) for b in stages]})
         if on_object:
             row["extra"].update(on_object=100.0 * float(torch.cat(on_object).mean()),
                                 on_object_random=100.0 * float(torch.cat(at_random).mean()))
