@@ -136,6 +136,13 @@ def add_eval_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argum
     return parser
 
 
+def build_parser(prog: str, description: str, output_dir: str) -> argparse.ArgumentParser:
+    """An ``*-eval`` parser holding the common flags (the method adds its own group)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_eval_args(parser, output_dir=output_dir)
+
+
 def resolve_device(text: str, check_only: bool = False) -> torch.device:
     """``auto`` -> CUDA when present, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
     if text == "auto":

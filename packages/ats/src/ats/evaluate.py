@@ -151,9 +151,7 @@ def parse_stages(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = ATSOptions()
-    p = argparse.ArgumentParser(prog="ats-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_eval_args(p, output_dir="runs/ats-eval")
+    p = ev.build_parser("ats-eval", __doc__, "runs/ats-eval")
     g = p.add_argument_group("ATS")
     g.add_argument("--stages", type=parse_stages, default=d.stages,
                    help="ATS blocks, 0-based: 3-11, 3 or 0,3,6 (default: 3-11)")

@@ -55,9 +55,7 @@ class LFOptions:
 
 def build_parser() -> argparse.ArgumentParser:
     d = LFOptions()
-    p = argparse.ArgumentParser(prog="lfvit-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_eval_args(p, output_dir="runs/lfvit-eval")
+    p = ev.build_parser("lfvit-eval", __doc__, "runs/lfvit-eval")
     g = p.add_argument_group("LF-ViT")
     g.add_argument("--region-size", type=int, default=d.region_size,
                    help="m, the side of the NGCA window (paper: 4, 5, 6; 8 at g 9; default: %(default)s)")

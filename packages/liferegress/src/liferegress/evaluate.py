@@ -49,9 +49,7 @@ class LROptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="liferegress-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_eval_args(p, output_dir="runs/liferegress-eval")
+    p = ev.build_parser("liferegress-eval", __doc__, "runs/liferegress-eval")
     g = p.add_argument_group("Life Regression")
     g.add_argument("--keep-rate", type=float, nargs="+", default=[0.9, 0.8, 0.7],
                    help="keep rate(s) rho, one row each (Table III's sweep; default: 0.9 0.8 0.7)")
