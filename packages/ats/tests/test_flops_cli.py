@@ -8,7 +8,7 @@ import ats
 from ats import evaluate, train
 from ats.flops import dense_gmacs, per_image_gmacs, upper_bound_gmacs
 from ats.patch import ATSConfig
-from conftest import tiny_vit
+from vitbench.testing import tiny_vit
 
 DEIT_S = ViTGeometry(dim=384, depth=12, mlp_ratio=4.0, patch_size=16, in_chans=3, num_classes=1000, grid=(14, 14))
 

@@ -394,6 +394,8 @@ def time_rows(cfg: EvalConfig, settings: Sequence[Setting], rows: list[dict], in
     for s in settings:
         fn = s.timed or s.model.to(inputs.device)
         fns[s.label] = torch.compile(fn) if cfg.compile else fn
+    if len(fns) != len(settings):
+        raise ValueError(f"settings need distinct labels to be timed, got {[s.label for s in settings]}")
     status(f"timing {len(fns)} models x {cfg.repeats} repeats (batch {inputs.shape[0]}, {inputs.device}, "
            f"{'amp' if cfg.amp else 'fp32'}{', compiled' if cfg.compile else ''})")
     timed = {t["name"]: t for t in compare(fns, inputs, baseline=settings[0].label, warmup=cfg.warmup,
@@ -493,6 +495,7 @@ def run(cfg: EvalConfig, options: Any, model: torch.nn.Module,
     device = resolve_device(cfg.device)
     if cfg.flops_only:
         return write_results(cfg, options, flops_rows(make_settings(None, None, device)), device, out_dir)
+    status(f"loading the validation set of {cfg.data}" + (" (checking every image)" if cfg.skip_corrupt else ""))
     loader, spec = build_loader(cfg, model)
     clear_figures(out_dir, [*figure_patterns, "accuracy_vs_gflops.png"])
     rows = evaluate(cfg, make_settings(loader, spec, device), loader, device, out_dir)
