@@ -484,21 +484,21 @@ def clear_figures(out_dir: Path, patterns: Sequence[str]) -> None:
 
 
 def run(cfg: EvalConfig, options: Any, model: torch.nn.Module,
-        make_settings: Callable[[Any, InputSpec | None, torch.device], list[Setting]],
+        make_settings: Callable[[Any, InputSpec | None], list[Setting]],
         figure_patterns: Sequence[str] = (), sweep_title: str | None = None) -> dict:
     """The whole ``*-eval`` flow after parsing: outputs checked, ``--flops-only`` rows or the data, the settings'
     passes, one timing run, the accuracy-vs-GFLOPs figure (when ``sweep_title``), results written.
 
-    ``make_settings(loader, input_spec, device)`` builds the method's settings, dense first (``loader`` and
+    ``make_settings(loader, input_spec)`` builds the method's settings, dense first (``loader`` and
     ``input_spec`` are None for ``--flops-only``)."""
     out_dir = prepare_outputs(cfg)
     device = resolve_device(cfg.device)
     if cfg.flops_only:
-        return write_results(cfg, options, flops_rows(make_settings(None, None, device)), device, out_dir)
+        return write_results(cfg, options, flops_rows(make_settings(None, None)), device, out_dir)
     status(f"loading the validation set of {cfg.data}" + (" (checking every image)" if cfg.skip_corrupt else ""))
     loader, spec = build_loader(cfg, model)
     clear_figures(out_dir, [*figure_patterns, "accuracy_vs_gflops.png"])
-    rows = evaluate(cfg, make_settings(loader, spec, device), loader, device, out_dir)
+    rows = evaluate(cfg, make_settings(loader, spec), loader, device, out_dir)
     if sweep_title and sum(r["top1"] is not None for r in rows) > 2:
         from .figures import accuracy_vs_gflops
 

@@ -287,7 +287,7 @@ def body(args: argparse.Namespace) -> int:
     if opts.preset:
         print(PRESETS[opts.preset][0])
     title = f"ATS on {cfg.model}, {cfg.data}: top-1 vs GFLOPs"
-    ev.run(cfg, opts, model, lambda loader, spec, device: build_settings(cfg, opts, model, finetuned, loader, spec),
+    ev.run(cfg, opts, model, lambda loader, spec: build_settings(cfg, opts, model, finetuned, loader, spec),
            figure_patterns=("hist_*.png", "tokens_*.png"), sweep_title=title)
     return 0
 

@@ -216,7 +216,7 @@ def dense_backbone(model: LFVisionTransformer) -> torch.nn.Module:
     return dense.eval()
 
 
-def _two_stage(cfg, opts, model, loader, spec, series, point, params, paper, main: bool) -> ev.Setting:
+def _two_stage(cfg, model, loader, spec, series, point, params, paper, main: bool) -> ev.Setting:
     """Every image through both stages: logits of the focus stage; on ``main`` the budget curve and figures."""
     flops = stage_flops(model)
     rec: dict[str, list] = {k: [] for k in ("p_loc", "p_focus", "labels", "index", "window", "cells")}
@@ -288,7 +288,7 @@ def build_settings(cfg, opts, model, loader, spec) -> list[ev.Setting]:
     dense = dense_backbone(model)
     settings = [ev.Setting("dense", "dense", "backbone (timing reference)", {}, dense, gflops=dense_gflops(model),
                            paper=paper(dense=True), evaluate=False),
-                _two_stage(cfg, opts, model, loader, spec, "LF-ViT two-stage", "eta 1", {**params, "eta": 1.0},
+                _two_stage(cfg, model, loader, spec, "LF-ViT two-stage", "eta 1", {**params, "eta": 1.0},
                            paper(region_mode=opts.region_mode), main=True)]
     if loader is not None:
         settings += [_early_exit(model, eta, params, paper(eta=eta)) for eta in opts.eta]
@@ -297,7 +297,7 @@ def build_settings(cfg, opts, model, loader, spec) -> list[ev.Setting]:
             variant = copy.deepcopy(model)
             variant.set_lf_options(region_mode=mode)
             variant.region_generator = torch.Generator().manual_seed(cfg.seed)
-            settings.append(_two_stage(cfg, opts, variant, loader, spec, "LF-ViT region selection", mode,
+            settings.append(_two_stage(cfg, variant, loader, spec, "LF-ViT region selection", mode,
                                        {**params, "region_mode": mode, "eta": 1.0}, paper(region_mode=mode),
                                        main=False))
     return settings
@@ -307,7 +307,7 @@ def body(args: argparse.Namespace) -> int:
     cfg, opts = ev.EvalConfig.from_args(args), LFOptions.from_args(args)
     ev.prepare_outputs(cfg)
     model = build_model(cfg, opts)
-    ev.run(cfg, opts, model, lambda loader, spec, device: build_settings(cfg, opts, model, loader, spec),
+    ev.run(cfg, opts, model, lambda loader, spec: build_settings(cfg, opts, model, loader, spec),
            figure_patterns=("budgeted.png", "regions.png"))
     return 0
 

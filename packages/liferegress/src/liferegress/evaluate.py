@@ -168,7 +168,7 @@ def body(args: argparse.Namespace) -> int:
     cfg, opts = ev.EvalConfig.from_args(args), LROptions.from_args(args)
     ev.prepare_outputs(cfg)
     backbone, patched = build_models(cfg, opts)
-    ev.run(cfg, opts, backbone, lambda loader, spec, device: build_settings(cfg, opts, backbone, patched, loader,
+    ev.run(cfg, opts, backbone, lambda loader, spec: build_settings(cfg, opts, backbone, patched, loader,
                                                                              spec),
            figure_patterns=("life_maps_*.png",), sweep_title=f"Life Regression on {cfg.model}, {cfg.data}")
     return 0
