@@ -30,7 +30,8 @@ BEGIN, END = "<!-- embedded:begin -->", "<!-- embedded:end -->"
 
 
 def run_evaluations(work: Path, limit: int | None) -> dict:
-    """The three packages' own CLIs, in this process; returns their JSON results."""
+    """The three packages' own CLIs, in this process; returns their JSON results (the schema of
+    ``vitbench.evaluation``)."""
     from ats.evaluate import main as ats_eval
     from lfvit.evaluate import main as lfvit_eval
     from liferegress.evaluate import main as liferegress_eval
@@ -38,9 +39,8 @@ def run_evaluations(work: Path, limit: int | None) -> dict:
     lim = ["--limit", str(limit)] if limit else []
     commands = {
         "ats": (ats_eval, ["--rho", *ATS_RHO, "--no-throughput", *lim]),
-        "lfvit": (lfvit_eval, ["--modes", "anytime,budgeted,regions", *lim]),
-        "liferegress": (liferegress_eval, ["--keep-rate", *LR_RHO, "--no-throughput",
-                                           *(["--limit-val", str(limit)] if limit else [])]),
+        "lfvit": (lfvit_eval, ["--no-throughput", "--visualize", *map(str, range(8)), *lim]),
+        "liferegress": (liferegress_eval, ["--keep-rate", *LR_RHO, "--no-throughput", *lim]),
     }
     results = {}
     for name, (main, args) in commands.items():
@@ -55,17 +55,32 @@ def run_evaluations(work: Path, limit: int | None) -> dict:
     return results
 
 
+def _rows(res: dict, method: str) -> list[dict]:
+    return [r for r in res["rows"] if r["method"] == method]
+
+
+def ats_rows(res: dict) -> list[dict]:
+    """ATS on the given (not fine-tuned) weights."""
+    return [r for r in _rows(res["ats"], "ats") if r["setting"]["weights"] == "given"]
+
+
+def lfvit_two_stage(res: dict) -> dict:
+    """LF-ViT's row with every image through both stages: it carries the eta budget curve."""
+    return next(r for r in _rows(res["lfvit"], "lfvit") if "budget" in r["extra"])
+
+
 def operating_points(res: dict) -> dict:
     """The setting of each method that the side-by-side table and the timing use: ATS in the released configuration
     (blocks 3..11, K = N, i.e. rho 1), LF-ViT at the cheapest eta within 0.5 point of its own two-stage accuracy (the
     paper's operating points trade no accuracy for compute), Life-Regression at rho 0.7 (the paper's setting)."""
-    dense = res["ats"]["rows"][0]
-    ats = next(r for r in res["ats"]["rows"] if r["name"].endswith("rho=1"))
-    budget = res["lfvit"]["budgeted"]
-    full = max(dense["top1"], res["lfvit"]["anytime"]["focus_top1"])
+    dense = _rows(res["ats"], "dense")[0]
+    ats = next(r for r in ats_rows(res) if r["setting"].get("rho") == 1.0)
+    two = lfvit_two_stage(res)
+    budget = two["extra"]["budget"]
+    full = max(dense["top1"], two["extra"]["focus_top1"])
     close = [r for r in budget if r["top1"] >= full - 0.5]
     lf = min(close, key=lambda r: r["gflops"]) if close else max(budget, key=lambda r: r["top1"])
-    lr = next(r for r in res["liferegress"]["rows"] if r["keep_rate"] == 0.7)
+    lr = next(r for r in _rows(res["liferegress"], "liferegress") if r["setting"]["keep_rate"] == 0.7)
     return {"dense": dense, "ats": ats, "lfvit": lf, "liferegress": lr}
 
 
@@ -73,10 +88,10 @@ def time_side_by_side(points: dict, batch: int, repeats: int) -> list[dict]:
     """Dense backbone, ATS, LF-ViT early exit and Life-Regression (hard) on one batch of validation images."""
     import ats
     import vitbench
-    from lfvit.evaluate import EvalConfig as LFConfig
+    from lfvit.evaluate import LFOptions
     from lfvit.evaluate import build_model as build_lfvit
-    from liferegress.evaluate import EvalConfig as LRConfig
-    from liferegress.evaluate import _resolve_checkpoint, build_models
+    from liferegress.evaluate import LROptions, build_models
+    from vitbench.evaluation import EvalConfig
     from vitbench.throughput import compare
 
     dense = vitbench.create_model("vit_digits_patch8_112", pretrained=True).eval()
@@ -86,57 +101,59 @@ def time_side_by_side(points: dict, batch: int, repeats: int) -> list[dict]:
                                         num_workers=0)
     images = next(iter(loader))[0]
     patched = ats.apply(copy.deepcopy(dense), rho=1.0)
-    lf = build_lfvit(LFConfig())
+    lf = build_lfvit(EvalConfig(), LFOptions())
     eta = points["lfvit"]["eta"]
-    lr_cfg = LRConfig(keep_rates=(0.7,))
-    _, lr_models = build_models(lr_cfg, _resolve_checkpoint(lr_cfg))
-    fns = {"dense": dense, "ATS rho=1": patched, f"LF-ViT eta={eta:g}": lambda x: lf.forward_early_exit(x, eta),
-           "Life-Regression rho=0.7": lr_models[0.7]}
+    _, lr_models = build_models(EvalConfig(), LROptions(keep_rate=(0.7,)))
+    names = {"dense": "dense", "ats": "ATS rho=1", "lfvit": f"LF-ViT eta={eta:g}",
+             "liferegress": "Life-Regression rho=0.7"}
+    fns = {names["dense"]: dense, names["ats"]: patched, names["lfvit"]: lambda x: lf.forward_early_exit(x, eta),
+           names["liferegress"]: lr_models[0.7]}
     with torch.inference_mode():
         rows = compare(fns, images, baseline="dense", warmup=2, repeats=repeats)
+    gflops = {names[k]: p["gflops"] for k, p in points.items()}
     for row in rows:
-        row.update(batch=images.shape[0], threads=torch.get_num_threads())
+        row.update(batch=images.shape[0], threads=torch.get_num_threads(),
+                   ideal=gflops["dense"] / gflops[row["name"]])
     return rows
 
 
 def plot(res: dict, path: Path) -> Path:
-    import matplotlib
+    from vitbench.figures import save
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dense = res["ats"]["rows"][0]
+    dense = _rows(res["ats"], "dense")[0]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ats_rows = sorted(res["ats"]["rows"][1:], key=lambda r: r["gflops"])
-    ax.plot([r["gflops"] for r in ats_rows], [r["top1"] for r in ats_rows], "o-",
-            label="ATS (rho sweep, no fine-tuning)")
-    lf = sorted(res["lfvit"]["budgeted"], key=lambda r: r["gflops"])
+    a = sorted(ats_rows(res), key=lambda r: r["gflops"])
+    ax.plot([r["gflops"] for r in a], [r["top1"] for r in a], "o-", label="ATS (rho sweep, no fine-tuning)")
+    lf = sorted(lfvit_two_stage(res)["extra"]["budget"], key=lambda r: r["gflops"])
     ax.plot([r["gflops"] for r in lf], [r["top1"] for r in lf], "-", label="LF-ViT (eta sweep)")
-    lr = sorted(res["liferegress"]["rows"][1:], key=lambda r: r["gflops"])
+    lr = sorted(_rows(res["liferegress"], "liferegress"), key=lambda r: r["gflops"])
     ax.plot([r["gflops"] for r in lr], [r["top1"] for r in lr], "s-", label="Life-Regression (rho sweep)")
     ax.plot([dense["gflops"]], [dense["top1"]], "k*", markersize=12, label="dense backbone")
     ax.set_xlabel("mean GFLOPs per image (GMACs)")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title("Embedded digits, validation set: accuracy vs compute")
+    ax.set_title(f"vit_digits_patch8_112, embedded digits ({dense['images']} validation images): accuracy vs compute",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
-def _collect_figures(work: Path, figures: Path) -> list[str]:
-    wanted = [("ats", "tokens_ATS_stages=3-11_rho=1.png", "ats_tokens_rho1.png"),
-              ("ats", "hist_ATS_stages=3-11_rho=1.png", "ats_token_histogram_rho1.png"),
-              ("lfvit", "regions.png", "lfvit_regions.png"), ("lfvit", "budgeted.png", "lfvit_budgeted.png"),
-              ("liferegress", "life_maps_rho0.5.png", "liferegress_life_maps_rho0.5.png")]
+def _collect_figures(res: dict, points: dict, figures: Path) -> list[str]:
+    """Copy the figures the rows name into ``figures/`` under stable names."""
+    smallest = min(_rows(res["liferegress"], "liferegress"), key=lambda r: r["setting"]["keep_rate"])
+    two = lfvit_two_stage(res)
+    wanted = [(points["ats"], "tokens", "ats_tokens_rho1.png"),
+              (points["ats"], "histogram", "ats_token_histogram_rho1.png"),
+              (two, "regions", "lfvit_regions.png"), (two, "budget", "lfvit_budgeted.png"),
+              (smallest, "life_maps", f"liferegress_life_maps_rho{smallest['setting']['keep_rate']:g}.png")]
     copied = []
-    for name, src, dst in wanted:
-        path = work / name / src
-        if path.is_file():
-            shutil.copyfile(path, figures / dst)
+    for row, kind, dst in wanted:
+        src = row["figures"].get(kind)
+        if src:
+            shutil.copyfile(src, figures / dst)
             copied.append(dst)
     return copied
 
@@ -149,9 +166,9 @@ def report(res: dict, points: dict, timing: list[dict], figures: list[str], env:
     dense = points["dense"]
     d1, dg = dense["top1"], dense["gflops"]
     ats, lf, lr = points["ats"], points["lfvit"], points["liferegress"]
-    lr_dense = res["liferegress"]["rows"][0]
-    lf_full = res["lfvit"]["flops"]["cumulative_gflops"]
-    hits = res["lfvit"].get("region_hits", {})
+    lr_dense = _rows(res["liferegress"], "dense")[0]
+    two = lfvit_two_stage(res)
+    lf_full, hits, anytime = two["gflops"], two["extra"], two["extra"]
     lines = [
         BEGIN,
         "## Side by side on the embedded default (`nox -s reproduce`)",
@@ -171,8 +188,8 @@ def report(res: dict, points: dict, timing: list[dict], figures: list[str], env:
         f"{lr['gflops']:.4f} | {100 * (1 - lr['gflops'] / dg):.1f} % | within 1.0 pt |",
         "",
         "Each method's own reference: LF-ViT every image through both stages (anytime) "
-        f"{_f(res['lfvit']['anytime']['location_top1'], 2)} after localization / "
-        f"{_f(res['lfvit']['anytime']['focus_top1'], 2)} after focus, at {lf_full:.4f} GFLOPs "
+        f"{_f(anytime['location_top1'], 2)} after localization / "
+        f"{_f(anytime['focus_top1'], 2)} after focus, at {lf_full:.4f} GFLOPs "
         "(LF-ViT is trained on, not just applied to, the backbone, so it can beat it); Life-Regression's backbone "
         f"after its two stages, unpruned: {lr_dense['top1']:.2f}. The LF-ViT row uses the cheapest eta within 0.5 "
         "point of LF-ViT's two-stage accuracy.",
@@ -185,30 +202,30 @@ def report(res: dict, points: dict, timing: list[dict], figures: list[str], env:
         "GFLOPs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ats_rows = res["ats"]["rows"][1:]
-    lf_rows = [r for r in res["lfvit"]["budgeted"] if round(r["eta"] * 100) % 10 == 0 or r is lf]
-    lr_rows = res["liferegress"]["rows"][1:]
-    for i in range(max(len(ats_rows), len(lf_rows), len(lr_rows))):
-        a = ats_rows[i] if i < len(ats_rows) else None
+    a_rows = ats_rows(res)
+    lf_rows = [r for r in two["extra"]["budget"] if round(r["eta"] * 100) % 10 == 0 or r == lf]
+    lr_rows = _rows(res["liferegress"], "liferegress")
+    for i in range(max(len(a_rows), len(lf_rows), len(lr_rows))):
+        a = a_rows[i] if i < len(a_rows) else None
         f = lf_rows[i] if i < len(lf_rows) else None
         r = lr_rows[i] if i < len(lr_rows) else None
         lines.append(" | ".join([
-            "", a["name"].split("rho=")[-1] if a else "", _f(a and a["top1"], 2), _f(a and a["gflops"], 4), "",
+            "", f"{a['setting']['rho']:g}" if a else "", _f(a and a["top1"], 2), _f(a and a["gflops"], 4), "",
             f"{f['eta']:g}" if f else "", _f(f and f["top1"], 2), _f(f and f["gflops"], 4),
-            f"{100 * f['focus_fraction']:.1f} %" if f else "", "", f"{r['keep_rate']:g}" if r else "",
+            f"{100 * f['focus_fraction']:.1f} %" if f else "", "", f"{r['setting']['keep_rate']:g}" if r else "",
             _f(r and r["top1"], 2), _f(r and r["gflops"], 4), ""]).strip())
     lines += [
         "",
-        f"### Throughput, one run (batch {timing[0]['batch']} validation images, CPU, fp32, "
+        f"### Throughput, one run (batch {timing[0]['batch']} validation images, {timing[0]['device']}, fp32, "
         f"{timing[0]['threads']} threads, median of repeats)",
         "",
-        "| model | img/s | speedup vs dense | ideal (GFLOPs ratio) |",
-        "|---|---|---|---|",
+        "| model | img/s | speedup vs dense (median of repeats) | min-max over repeats | ideal (GFLOPs ratio) |",
+        "|---|---|---|---|---|",
     ]
-    ideal = {"dense": 1.0, "ATS": dg / ats["gflops"], "LF-ViT": dg / lf["gflops"], "Life-Regression": dg / lr["gflops"]}
     for row in timing:
-        key = row["name"].split(" ")[0]
-        lines.append(f"| {row['name']} | {row['img_s']:.0f} | {row['speedup']:.2f}x | {ideal.get(key, 1.0):.2f}x |")
+        lo, hi = row["speedup_spread"]
+        lines.append(f"| {row['name']} | {row['img_s']:.0f} | {row['speedup']:.2f}x | {lo:.2f}-{hi:.2f}x | "
+                     f"{row['ideal']:.2f}x |")
     lines += [
         "",
         "The ATS and LF-ViT ideals use the mean GFLOPs over the whole validation set; the timed batch is its first "
@@ -220,11 +237,10 @@ def report(res: dict, points: dict, timing: list[dict], figures: list[str], env:
         "|---|---|---|---|",
         f"| LF-ViT | chosen m x m window contains the box centre | {_f(hits.get('hit_rate'))} % | "
         f"{_f(hits.get('random_window_hit_rate'))} % (uniform window) |",
-        f"| ATS rho 1 | share of tokens kept by block 11 that lie on the digit | {_f(ats.get('on_object'))} % | "
-        f"{_f(ats.get('on_object_random'))} % (uniform tokens) |",
+        f"| ATS rho 1 | share of tokens kept by block 11 that lie on the digit | {_f(ats['extra'].get('on_object'))} % "
+        f"| {_f(ats['extra'].get('on_object_random'))} % (uniform tokens) |",
         f"| Life-Regression rho 0.7 | share of the longest-lived tokens (kept after block 10) on the digit | "
-        f"{_f(100 * lr['kept_in_box'] if 'kept_in_box' in lr else None)} % | "
-        f"{_f(100 * lr['all_in_box'] if 'all_in_box' in lr else None)} % (uniform tokens) |",
+        f"{_f(lr['extra'].get('kept_in_box'))} % | {_f(lr['extra'].get('all_in_box'))} % (uniform tokens) |",
         "",
         "A token is on the digit when its patch centre lies in the box; LF-ViT's hit uses the box centre's coarse "
         "cell.",
@@ -266,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     timing = time_side_by_side(points, args.timing_batch, args.repeats)
     figures_dir = docs / "figures"
     plot(res, figures_dir / "accuracy_vs_gflops.png")
-    figures = _collect_figures(work, figures_dir)
-    env = f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, no GPU"
+    figures = _collect_figures(res, points, figures_dir)
+    env = res["ats"]["environment"]
+    env = f"torch {env['torch']}, timm {env['timm']}, device {env['device']}, {env['threads']} threads"
     section = report(res, points, timing, figures, env)
     write_section(docs / "RESULTS.md", section)
     (work / "side_by_side.json").write_text(json.dumps({"points": points, "timing": timing}, indent=2))

@@ -52,7 +52,7 @@ def test_wrong_checkpoint_names_the_keys(tmp_path):
     with pytest.raises(ValueError, match="shape mismatch"):
         load_checkpoint(_tiny(), tmp_path / "narrow.safetensors")
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="could not be read"):
+    with pytest.raises(ValueError, match="not readable"):
         load_checkpoint(_tiny(), tmp_path / "junk.pth")
     with pytest.raises(FileNotFoundError):
         load_checkpoint(_tiny(), tmp_path / "missing.safetensors")

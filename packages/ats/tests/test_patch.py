@@ -5,7 +5,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import ats
 from ats import sampling
-from conftest import tiny_vit
+from vitbench.testing import tiny_vit
 
 CONFIGS = [
     dict(mode="official"),  # released configuration: blocks 3..11, every K = N

@@ -1,8 +1,14 @@
-import pytest
-import timm
-import torch
+import os
 
-import lfvit  # noqa: F401  (registers the models)
+# Tests never touch the network (set before timm / huggingface_hub are imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import lfvit  # noqa: E402, F401  (registers the models)
 
 
 @pytest.fixture(scope="session")

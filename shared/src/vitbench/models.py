@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from timm.models.vision_transformer import VisionTransformer
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
-EMBEDDED_WEIGHTS = WEIGHTS_DIR / "vit_digits_patch8_112.safetensors"
+EMBEDDED_MODEL = "vit_digits_patch8_112"
+EMBEDDED_WEIGHTS = WEIGHTS_DIR / f"{EMBEDDED_MODEL}.safetensors"
 
 default_cfgs = generate_default_cfgs(
     {
@@ -48,58 +50,69 @@ def vit_digits_patch8_112(pretrained: bool = False, **kwargs) -> VisionTransform
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file, unwrapping ``{'model': ...}`` (DeiT),
-    ``{'state_dict': ...}`` / ``{'model_state': ...}`` layouts and ``module.`` prefixes."""
+    """The one checkpoint reader: timm's ``load_state_dict`` (``.safetensors`` or a torch file; unwraps
+    ``{'state_dict': ...}`` / ``{'model': ...}`` (DeiT, the released LF-ViT code) and ``module.`` / ``_orig_mod.``
+    prefixes). Unreadable files raise ``ValueError`` naming the file, a missing one ``FileNotFoundError``."""
+    from timm.models import load_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path} could not be read as a torch checkpoint: {e}") from e
-        for key in ("model", "state_dict", "model_state"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # DeiT checkpoints carry their args
+            state = load_state_dict(str(path), use_ema=False, weights_only=True)
+    except Exception as e:  # safetensors and torch.load raise their own error types
+        kind = "a valid safetensors file" if path.suffix == ".safetensors" else "readable as a torch checkpoint"
+        raise ValueError(f"checkpoint {path} is not {kind} ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
+        raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
     return state
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | Path, strict: bool = True) -> torch.nn.Module:
-    """Load ``path`` into ``model`` (weights cast to the model's dtype). Raises ``ValueError`` naming the missing,
-    unexpected and mis-shaped keys instead of loading a partial model."""
-    state = read_state_dict(path)
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path,
+                     optional: tuple[str, ...] = (), strict: bool = True) -> list[str]:
+    """The one strict key/shape report: raises ``ValueError`` naming the mis-shaped, missing and unexpected keys
+    (``optional`` keys may be missing; ``strict=False`` allows any missing or unexpected key but never a wrong
+    shape). Returns the missing keys."""
     own = model.state_dict()
-    _resample_pos_embed(model, state)
     shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                     for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    if shape_errors or (strict and (missing or unexpected)):
+    required = [k for k in missing if k not in optional]
+    if shape_errors or (strict and (required or unexpected)):
         def head(keys):
             return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-        lines = [f"checkpoint {path} does not fit {type(model).__name__}:"]
+        lines = []
         if shape_errors:
-            lines.append(f"  shape mismatch: {head(shape_errors)}")
-        if missing:
-            lines.append(f"  missing keys: {head(missing)}")
+            lines.append(f"shape mismatch: {head(shape_errors)}"
+                         + ("; for another class count give --num-classes" if any("head." in e for e in
+                                                                               shape_errors) else ""))
+        if required:
+            lines.append(f"missing keys: {head(required)}")
         if unexpected:
-            lines.append(f"  unexpected keys: {head(unexpected)}")
-        raise ValueError("\n".join(lines))
-    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
-    model.load_state_dict(state, strict=strict)
+            lines.append(f"unexpected keys: {head(unexpected)}")
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(lines))
+    return missing
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path, strict: bool = True) -> torch.nn.Module:
+    """Load ``path`` into ``model`` (weights cast to the model's dtype; a square ``pos_embed`` grid resampled to the
+    model's). Raises ``ValueError`` naming the missing, unexpected and mis-shaped keys instead of loading a partial
+    model."""
+    state = read_state_dict(path)
+    _resample_pos_embed(model, state)
+    load_state(model, state, path, strict=strict)
     return model
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path,
+               optional: tuple[str, ...] = (), strict: bool = True) -> list[str]:
+    """:func:`check_state_dict`, then load ``state`` cast to the model's dtypes. Returns the missing keys."""
+    missing = check_state_dict(model, state, path, optional, strict)
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=False)
+    return missing
 
 
 def _resample_pos_embed(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -118,14 +131,23 @@ def _resample_pos_embed(model: torch.nn.Module, state: dict[str, torch.Tensor]) 
                                                 num_prefix_tokens=prefix).to(pos.dtype)
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a name timm does not know (``ValueError``), before any weights are looked for."""
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}; see timm.list_models() or `{EMBEDDED_MODEL}`")
+
+
 def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | None = None, **kwargs):
-    """``timm.create_model`` plus an optional local checkpoint (``.safetensors`` / ``.pth``)."""
+    """``timm.create_model`` plus an optional local checkpoint (``.safetensors`` / ``.pth``). An unknown name or
+    pretrained weights that cannot be downloaded raise one clear error (suggesting ``--checkpoint``)."""
+    check_model_name(name)
     try:
         model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(f"unknown model {name!r}; see timm.list_models() or `vit_digits_patch8_112`") from e
-        raise
+    except (OSError, ValueError) as e:
+        if not pretrained:
+            raise
+        raise OSError(f"could not fetch pretrained weights for {name} ({type(e).__name__}: {str(e)[:160]}); "
+                      "without the Hub pass --checkpoint PATH (set HF_HUB_OFFLINE=1 to fail fast)") from None
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model

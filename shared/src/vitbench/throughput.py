@@ -50,43 +50,55 @@ CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 def compare(fns: Mapping[str, Callable[[torch.Tensor], Any]], inputs: torch.Tensor, baseline: str | None = None,
-            warmup: int = 3, repeats: int = 10, amp: bool = False, clock: str = "wall",
+            warmup: int = 3, repeats: int = 10, amp: bool = False, clock: str | Callable[[], float] = "wall",
             inference: bool = True) -> list[dict]:
-    """Time every ``fns[name](inputs)`` ``repeats`` times, interleaved; rows of name, batch, median ms, img/s and
-    ``speedup`` (img/s over the baseline's; default the first entry). ``inference=False`` keeps autograd on, for
-    timing training steps."""
+    """Time every ``fns[name](inputs)`` ``repeats`` times, interleaved, the order rotated by one each repeat (so no
+    model always runs first or right after the same neighbour); rows of name, batch, median ms, img/s, ``speedup``
+    (the median over repeats of the baseline's time / this model's time in that repeat; default baseline the first
+    entry) and ``speedup_spread`` ([min, max] of those per-repeat ratios). ``clock`` is ``"wall"``, ``"thread"`` or
+    a callable returning seconds (a fake clock in tests). ``inference=False`` keeps autograd on, for timing
+    training steps."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    if callable(clock):
+        now, clock_name = clock, getattr(clock, "__name__", "custom")
+    elif clock in CLOCKS:
+        now, clock_name = CLOCKS[clock], clock
+    else:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)} or a callable, got {clock!r}")
     if clock == "thread" and (inputs.device.type != "cpu" or torch.get_num_threads() != 1):
         raise ValueError("clock='thread' measures the CPU work of one thread: needs a CPU tensor and "
                          "torch.set_num_threads(1)")
-    now = CLOCKS[clock]
     if not fns:
         raise ValueError("nothing to time")
     baseline = baseline or next(iter(fns))
     if baseline not in fns:
         raise ValueError(f"baseline {baseline!r} is not among {list(fns)}")
     device = inputs.device
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode(inference), _context(device, amp):
         for _ in range(warmup):
             for fn in fns.values():
                 fn(inputs)
         _sync(device)
-        for _ in range(repeats):
-            for name, fn in fns.items():
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[: r % len(names)]:
                 _sync(device)
                 start = now()
-                fn(inputs)
+                fns[name](inputs)
                 _sync(device)
                 times[name].append(now() - start)
-    timings = {n: Timing(n, inputs.shape[0], statistics.median(t), min(t), repeats) for n, t in times.items()}
-    base = timings[baseline].img_s
-    return [{"name": t.name, "batch_size": t.batch_size, "median_ms": 1e3 * t.median_s, "min_ms": 1e3 * t.min_s,
-             "img_s": t.img_s, "speedup": t.img_s / base, "device": str(device), "amp": amp, "clock": clock}
-            for t in timings.values()]
+    base = times[baseline]
+    rows = []
+    for name in names:
+        t = Timing(name, inputs.shape[0], statistics.median(times[name]), min(times[name]), repeats)
+        ratios = [b / x for b, x in zip(base, times[name])]
+        rows.append({"name": name, "batch_size": t.batch_size, "median_ms": 1e3 * t.median_s,
+                     "min_ms": 1e3 * t.min_s, "img_s": t.img_s, "speedup": statistics.median(ratios),
+                     "speedup_spread": [min(ratios), max(ratios)], "device": str(device), "amp": amp,
+                     "clock": clock_name})
+    return rows
 
 
 def measure(fn: Callable[[torch.Tensor], Any], inputs: torch.Tensor, warmup: int = 3, repeats: int = 10,

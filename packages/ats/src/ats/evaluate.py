@@ -1,129 +1,132 @@
 """``ats-eval``: accuracy, mean per-image GFLOPs, throughput, kept-token histograms and visualisations of ATS.
 
-Without arguments it evaluates the embedded default (``--data digits --model vit_digits_patch8_112 --pretrained``)
-with the released configuration (blocks 3..11) at rho 1 / 0.87 / 0.72 (the paper's 3.0 / 2.5 / 2.0 GFLOPs levels
-on DeiT-S, Fig. 5), timed against the dense model in the same run. Give ``--rho`` or ``--k`` values for another
-sweep (accuracy vs GFLOPs curve, paper Figs. 4/5), ``--preset`` for a paper table with its reported numbers, and
-``--flops-only`` for the data-free upper bound (exact for single-stage ATS at an absolute K).
+Without arguments it evaluates the embedded default (``vit_digits_patch8_112`` with its shipped weights on the
+embedded digits) with the released configuration (blocks 3..11) at rho 1 / 0.87 / 0.72 (the paper's 3.0 / 2.5 /
+2.0 GFLOPs levels on DeiT-S, Fig. 5) off the shelf and, when fine-tuned weights are shipped (or given with
+``--finetuned``), fine-tuned, all timed against the dense model in one run. ``--rho`` / ``--k`` give another sweep,
+``--preset`` a paper table with its reported numbers, ``--flops-only`` the data-free upper bound (exact for
+single-stage ATS at an absolute K).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from vitbench import evaluation as ev
+from vitbench.cli import run as run_cli
+from vitbench.flops import ViTGeometry
 
 from . import patch
 from .flops import dense_gmacs, per_image_gmacs, upper_bound_gmacs
 
 MULTI = tuple(range(3, 12))
 DEFAULT_RHO = (1.0, 0.87, 0.72)
+FINETUNED_WEIGHTS = Path(__file__).parent / "weights" / "vit_digits_patch8_112_ats.safetensors"
+DENSE_PAPER = {"top1": 79.8, "gflops": 4.6}  # DeiT-S on ImageNet
 
 
 @dataclass(frozen=True)
 class Run:
-    """One ATS configuration to evaluate, with the paper's numbers when it is a paper setting."""
+    """One ATS configuration, with the paper's numbers (DeiT-S, ImageNet) when it is a paper setting."""
 
-    name: str
     stages: tuple[int, ...]
     k: float
     mode: str = "official"
     variant: tuple[str, ...] = ()
     series: str = "ATS"
-    paper_top1: float | None = None
-    paper_gflops: float | None = None
+    paper: tuple[tuple[str, float], ...] = ()
+    paper_finetuned: tuple[tuple[str, float], ...] = ()
 
-    def config(self) -> patch.ATSConfig:
-        return patch.ATSConfig(self.stages, (self.k,) * len(self.stages), self.mode, frozenset(self.variant))
+    @property
+    def point(self) -> str:
+        where = "" if self.stages == MULTI else f" @ {_stage_text(self.stages)}"
+        return (f"rho {self.k:g}" if self.k <= 1 else f"K {self.k:g}") + where
+
+    def params(self) -> dict:
+        return {"stages": list(self.stages), ("rho" if self.k <= 1 else "k"): self.k, "mode": self.mode,
+                "variant": list(self.variant)}
 
 
-def _ms(rho, top1=None, g=None, series="multi-stage", **kw) -> Run:
-    return Run(f"multi-stage rho={rho:g}", MULTI, rho, series=series, paper_top1=top1, paper_gflops=g, **kw)
+def _paper(top1, gflops):
+    return tuple((k, v) for k, v in (("top1", top1), ("gflops", gflops)) if v is not None)
 
 
-def _ss(k, stage=3, top1=None, g=None, series="single-stage", **kw) -> Run:
-    return Run(f"stage {stage} K={k:g}", (stage,), k, series=series, paper_top1=top1, paper_gflops=g, **kw)
+def _ms(rho, top1=None, g=None, series="ATS", ft=None, **kw) -> Run:
+    return Run(MULTI, rho, series=series, paper=_paper(top1, g), paper_finetuned=_paper(ft, g if ft else None), **kw)
+
+
+def _ss(k, stage=3, top1=None, g=None, series="ATS single-stage", **kw) -> Run:
+    return Run((stage,), k, series=series, paper=_paper(top1, g), **kw)
 
 
 # Paper numbers: Table 1, Tables A.1/A.3/A.4, Fig. 5 and Fig. A.1 (text; the figures' other points are not
-# printed in the paper, so only their GFLOPs levels are given). DeiT-S dense: 79.8 top-1, 4.6 GFLOPs.
-PRESETS: dict[str, tuple[str, list[Run]]] = {
+# printed in the paper, so only their GFLOPs levels are given). DeiT-S dense: 79.8 top-1, 4.6 GFLOPs. The
+# default sweep: not fine-tuned rho 1 = 79.2 at 3.0 (Table A.4 / Fig. 5); fine-tuned rho 1 = 79.7 at 2.9 (Table 1).
+DEFAULT_RUNS = (_ms(1.0, 79.2, 3.0), _ms(0.87, None, 2.5), _ms(0.72, None, 2.0))
+PRESETS: dict[str, tuple[str, tuple[Run, ...]]] = {
     "table1": ("Table 1: fine-tuned multi-stage DeiT-S+ATS (use the fine-tuned checkpoint)",
-               [_ms(1.0, 79.7, 2.9)]),
+               (_ms(1.0, 79.7, 2.9),)),
     "table-a1": ("Table A.1: throughput of DeiT-S+ATS vs DeiT-S (paper: 1403 vs 1010 img/s on an RTX6000)",
-                 [_ms(1.0, 79.7, 2.9)]),
+                 (_ms(1.0, 79.7, 2.9),)),
     "table-a3": ("Table A.3 / Fig. 5a: top-K vs inverse transform sampling (both fine-tuned)",
-                 [_ms(0.865, 78.9, 2.9, series="top-K", variant=("topk",)), _ms(1.0, 79.7, 2.9)]),
+                 (_ms(0.865, 78.9, 2.9, series="ATS top-K", variant=("topk",)), _ms(1.0, 79.7, 2.9))),
     "fig5a": ("Fig. 5a: top-K (fixed rate, K_n = round(rho N_n)) vs inverse transform sampling, not fine-tuned",
-              [_ms(0.865, None, 3.0, series="top-K", variant=("topk",)),
-               _ms(0.79, None, 2.5, series="top-K", variant=("topk",)),
-               _ms(0.665, None, 2.0, series="top-K", variant=("topk",)),
-               _ms(1.0, 79.2, 3.0), _ms(0.87, None, 2.5), _ms(0.72, None, 2.0)]),
+              (_ms(0.865, None, 3.0, series="ATS top-K", variant=("topk",)),
+               _ms(0.79, None, 2.5, series="ATS top-K", variant=("topk",)),
+               _ms(0.665, None, 2.0, series="ATS top-K", variant=("topk",)), *DEFAULT_RUNS)),
     "table-a4": ("Table A.4: ATS placement at ~3 GFLOPs, not fine-tuned",
-                 [_ss(130, 0, 73.1, 3.0), _ss(108, 3, 78.5, 3.0), _ss(56, 6, 77.4, 3.0), _ms(1.0, 79.2, 3.0)]),
-    "fig5b": ("Fig. 5b: multi-stage, not fine-tuned vs fine-tuned (run once per checkpoint)",
-              [_ms(1.0, None, 3.0), _ms(0.87, None, 2.5), _ms(0.72, None, 2.0)]),
+                 (_ss(130, 0, 73.1, 3.0), _ss(108, 3, 78.5, 3.0), _ss(56, 6, 77.4, 3.0), DEFAULT_RUNS[0])),
+    "fig5b": ("Fig. 5b: multi-stage, not fine-tuned vs fine-tuned (give --finetuned PATH)", DEFAULT_RUNS),
     "fig5c": ("Fig. 5c: single-stage (block 3) vs multi-stage (blocks 3..11)",
-              [_ss(108, 3, None, 3.0), _ss(78, 3, None, 2.5), _ss(48, 3, None, 2.0),
-               _ms(1.0, 79.2, 3.0), _ms(0.87, None, 2.5), _ms(0.72, None, 2.0)]),
+              (_ss(108, 3, None, 3.0), _ss(78, 3, None, 2.5), _ss(48, 3, None, 2.0), *DEFAULT_RUNS)),
     "fig-a1": ("Fig. A.1: single-stage K sweep, fine-tuned (paper: K=48 -> 75% at 2 GFLOPs)",
-               [_ss(108, 3, None, 3.0), _ss(78, 3, None, 2.5), _ss(48, 3, 75.0, 2.0)]),
+               (_ss(108, 3, None, 3.0), _ss(78, 3, None, 2.5), _ss(48, 3, 75.0, 2.0))),
 }
+# Table 1: the fine-tuned rho 1 point.
+FINETUNED_PAPER = {1.0: {"top1": 79.7, "gflops": 2.9}}
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    data: str = "digits"
-    model: str = "vit_digits_patch8_112"
-    pretrained: bool = False
-    checkpoint: str | None = None
+class ATSOptions:
+    """ATS's own flags; the common ones are :class:`vitbench.evaluation.EvalConfig`."""
+
     stages: tuple[int, ...] = MULTI
     rho: tuple[float, ...] = ()
     k: tuple[float, ...] = ()
     mode: str = "official"
     variant: tuple[str, ...] = ()
     preset: str | None = None
-    flops_only: bool = False
-    batch_size: int = 64
-    limit: int | None = None
-    num_workers: int = 2
-    img_size: int | None = None
-    crop_pct: float | None = None
-    throughput: bool = True
-    throughput_batch: int = 32
-    repeats: int = 5
-    visualize: tuple[int, ...] = (0, 1, 2, 3)
-    output_dir: str = "runs/ats_eval"
-    json: str | None = None
-    cpu: bool = False
-    runs: tuple[Run, ...] = field(default=(), repr=False)
+    finetuned: str | None = None
 
     def __post_init__(self):
         if self.rho and self.k:
             raise ValueError("give --rho or --k, not both")
-        if any(not 0 < r <= 1 for r in self.rho):
-            raise ValueError(f"--rho values must be in (0, 1], got {self.rho}")
-        if any(k < 2 for k in self.k):
-            raise ValueError(f"--k values must be >= 2, got {self.k}")
-        if self.batch_size < 1 or self.throughput_batch < 1 or self.repeats < 1:
-            raise ValueError("--batch-size, --throughput-batch and --repeats must be >= 1")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown --preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("--limit must be >= 1")
+        if any(not (0 < r <= 1) for r in self.rho):  # also refuses nan
+            raise ValueError(f"--rho values must be in (0, 1], got {list(self.rho)}")
+        if any(not (math.isfinite(k) and k >= 2) for k in self.k):
+            raise ValueError(f"--k values must be finite and >= 2 (K counts the CLS), got {list(self.k)}")
+        if len(set(self.stages)) != len(self.stages) or any(s < 0 for s in self.stages):
+            raise ValueError(f"--stages must be distinct block indices >= 0, got {list(self.stages)}")
+        if self.preset and (self.rho or self.k):
+            raise ValueError("--preset sets its own configurations; drop --rho/--k")
 
-    def build_runs(self) -> tuple[Run, ...]:
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> ATSOptions:
+        return ev.config_from_args(cls, ns)
+
+    def runs(self) -> tuple[Run, ...]:
         if self.preset:
-            return tuple(PRESETS[self.preset][1])
-        values = self.k or self.rho or DEFAULT_RHO
-        series = "+".join(self.variant) or "ATS"
-        label = "K" if self.k else "rho"
-        return tuple(Run(f"{series} stages={_stage_text(self.stages)} {label}={v:g}", self.stages, float(v),
-                         self.mode, self.variant, series) for v in values)
+            return PRESETS[self.preset][1]
+        if not (self.rho or self.k) and self.stages == MULTI and self.mode == "official" and not self.variant:
+            return DEFAULT_RUNS
+        series = "ATS " + "+".join(self.variant) if self.variant else "ATS"
+        return tuple(Run(self.stages, float(v), self.mode, self.variant, series)
+                     for v in (self.k or self.rho or DEFAULT_RHO))
 
 
 def _stage_text(stages) -> str:
@@ -147,244 +150,150 @@ def parse_stages(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = EvalConfig()
-    p = argparse.ArgumentParser(prog="ats-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--data", default=d.data, help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH")
-    g.add_argument("--model", default=d.model, help="timm ViT with a CLS token")
-    g.add_argument("--pretrained", action="store_true",
-                   help="timm's pretrained weights (implied for the embedded default model without --checkpoint)")
-    g.add_argument("--checkpoint", default=None, help="local .safetensors/.pth weights (e.g. an ats-train output)")
-    g.add_argument("--img-size", type=int, default=None)
-    g.add_argument("--crop-pct", type=float, default=None, help="eval crop (default: 0.875 ImageNet, 1.0 digits)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N validation images")
-    g.add_argument("--num-workers", type=int, default=d.num_workers)
-    g.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+    d = ATSOptions()
+    p = ev.build_parser("ats-eval", __doc__, "runs/ats-eval")
     g = p.add_argument_group("ATS")
-    g.add_argument("--stages", type=parse_stages, default=d.stages, help="ATS blocks, 0-based (default 3-11)")
+    g.add_argument("--stages", type=parse_stages, default=d.stages,
+                   help="ATS blocks, 0-based: 3-11, 3 or 0,3,6 (default: 3-11)")
     g.add_argument("--rho", type=float, nargs="+", default=[],
-                   help="K_n = max(round(rho*N_n), 8); several = sweep (default 1 0.87 0.72)")
-    g.add_argument("--k", type=float, nargs="+", default=[], help="absolute K per stage (counts the CLS); sweep")
-    g.add_argument("--mode", choices=patch.MODES, default=d.mode, help="released-code or paper selection")
-    g.add_argument("--variant", nargs="+", default=[], choices=patch.VARIANTS, help="ablations (Figs. 3/5a/A.4)")
+                   help="K_n = max(round(rho*N_n), 8); several = sweep (default: 1 0.87 0.72)")
+    g.add_argument("--k", type=float, nargs="+", default=[],
+                   help="absolute K per stage (counts the CLS, at most the token count); several = sweep")
+    g.add_argument("--mode", choices=patch.MODES, default=d.mode,
+                   help="released-code or paper selection (default: %(default)s)")
+    g.add_argument("--variant", nargs="+", default=[], choices=patch.VARIANTS,
+                   help="ablations of Figs. 3/5a/A.4 (default: none)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a paper table/figure's configurations, printed next to the paper's numbers: "
-                   + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()))
-    g.add_argument("--flops-only", action="store_true",
-                   help="no data: GFLOPs when every stage keeps K_n tokens (exact for single-stage absolute K)")
-    g = p.add_argument_group("outputs")
-    g.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=d.throughput,
-                   help="time every configuration against the dense model in the same run (default on)")
-    g.add_argument("--throughput-batch", type=int, default=d.throughput_batch)
-    g.add_argument("--repeats", type=int, default=d.repeats, help="timed repeats for --throughput")
-    g.add_argument("--visualize", type=int, nargs="*", default=list(d.visualize),
-                   help="validation indices to draw the kept tokens of (Figs. 2/7); none to skip")
-    g.add_argument("--output-dir", default=d.output_dir, help="figures and results.json go here")
-    g.add_argument("--json", default=None, help="also write the results to this JSON file")
+                   + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()).replace("%", "%%"))
+    g.add_argument("--finetuned", default=None, metavar="PATH",
+                   help="fine-tuned ATS weights of the same model, evaluated in the same run as a second series "
+                   f"(default for the embedded model: {FINETUNED_WEIGHTS.name} when shipped)")
     return p
 
 
-def config_from_args(ns: argparse.Namespace) -> EvalConfig:
-    embedded_default = ns.model == EvalConfig.model and ns.checkpoint is None
-    cfg = EvalConfig(ns.data, ns.model, ns.pretrained or embedded_default, ns.checkpoint, tuple(ns.stages),
-                     tuple(ns.rho), tuple(ns.k),
-                     ns.mode, tuple(ns.variant), ns.preset, ns.flops_only, ns.batch_size, ns.limit, ns.num_workers,
-                     ns.img_size, ns.crop_pct, ns.throughput, ns.throughput_batch, ns.repeats, tuple(ns.visualize),
-                     ns.output_dir, ns.json, ns.cpu)
-    runs = cfg.build_runs()
-    return EvalConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "runs": runs})
+def _finetuned_path(cfg: ev.EvalConfig, opts: ATSOptions) -> Path | None:
+    if opts.finetuned:
+        path = Path(opts.finetuned)
+        if not path.is_file():
+            raise FileNotFoundError(f"--finetuned {path} not found")
+        return path
+    if cfg.model == ev.EvalConfig.model and cfg.checkpoint is None and not cfg.flops_only:
+        if FINETUNED_WEIGHTS.is_file():
+            return FINETUNED_WEIGHTS
+        ev.status(f"no fine-tuned ATS weights shipped ({FINETUNED_WEIGHTS.name}); fine-tuned rows skipped")
+    return None
 
 
-def load_model(cfg: EvalConfig):
-    import vitbench
-
-    kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
-    if not (cfg.pretrained or cfg.checkpoint or cfg.flops_only):
-        raise SystemExit(f"ats-eval: give --pretrained or --checkpoint PATH for {cfg.model}")
-    try:
-        return vitbench.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, **kwargs).eval()
-    except FileNotFoundError as e:
-        raise SystemExit(f"ats-eval: {e}") from None
-    except ValueError as e:
-        raise SystemExit(f"ats-eval: {e}") from None
+def _patched(model, run: Run, seed: int):
+    size = {"rho": run.k} if run.k <= 1 else {"k": run.k}
+    return patch.apply(copy.deepcopy(model), stages=run.stages, mode=run.mode, variant=run.variant, seed=seed,
+                       **size).eval()
 
 
-def flops_rows(cfg: EvalConfig, model) -> list[dict]:
-    from vitbench.flops import ViTGeometry
+def _check_runs(runs, geom: ViTGeometry, name: str) -> None:
+    for run in runs:
+        if any(s >= geom.depth for s in run.stages):
+            raise ValueError(f"--stages {_stage_text(run.stages)}: {name} has blocks 0..{geom.depth - 1}")
+        if run.k > geom.num_tokens:
+            raise ValueError(f"--k {run.k:g} exceeds the {geom.num_tokens} tokens (CLS included) of {name}")
+
+
+def build_settings(cfg, opts, model, finetuned, loader, spec) -> list[ev.Setting]:
+    """Dense first, then every ATS configuration on the given weights and, with ``finetuned``, on those."""
+    from . import figures
 
     geom = ViTGeometry.from_model(model)
-    rows = [{"name": "dense", "gflops_upper_bound": dense_gmacs(geom)}]
-    for run in cfg.runs:
-        try:
-            run_cfg = run.config()
-        except ValueError as e:
-            raise SystemExit(f"ats-eval: {e}") from None
-        if any(s >= geom.depth for s in run.stages):
-            raise SystemExit(f"ats-eval: stages {run.stages} outside the model's {geom.depth} blocks")
-        rows.append({"name": run.name, "gflops_upper_bound": upper_bound_gmacs(geom, run_cfg),
-                     "paper_gflops": run.paper_gflops})
-    return rows
+    runs = opts.runs()
+    _check_runs(runs, geom, cfg.model)
+    dense_g = dense_gmacs(geom)
+    settings = [ev.Setting("dense", "dense", "", {}, model, gflops=dense_g, paper=DENSE_PAPER,
+                           run=lambda x, y, i: (model(x), torch.tensor(dense_g)))]
+    bases = [("", model)] + ([("fine-tuned", finetuned)] if finetuned is not None else [])
+    for tag, base in bases:
+        for run in runs:
+            paper = dict(run.paper_finetuned if tag else run.paper)
+            if tag and not paper and run.stages == MULTI and run.k in FINETUNED_PAPER:
+                paper = FINETUNED_PAPER[run.k]
+            series = f"{run.series} {tag}".strip() if tag else f"{run.series} off-the-shelf" if finetuned else \
+                run.series
+            m = _patched(base, run, cfg.seed)
+            bound = upper_bound_gmacs(geom, m.ats_info.config)
+            s = ev.Setting("ats", series, run.point, {**run.params(), "weights": tag or "given"}, m, gflops=bound,
+                           paper=paper, extra={"gflops_upper_bound": bound})
+            if loader is not None:
+                _attach_probe(s, geom, set(cfg.visualize), loader, spec, figures, cfg)
+            settings.append(s)
+    return settings
 
 
-def evaluate_run(model, loader, device, geom, keep_indices: set[int], img_size: int | None = None) -> dict:
-    """One pass over ``loader``: top-1/top-5, per-image GMACs, per-block kept counts, kept tokens of chosen images,
-    and on data with boxes (given ``img_size``) the share of the last stage's kept tokens on the object."""
-    correct1 = correct5 = 0
-    gmacs, counts, kept, on_object, at_random = [], [], {}, [], []
-    from tqdm.auto import tqdm
+def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg) -> None:
+    """The per-batch hook (logits, per-image GMACs, kept-token counts, kept tokens of the drawn images, share of
+    the last stage's tokens on the digit box) and the figures after the pass."""
     from vitbench.localization import on_box_share, random_share
 
-    boxes_for = getattr(loader.dataset, "boxes_for", None) if img_size else None
+    model, stages = s.model, s.model.ats_info.config.stages
+    counts, kept, on_object, at_random = [], {}, [], []
 
-    with torch.inference_mode():
-        for images, labels, index in tqdm(loader, desc="eval", leave=False, file=sys.stderr):
-            logits = model(images.to(device))
-            labels = labels.to(device)
-            top5 = logits.topk(min(5, logits.shape[-1]), -1).indices
-            correct1 += (top5[:, 0] == labels).sum().item()
-            correct5 += (top5 == labels[:, None]).any(-1).sum().item()
-            info = getattr(model, "ats_info", None)
-            if info is None:
-                continue
-            gmacs.append(per_image_gmacs(geom, info).cpu())
-            counts.append(info.token_counts()[1].cpu())
-            for j, i in enumerate(index.tolist()):
-                if i in keep_indices:
-                    kept[i] = {b: info.kept_indices(b)[j].cpu() for b in info.config.stages}
-            boxes = boxes_for(index, img_size) if boxes_for else None
-            if boxes is not None and info.config.stages:
-                last = info.kept[info.config.stages[-1]].cpu()
-                on_object.append(on_box_share(last, boxes, geom.grid, img_size))
-                at_random.append(random_share(boxes, geom.grid, img_size))
-    n = len(loader.dataset)
-    out = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "images": n}
-    if gmacs:
-        out.update(gmacs=torch.cat(gmacs), counts=torch.cat(counts), kept=kept)
-    if on_object:
-        out.update(on_object=100.0 * float(torch.cat(on_object).mean()),
-                   on_object_random=100.0 * float(torch.cat(at_random).mean()))
-    return out
+    def run(images, labels, index):
+        logits = model(images)
+        info = model.ats_info
+        counts.append(info.token_counts()[1].cpu())
+        for j, i in enumerate(index.tolist()):
+            if i in keep:
+                kept[i] = {b: info.kept_indices(b)[j].cpu() for b in stages}
+        boxes = spec.boxes(loader.dataset, index)
+        if boxes is not None:
+            on_object.append(on_box_share(info.kept[stages[-1]].cpu(), boxes, geom.grid, spec.img_size))
+            at_random.append(random_share(boxes, geom.grid, spec.img_size))
+        return logits, per_image_gmacs(geom, info)
+
+    def finish(row: dict, out_dir: Path) -> None:
+        c = torch.cat(counts).double()
+        row["extra"].update({"tokens_out_mean": [float(c[:, b].mean()) for b in stages],
+                             "tokens_out_min": [int(c[:, b].min()) for b in stages],
+                             "tokens_out_max": [int(c[:, b].max()) for b in stages]})
+        if on_object:
+            row["extra"].update(on_object=100.0 * float(torch.cat(on_object).mean()),
+                                on_object_random=100.0 * float(torch.cat(at_random).mean()))
+        slug = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in s.label)
+        title = f"{cfg.model} + {s.label}, {cfg.data} ({row['images']} images)"
+        row["figures"]["histogram"] = str(figures.token_histograms(torch.cat(counts), stages,
+                                                                   out_dir / f"hist_{slug}.png", title))
+        if kept:
+            ds, idx = loader.dataset, sorted(kept)
+            images = torch.stack([ds[i][0] for i in idx])
+            row["figures"]["tokens"] = str(figures.kept_tokens(
+                images, spec.mean, spec.std, [kept[i] for i in idx], stages, geom.grid, out_dir / f"tokens_{slug}.png",
+                spec.boxes(ds, idx), idx, title))
+
+    s.run, s.finish = run, finish
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(ns)
-    except ValueError as e:
-        parser.error(str(e))
-    from vitbench.report import markdown_table, write_json
-
-    model = load_model(cfg)
+def body(args: argparse.Namespace) -> int:
+    cfg, opts = ev.EvalConfig.from_args(args), ATSOptions.from_args(args)
+    ev.prepare_outputs(cfg)
+    model = ev.load_model(cfg)
     try:
         patch._check_structure(model)
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"ats-eval: {cfg.model}: {e}") from None
-    out_dir = Path(cfg.output_dir)
-    result: dict = {"config": {k: v for k, v in asdict(cfg).items() if k != "runs"},
-                    "preset": PRESETS[cfg.preset][0] if cfg.preset else None}
-    if cfg.flops_only:
-        rows = flops_rows(cfg, model)
-        result["rows"] = rows
-        print(markdown_table(rows, ["name", "gflops_upper_bound", "paper_gflops"], digits=3))
-        _write(result, cfg, out_dir, write_json)
-        return 0
-    rows = run_evaluation(cfg, model, out_dir)
-    result["rows"] = rows
-    if cfg.preset:
-        print(f"\n{PRESETS[cfg.preset][0]}")
-    columns = ["name", "top1", "paper_top1", "top5", "gflops", "gflops_upper_bound", "paper_gflops", "tokens_out"]
-    if cfg.throughput:
-        columns += ["img_s", "speedup", "ideal_speedup"]
-    if any("on_object" in r for r in rows):
-        columns += ["on_object", "on_object_random"]
-    print(markdown_table(rows, columns, digits=2))
-    _write(result, cfg, out_dir, write_json)
+    except TypeError as e:
+        raise ValueError(f"{cfg.model}: {e}") from None
+    path = _finetuned_path(cfg, opts)
+    finetuned = None
+    if path is not None:
+        from vitbench.models import load_checkpoint
+
+        finetuned = load_checkpoint(copy.deepcopy(model), path).eval()
+    if opts.preset:
+        print(PRESETS[opts.preset][0])
+    title = f"ATS on {cfg.model}, {cfg.data}: top-1 vs GFLOPs"
+    ev.run(cfg, opts, model, lambda loader, spec: build_settings(cfg, opts, model, finetuned, loader, spec),
+           figure_patterns=("hist_*.png", "tokens_*.png"), sweep_title=title)
     return 0
 
 
-def _write(result: dict, cfg: EvalConfig, out_dir: Path, write_json) -> None:
-    write_json(out_dir / "results.json", result)
-    if cfg.json:
-        write_json(cfg.json, result)
-    print(f"results: {out_dir / 'results.json'}" + (f" and {cfg.json}" if cfg.json else ""))
-
-
-def run_evaluation(cfg: EvalConfig, model, out_dir: Path) -> list[dict]:
-    import vitbench
-    from vitbench.engine import resolve_input
-    from vitbench.flops import ViTGeometry
-
-    from . import figures
-
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
-    model = model.to(device)
-    img_size, mean, std, dd = resolve_input(model, cfg.data, cfg.img_size)
-    try:
-        loader = vitbench.build_eval_loader(cfg.data, img_size, mean, std, batch_size=cfg.batch_size,
-                                            crop_pct=cfg.crop_pct if cfg.crop_pct else dd.crop_pct,
-                                            num_workers=cfg.num_workers, limit=cfg.limit)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"ats-eval: {e}") from None
-    n_classes = len(loader.dataset.classes)
-    if model.num_classes != n_classes:
-        raise SystemExit(f"ats-eval: {cfg.model} has {model.num_classes} classes but {cfg.data} has {n_classes}")
-    geom = ViTGeometry.from_model(model)
-    dense = copy.deepcopy(model)
-    keep = {i for i in cfg.visualize if i < len(loader.dataset)}
-    base = evaluate_run(dense, loader, device, geom, set())
-    rows = [{"name": "dense", "series": "dense", "top1": base["top1"], "top5": base["top5"],
-             "gflops": dense_gmacs(geom), "gflops_upper_bound": dense_gmacs(geom), "images": base["images"]}]
-    patched = patch.apply(model, stages=())
-    timing_batch = next(iter(loader))[0][: cfg.throughput_batch].to(device) if cfg.throughput else None
-    for run in cfg.runs:
-        patched.ats_info = patch.ATSInfo(run.config())
-        res = evaluate_run(patched, loader, device, geom, keep, img_size)
-        counts = res["counts"].double()
-        row = {"name": run.name, "series": run.series, "stages": list(run.stages), "k": run.k, "mode": run.mode,
-               "variant": list(run.variant), "top1": res["top1"], "top5": res["top5"],
-               "gflops": float(res["gmacs"].mean()), "gflops_upper_bound": upper_bound_gmacs(geom, run.config()),
-               "paper_top1": run.paper_top1, "paper_gflops": run.paper_gflops, "images": res["images"],
-               "tokens_out": " ".join(f"{counts[:, b].mean():.0f}" for b in run.stages),
-               "tokens_out_mean": [float(counts[:, b].mean()) for b in run.stages],
-               "tokens_out_min": [int(counts[:, b].min()) for b in run.stages],
-               "tokens_out_max": [int(counts[:, b].max()) for b in run.stages]}
-        if "on_object" in res:
-            row.update(on_object=res["on_object"], on_object_random=res["on_object_random"])
-        slug = _slug(run.name)
-        row["histogram_png"] = str(figures.token_histograms(res["counts"], run.stages, out_dir / f"hist_{slug}.png",
-                                                            run.name))
-        if res["kept"]:
-            ds = loader.dataset
-            idx = sorted(res["kept"])
-            images = torch.stack([ds[i][0] for i in idx])
-            boxes = ds.boxes_for(idx, img_size) if hasattr(ds, "boxes_for") else None
-            row["tokens_png"] = str(figures.kept_tokens(images, mean, std, [res["kept"][i] for i in idx], run.stages,
-                                                        geom.grid, out_dir / f"tokens_{slug}.png", boxes, idx))
-            row["kept_tokens"] = {str(i): {str(b): v.tolist() for b, v in res["kept"][i].items()} for i in idx}
-        if timing_batch is not None:
-            row.update(_throughput(dense, patched, timing_batch, cfg.repeats, rows[0], row))
-        rows.append(row)
-    if len(rows) > 2:
-        rows[0]["sweep_png"] = str(figures.accuracy_vs_gflops(rows, out_dir / "accuracy_vs_gflops.png"))
-    return rows
-
-
-def _throughput(dense, patched, batch, repeats, dense_row, row) -> dict:
-    from vitbench.throughput import compare
-
-    timed = compare({"dense": dense, "ats": patched}, batch, baseline="dense", warmup=2, repeats=repeats)
-    with torch.inference_mode():
-        patched(batch)
-    dense_row.setdefault("img_s", timed[0]["img_s"])
-    return {"img_s": timed[1]["img_s"], "dense_img_s": timed[0]["img_s"], "speedup": timed[1]["speedup"],
-            "ideal_speedup": dense_row["gflops"] / row["gflops"], "throughput_batch": batch.shape[0]}
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-.=" else "_" for c in name)
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), body, argv)
 
 
 if __name__ == "__main__":

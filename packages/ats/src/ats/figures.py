@@ -1,24 +1,15 @@
-"""The paper's figures as PNG: kept-token histograms (Fig. 6), kept tokens on images (Figs. 2/7),
-accuracy vs GFLOPs (Figs. 4/5)."""
+"""The paper's figures as PNG: kept-token histograms (Fig. 6) and kept tokens on images (Figs. 2/7); the
+accuracy-vs-GFLOPs sweep (Figs. 4/5) is :func:`vitbench.figures.accuracy_vs_gflops`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from collections.abc import Sequence
 
-import matplotlib
+import torch
+from vitbench.figures import save  # sets the Agg backend before pyplot is imported
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+import matplotlib.pyplot as plt
 
 
 def token_histograms(counts: torch.Tensor, stages: Sequence[int], path: Path, title: str) -> Path:
@@ -34,9 +25,9 @@ def token_histograms(counts: torch.Tensor, stages: Sequence[int], path: Path, ti
         ax.set_ylabel("images", fontsize=8)
     for ax in list(axes.flat)[len(stages):]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title}\nper ATS block: images by number of tokens kept (CLS included)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def token_mask(kept: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -48,8 +39,9 @@ def token_mask(kept: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def kept_tokens(images: torch.Tensor, mean, std, kept: list[dict], stages: Sequence[int], grid: tuple[int, int],
-                path: Path, boxes: torch.Tensor | None = None, indices: Sequence[int] = ()) -> Path:
-    """Figs. 2/7: each image, then the tokens each ATS stage keeps (dropped patches greyed out)."""
+                path: Path, boxes: torch.Tensor | None = None, indices: Sequence[int] = (), title: str = "") -> Path:
+    """Figs. 2/7: each image, then the tokens each ATS stage keeps (dropped patches greyed out; the number after
+    the block counts the kept tokens, CLS included; red: the ground-truth digit box)."""
     mean = torch.tensor(mean)[:, None, None]
     std = torch.tensor(std)[:, None, None]
     shown = [stages[0], *stages[1:-1:2], stages[-1]] if len(stages) > 5 else list(stages)
@@ -73,27 +65,6 @@ def kept_tokens(images: torch.Tensor, mean, std, kept: list[dict], stages: Seque
                 x0, y0, x1, y1 = boxes[r].tolist()
                 ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", lw=0.8))
             ax.axis("off")
+    fig.suptitle(f"{title}\nkept tokens per ATS block (greyed: dropped)", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def accuracy_vs_gflops(rows: list[dict], path: Path) -> Path:
-    """Figs. 4/5: top-1 vs mean GFLOPs, one line per series, the dense model as a star."""
-    fig, ax = plt.subplots(figsize=(4.6, 3.4))
-    series: dict[str, list[dict]] = {}
-    for row in rows:
-        series.setdefault(row.get("series", row["name"]), []).append(row)
-    for name, pts in series.items():
-        pts = sorted(pts, key=lambda r: r["gflops"])
-        style = dict(marker="*", markersize=12, linestyle="none") if name == "dense" else dict(marker="o")
-        ax.plot([p["gflops"] for p in pts], [p["top1"] for p in pts], label=name, **style)
-        paper = [p for p in pts if p.get("paper_top1") is not None and p.get("paper_gflops") is not None]
-        if paper:
-            ax.plot([p["paper_gflops"] for p in paper], [p["paper_top1"] for p in paper], marker="x",
-                    linestyle="none", color="grey", label=f"paper: {name}")
-    ax.set_xlabel("GFLOPs (mean per image)")
-    ax.set_ylabel("top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from vitbench.flops import ViTGeometry, vit_gmacs
 
@@ -47,9 +45,3 @@ def upper_bound_gmacs(geometry: ViTGeometry, config: ATSConfig, layernorm: bool 
 
 def dense_gmacs(geometry: ViTGeometry, layernorm: bool = True) -> float:
     return vit_gmacs(geometry, None, layernorm)
-
-
-def mean_tokens(info: ATSInfo, blocks: Sequence[int]) -> list[float]:
-    """Mean realised output token count per block (CLS included)."""
-    out = info.token_counts()[1].double()
-    return [float(out[:, b].mean()) for b in blocks]

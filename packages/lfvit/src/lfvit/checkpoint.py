@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from vitbench.models import load_state, read_state_dict
 
 from .model import LFVisionTransformer
 
@@ -20,18 +21,9 @@ _OFFICIAL_TO_OURS = {"pos_embed_list.0": "pos_embed_coarse", "pos_embed_list.1":
 _OURS_TO_OFFICIAL = {v: k for k, v in _OFFICIAL_TO_OURS.items()}
 
 
-def is_official_layout(state_dict: dict) -> bool:
-    """True if the state dict uses the released code's ``pos_embed_list.*`` keys."""
-    return any(k.startswith("pos_embed_list.") for k in state_dict)
-
-
 def from_official(state_dict: dict) -> dict:
-    """Released layout -> ours (renames the two positional tables, strips a DDP ``module.`` prefix)."""
-    out = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
-        out[_OFFICIAL_TO_OURS.get(key, key)] = value
-    return out
+    """Released layout -> ours (renames the two positional tables)."""
+    return {_OFFICIAL_TO_OURS.get(k, k): v for k, v in state_dict.items()}
 
 
 def to_official(state_dict: dict) -> dict:
@@ -39,43 +31,9 @@ def to_official(state_dict: dict) -> dict:
     return {_OURS_TO_OFFICIAL.get(k, k): v for k, v in state_dict.items()}
 
 
-def read_state_dict(path: str | Path) -> dict:
-    """Read a state dict from ``.safetensors`` or a torch file (``{'model': ...}``, ``{'state_dict': ...}`` or
-    a bare state dict, as the released code and DeiT save them)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types
-            raise ValueError(f"{path} is not a valid safetensors file: {exc}") from exc
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickled objects beyond tensors/containers
-            raise ValueError(f"{path} is not a plain tensor checkpoint ({exc.__class__.__name__}: {exc})") from exc
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            return obj[key]
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise ValueError(f"{path}: no state dict found (expected keys 'model' or 'state_dict', or a bare state dict)")
-
-
 def load_lfvit_checkpoint(model: LFVisionTransformer, path: str | Path, strict: bool = True) -> None:
-    """Load LF-ViT weights in either layout; shape mismatches raise with the offending keys."""
-    state = from_official(read_state_dict(path))
-    own = model.state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{path} does not fit this model (wrong geometry or g?):\n  " + "\n  ".join(bad))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if strict and (missing or unexpected):
-        raise ValueError(f"{path} is not an LF-ViT checkpoint for this model: missing {missing}, "
-                         f"unexpected {unexpected}")
+    """Load LF-ViT weights in either layout (read and checked by :mod:`vitbench.models`)."""
+    load_state(model, from_official(read_state_dict(path)), path, strict=strict)
 
 
 def init_from_backbone(model: LFVisionTransformer, state_dict: dict) -> list[str]:
@@ -85,7 +43,7 @@ def init_from_backbone(model: LFVisionTransformer, state_dict: dict) -> list[str
     the 2g x 2g fine table and the g x g coarse table. ``reuse_block`` keeps its fresh initialisation.
     Returns the keys left at initialisation.
     """
-    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state = dict(state_dict)
     if "pos_embed" not in state:
         raise ValueError("backbone state dict has no 'pos_embed'")
     pos = state.pop("pos_embed")

@@ -1,195 +1,113 @@
-"""``lfvit-eval``: the paper's evaluation modes.
+"""``lfvit-eval``: LF-ViT's accuracy, expected GFLOPs, early-exit throughput, eta budget and region figures.
 
-* ``anytime``: top-1 of the localization and focus stages (every image through both, eta = 1).
-* ``budgeted``: eta sweep (exit after localization if max softmax >= eta) -> expected GFLOPs vs top-1 (Fig. 4)
-  and images finishing / correct at each stage (Fig. 7), from the stored softmax outputs as released.
-* ``regions``: Fig. 6-style visualisation of the chosen regions, and on data with boxes (the embedded digits)
-  the region hit rate (window contains the box centre) next to the random-window baseline.
-* ``variants``: Table 6 region-selection variants (negative NGCA, max GCA, min GCA, random).
-* ``throughput``: real early exit at ``--eta`` vs the dense backbone vs the two-stage forward, timed in one run.
-* ``--flops-only``: per-stage cumulative GFLOPs, no data or weights needed.
+Rows (one timing run for all): the dense backbone (LF-ViT's shared weights at full resolution; timing reference),
+the two-stage forward (every image through both stages, eta = 1: the localization / focus top-1, the eta budget
+curve of Fig. 4 / Fig. 7 from its stored softmax outputs as released, region hits on data with boxes, the Fig. 6
+region figure), and real early exit at each ``--eta`` (Table 2's operating points by default). ``--variants`` adds
+Table 6's region-selection variants. ``--flops-only``: per-stage GFLOPs, no data or weights needed. ``--model``
+takes the backbone's name (``deit_small_patch16_224``) or the registered LF-ViT one (``lfvit_...``).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
+from vitbench import evaluation as ev
+from vitbench.cli import run as run_cli
 
 from .checkpoint import load_lfvit_checkpoint
 from .flops import dense_gflops, stage_flops
 from .localization import REGION_MODES
 from .model import LFVisionTransformer, check_eta
-from .paper import TABLES, paper_rows
+from .paper import paper_numbers
 
-MODES = ("anytime", "budgeted", "regions", "variants", "throughput")
-DEFAULT_MODEL = "lfvit_vit_digits_patch8_112"
-FLOPS_DEFAULT_MODEL = "lfvit_deit_small_patch16_224"
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-EMBEDDED_WEIGHTS = WEIGHTS_DIR / "lfvit_vit_digits_patch8_112.safetensors"
+BUDGET_ETAS = tuple(round(0.01 * p, 2) for p in range(100))
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    model: str = DEFAULT_MODEL
-    data: str = "digits"
-    checkpoint: str | None = None
+class LFOptions:
+    """LF-ViT's own flags; the common ones are :class:`vitbench.evaluation.EvalConfig`."""
+
     region_size: int = 5
     alpha: float = 0.88
     beta: float = 0.99
     region_mode: str = "ngca"
-    modes: tuple[str, ...] = ("anytime", "budgeted", "regions", "throughput")
-    eta: float = 0.47
-    batch_size: int = 128
-    limit: int | None = None
-    num_workers: int = 2
-    output_dir: str = "runs/lfvit_eval"
-    json: str | None = None
-    throughput_batch: int = 256
-    warmup: int = 2
-    repeats: int = 5
-    num_visualise: int = 16
-    seed: int = 0
-    flops_only: bool = False
-    device: str = "cpu"
-    paper: tuple[str, ...] = ()
+    eta: tuple[float, ...] = (0.47, 0.61, 0.76)
+    variants: bool = False
     loss: str = "ce_kl"
-    etas: tuple[float, ...] = field(default_factory=lambda: tuple(round(0.01 * p, 2) for p in range(100)))
 
     def __post_init__(self):
-        check_eta(self.eta)
-        bad = [m for m in self.modes if m not in MODES]
-        if bad:
-            raise ValueError(f"unknown mode(s) {bad}; choose from {MODES}")
+        for eta in self.eta:
+            check_eta(eta)
         if self.region_mode not in REGION_MODES:
             raise ValueError(f"unknown --region-mode {self.region_mode!r}; choose from {REGION_MODES}")
-        for name in ("batch_size", "throughput_batch", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        bad = [t for t in self.paper if t not in TABLES]
-        if bad:
-            raise ValueError(f"unknown --paper table(s) {bad}; choose from {TABLES}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("--limit must be >= 1")
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> EvalConfig:
-        model = ns.model or (FLOPS_DEFAULT_MODEL if ns.flops_only else DEFAULT_MODEL)
-        modes = tuple(m.strip() for m in ns.modes.split(",") if m.strip())
-        return cls(model=model, data=ns.data, checkpoint=ns.checkpoint, region_size=ns.region_size,
-                   alpha=ns.alpha, beta=ns.beta, region_mode=ns.region_mode, modes=modes, eta=ns.eta,
-                   batch_size=ns.batch_size, limit=ns.limit, num_workers=ns.num_workers, output_dir=ns.output_dir,
-                   json=ns.json, throughput_batch=ns.throughput_batch, warmup=ns.warmup, repeats=ns.repeats,
-                   num_visualise=ns.num_visualise, seed=ns.seed, flops_only=ns.flops_only, device=ns.device,
-                   paper=tuple(t.strip() for t in ns.paper.split(",") if t.strip()), loss=ns.loss)
+    def from_args(cls, ns: argparse.Namespace) -> LFOptions:
+        return ev.config_from_args(cls, ns)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lfvit-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help=f"registered LF-ViT (default: {DEFAULT_MODEL}; with --flops-only: {FLOPS_DEFAULT_MODEL}); "
-                        "also lfvit_deit_small_patch16_288 (LF-ViT*, g 9)")
-    p.add_argument("--data", default="digits", help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH")
-    p.add_argument("--checkpoint", default=None,
-                   help="LF-ViT weights, ours or the released layout (.pth {'model': ...} or .safetensors); "
-                        "default for the embedded model: the shipped embedded weights")
-    p.add_argument("--region-size", type=int, default=5,
-                   help="m, the side of the NGCA window (paper: 4, 5, 6; 8 at g 9)")
-    p.add_argument("--alpha", type=float, default=0.88, help="K = ceil(alpha m^2) coarse cells are refined")
-    p.add_argument("--beta", type=float, default=0.99, help="GCA moving-average weight (Eq. 8)")
-    p.add_argument("--region-mode", default="ngca", choices=REGION_MODES, help="region selection (Table 6)")
-    p.add_argument("--modes", default="anytime,budgeted,regions,throughput",
-                   help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--eta", type=float, default=0.47,
-                   help="confidence threshold in [0, 1] for throughput and region visualisation")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N validation images")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--output-dir", default="runs/lfvit_eval", help="figures and results.json go here")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--throughput-batch", type=int, default=256, help="batch size for timing (paper: 1024)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls per model")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per model (median reported)")
-    p.add_argument("--num-visualise", type=int, default=16, help="images in the region figure")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-region variant and baseline")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--paper", default="", help=f"comma-separated paper tables to print next to the measured "
-                   f"numbers: {','.join(TABLES)} (ImageNet figures; needs the matching --modes)")
-    p.add_argument("--loss", default="ce_kl", choices=("ce_kl", "ce_ce"),
-                   help="the loss the checkpoint was trained with (labels the Table 7 row)")
-    p.add_argument("--flops-only", action="store_true",
-                   help="print per-stage cumulative GFLOPs and exit (no data or weights needed)")
+    d = LFOptions()
+    p = ev.build_parser("lfvit-eval", __doc__, "runs/lfvit-eval")
+    g = p.add_argument_group("LF-ViT")
+    g.add_argument("--region-size", type=int, default=d.region_size,
+                   help="m, the side of the NGCA window (paper: 4, 5, 6; 8 at g 9; default: %(default)s)")
+    g.add_argument("--alpha", type=float, default=d.alpha,
+                   help="K = ceil(alpha m^2) coarse cells are refined (default: %(default)s)")
+    g.add_argument("--beta", type=float, default=d.beta, help="GCA moving-average weight, Eq. 8 (default: %(default)s)")
+    g.add_argument("--region-mode", default=d.region_mode, choices=REGION_MODES,
+                   help="region selection, Table 6 (default: %(default)s)")
+    g.add_argument("--eta", type=float, nargs="+", default=list(d.eta),
+                   help="early-exit confidence thresholds in [0, 1], one row each (default: 0.47 0.61 0.76)")
+    g.add_argument("--variants", action="store_true", help="add Table 6's region-selection variants (default: off)")
+    g.add_argument("--loss", default=d.loss, choices=("ce_kl", "ce_ce"),
+                   help="the loss the checkpoint was trained with (picks Table 7's paper row; default: %(default)s)")
     return p
 
 
-def build_model(cfg: EvalConfig, load_weights: bool = True) -> LFVisionTransformer:
-    """Create the LF-ViT of ``cfg`` and load its checkpoint (the shipped embedded weights by default)."""
-    try:
-        model = timm.create_model(cfg.model, region_size=cfg.region_size, alpha=cfg.alpha, beta=cfg.beta,
-                                  region_mode=cfg.region_mode)
-    except RuntimeError as e:
-        raise ValueError(f"{e}; LF-ViT models: {timm.list_models('lfvit_*')}") from e
-    if not isinstance(model, LFVisionTransformer):
-        raise ValueError(f"{cfg.model} is not an LF-ViT model; choose from {timm.list_models('lfvit_*')}")
-    if load_weights:
-        path = cfg.checkpoint
-        if path is None:
-            if cfg.model != DEFAULT_MODEL:
-                raise ValueError(f"--checkpoint is required for {cfg.model} (no hosted LF-ViT weights)")
-            if not EMBEDDED_WEIGHTS.is_file():
-                raise FileNotFoundError(
-                    f"the embedded LF-ViT weights are not installed ({EMBEDDED_WEIGHTS}); train them with "
-                    "`lfvit-train` (see the lfvit README) or pass --checkpoint PATH")
-            path = EMBEDDED_WEIGHTS
-        load_lfvit_checkpoint(model, path)
+def lfvit_name(model: str) -> str:
+    """The registered LF-ViT model for a backbone name (``deit_small_patch16_224`` -> ``lfvit_deit_...``)."""
+    if model.startswith("lfvit_"):
+        return model
+    if f"lfvit_{model}" in timm.list_models("lfvit_*"):
+        return f"lfvit_{model}"
+    raise ValueError(f"no LF-ViT model for {model!r}; choose from {timm.list_models('lfvit_*')}")
+
+
+def build_model(cfg: ev.EvalConfig, opts: LFOptions) -> LFVisionTransformer:
+    """The LF-ViT of ``cfg.model`` with ``--checkpoint`` (either layout) or, for the embedded model, its shipped
+    weights."""
+    name = lfvit_name(cfg.model)
+    embedded = name == "lfvit_vit_digits_patch8_112" and cfg.checkpoint is None and cfg.num_classes is None
+    if not (cfg.checkpoint or embedded or cfg.flops_only):
+        raise ValueError(f"--checkpoint PATH is required for {name} (there are no hosted LF-ViT weights)")
+    kwargs = {k: v for k, v in (("num_classes", cfg.num_classes), ("img_size", cfg.img_size)) if v is not None}
+    model = timm.create_model(name, pretrained=cfg.pretrained or (embedded and not cfg.flops_only),
+                              region_size=opts.region_size, alpha=opts.alpha, beta=opts.beta,
+                              region_mode=opts.region_mode, **kwargs)
+    ev.check_img_size(model, cfg.img_size)
+    if cfg.checkpoint and not cfg.flops_only:
+        load_lfvit_checkpoint(model, cfg.checkpoint)
     return model.eval()
 
 
-def flops_table(name: str, model: LFVisionTransformer) -> dict:
-    """Per-stage GFLOPs of ``model`` and of its dense backbone."""
-    s = stage_flops(model)
-    return {"model": name, "g": model.grid, "m": model.region_size, "alpha": model.alpha,
-            "K": model.num_cells, "focus_tokens": s.focus_tokens, "location_gflops": s.location,
-            "cumulative_gflops": s.cumulative, "dense_gflops": dense_gflops(model)}
-
-
-@torch.inference_mode()
-def collect(model: LFVisionTransformer, loader, device: torch.device, desc: str = "eval") -> dict:
-    """Two-stage forward over a loader: softmax of both stages, labels, indices and the per-image records."""
-    from tqdm.auto import tqdm
-
-    out: dict[str, list] = {k: [] for k in ("p_loc", "p_focus", "labels", "index", "window", "cells", "gca")}
-    for images, labels, index in tqdm(loader, desc=desc, leave=False):
-        z = model(images.to(device))
-        rec = model.last_record
-        out["p_loc"].append(z.location.float().softmax(-1).cpu())
-        out["p_focus"].append(z.focus.float().softmax(-1).cpu())
-        out["labels"].append(labels)
-        out["index"].append(index)
-        out["window"].append(rec.window.cpu())
-        out["cells"].append(rec.cells.cpu())
-        out["gca"].append(rec.gca.cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def anytime(res: dict) -> dict:
+def anytime(p_loc: torch.Tensor, p_focus: torch.Tensor, y: torch.Tensor) -> dict:
     """Top-1 (%) of each stage with every image through both stages."""
-    y = res["labels"]
-    return {"location_top1": 100 * (res["p_loc"].argmax(-1) == y).float().mean().item(),
-            "focus_top1": 100 * (res["p_focus"].argmax(-1) == y).float().mean().item(), "n": len(y)}
+    return {"location_top1": 100 * (p_loc.argmax(-1) == y).float().mean().item(),
+            "focus_top1": 100 * (p_focus.argmax(-1) == y).float().mean().item()}
 
 
-def budgeted(res: dict, flops, etas) -> list[dict]:
+def budgeted(p_loc: torch.Tensor, p_focus: torch.Tensor, y: torch.Tensor, flops, etas) -> list[dict]:
     """Eta sweep as released (``dynamic_evaluate``): expected GFLOPs, top-1 and per-stage counts."""
-    y = res["labels"]
-    conf, pred_l = res["p_loc"].max(-1)
-    pred_f = res["p_focus"].argmax(-1)
+    conf, pred_l = p_loc.max(-1)
+    pred_f = p_focus.argmax(-1)
     rows = []
     for eta in etas:
         exit_ = conf >= eta
@@ -202,13 +120,13 @@ def budgeted(res: dict, flops, etas) -> list[dict]:
     return rows
 
 
-def region_hits(res: dict, boxes: torch.Tensor, model: LFVisionTransformer) -> dict:
+def region_hits(window: torch.Tensor, boxes: torch.Tensor, model: LFVisionTransformer) -> dict:
     """Share of images whose chosen window contains the box centre, and the random-window expectation."""
     cell_px = model.patch_embed.patch_size[0] * 2
     g, m = model.grid, model.region_size
     cx = ((boxes[:, 0] + boxes[:, 2]) / 2 / cell_px).floor().long().clamp(0, g - 1)
     cy = ((boxes[:, 1] + boxes[:, 3]) / 2 / cell_px).floor().long().clamp(0, g - 1)
-    r0, c0 = res["window"][:, 0], res["window"][:, 1]
+    r0, c0 = window[:, 0], window[:, 1]
     hit = (cy >= r0) & (cy < r0 + m) & (cx >= c0) & (cx < c0 + m)
     span = g - m + 1
 
@@ -216,75 +134,73 @@ def region_hits(res: dict, boxes: torch.Tensor, model: LFVisionTransformer) -> d
         return (torch.minimum(c, torch.tensor(span - 1)) - torch.clamp(c - m + 1, min=0) + 1).float()
 
     random = (covering(cy) * covering(cx) / (span * span)).mean().item()
-    return {"hit_rate": 100 * hit.float().mean().item(), "random_window_hit_rate": 100 * random,
-            "n": int(len(hit)), "cell_px": cell_px}
+    return {"hit_rate": 100 * hit.float().mean().item(), "random_window_hit_rate": 100 * random}
 
 
 def plot_budget(rows: list[dict], dense: float, path: Path, title: str) -> Path:
     """Fig. 4 (top-1 vs expected GFLOPs) and Fig. 7 (images / correct images per stage vs eta) as one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
+    from vitbench.figures import save
+
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot([r["gflops"] for r in rows], [r["top1"] for r in rows], ".-", label="LF-ViT (eta 0.00-0.99)")
-    a.axvline(dense, color="grey", ls="--", label=f"dense backbone {dense:.2f} G")
-    a.set_xlabel("expected GFLOPs / image")
+    a.plot([r["gflops"] for r in rows], [r["top1"] for r in rows], ".-", label="LF-ViT early exit (eta 0.00-0.99)")
+    a.axvline(dense, color="grey", ls="--", label=f"dense backbone {dense:.3g} G")
+    a.set_xlabel("expected GFLOPs per image")
     a.set_ylabel("top-1 (%)")
-    a.set_title(title)
-    a.legend()
+    a.set_title("accuracy vs compute (Fig. 4)", fontsize=9)
+    a.legend(fontsize=8)
     etas = [r["eta"] for r in rows]
     b.plot(etas, [r["n_location"] for r in rows], label="finish at localization")
-    b.plot(etas, [r["correct_location"] for r in rows], "--", label="... correct")
+    b.plot(etas, [r["correct_location"] for r in rows], "--", label="... of them correct")
     b.plot(etas, [r["n_focus"] for r in rows], label="finish at focus")
-    b.plot(etas, [r["correct_focus"] for r in rows], "--", label="... correct")
-    b.set_xlabel("eta")
+    b.plot(etas, [r["correct_focus"] for r in rows], "--", label="... of them correct")
+    b.set_xlabel("eta (exit after localization when max softmax >= eta)")
     b.set_ylabel("images")
-    b.legend()
+    b.set_title("images per exit stage (Fig. 7)", fontsize=9)
+    b.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
-def plot_regions(dataset, res: dict, model: LFVisionTransformer, eta: float, n: int, path: Path) -> Path | None:
-    """Fig. 6: correctly recognised focus-stage images with the chosen region and its refined cells."""
-    import matplotlib
-    matplotlib.use("Agg")
+def plot_regions(dataset, record: dict, order: list[int], model: LFVisionTransformer, path: Path,
+                 title: str) -> Path:
+    """Fig. 6: images with the chosen m x m window and the coarse cells refined at full resolution."""
+    from vitbench.figures import save
+
     import matplotlib.patches as patches
     import matplotlib.pyplot as plt
 
-    y = res["labels"]
-    focus = (res["p_loc"].max(-1).values < eta) & (res["p_focus"].argmax(-1) == y)
-    rows = focus.nonzero()[:, 0][:n].tolist()
-    if not rows:
-        return None
     cell = model.patch_embed.patch_size[0] * 2
     size = model.patch_embed.img_size[0]
-    cols = min(4, len(rows))
-    nrows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3 * cols, 3 * nrows), squeeze=False)
+    cols = min(4, len(order))
+    nrows = -(-len(order) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3 * cols, 3 * nrows + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, rows):
-        img = dataset.image(int(res["index"][i])).convert("RGB").resize((size, size))
+    for ax, (i, row) in zip(axes.flat, order):
+        img = dataset.image(i).convert("RGB").resize((size, size))
         ax.imshow(np.asarray(img))
-        shade = np.full((model.grid, model.grid), 0.6)  # grey out the cells not refined at full resolution
-        for c in res["cells"][i].tolist():
+        shade = np.full((model.grid, model.grid), 0.6)
+        for c in record["cells"][row].tolist():
             shade[c // model.grid, c % model.grid] = 0.0
         overlay = np.zeros((model.grid, model.grid, 4))
         overlay[..., :3], overlay[..., 3] = 0.5, shade
         ax.imshow(overlay, extent=(0, size, size, 0), interpolation="nearest", zorder=2)
-        r0, c0 = res["window"][i].tolist()
+        r0, c0 = record["window"][row].tolist()
         ax.add_patch(patches.Rectangle((c0 * cell, r0 * cell), model.region_size * cell, model.region_size * cell,
                                        fill=False, ec="red", lw=2, zorder=3))
-        ax.set_title(f"label {int(y[i])}, p_l {res['p_loc'][i].max():.2f}", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        ax.set_title(f"#{i}: label {int(record['labels'][row])}, p_l {record['p_loc'][row].max():.2f}", fontsize=8)
+    handles = [patches.Patch(fill=False, ec="red", lw=2, label=f"chosen {model.region_size}x{model.region_size} "
+                             "window (NGCA argmax)"),
+               patches.Patch(color=(0.5, 0.5, 0.5, 0.6), label="coarse cell not refined (reused at half resolution)"),
+               patches.Patch(fill=False, ec="black", label=f"clear: the {model.num_cells} refined cells")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(f"{title}\np_l = localization-stage confidence (max softmax); the image exits early when "
+                 "p_l >= eta", fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return save(fig, path)
 
 
 def dense_backbone(model: LFVisionTransformer) -> torch.nn.Module:
@@ -297,110 +213,108 @@ def dense_backbone(model: LFVisionTransformer) -> torch.nn.Module:
                               qkv_bias=model.blocks[0].attn.qkv.bias is not None)
     own = dense.state_dict()
     dense.load_state_dict({k: v for k, v in model.state_dict().items() if k in own})
-    return dense.eval().to(next(model.parameters()).device)
+    return dense.eval()
 
 
-def throughput(model: LFVisionTransformer, images: torch.Tensor, eta: float, warmup: int, repeats: int) -> dict:
-    """Real early exit vs dense backbone vs two-stage forward, interleaved in one process (model only)."""
-    from vitbench.throughput import compare
+def _two_stage(cfg, model, loader, spec, series, point, params, paper, main: bool) -> ev.Setting:
+    """Every image through both stages: logits of the focus stage; on ``main`` the budget curve and figures."""
+    flops = stage_flops(model)
+    rec: dict[str, list] = {k: [] for k in ("p_loc", "p_focus", "labels", "index", "window", "cells")}
+
+    def run(images, labels, index):
+        z = model(images)
+        r = model.last_record
+        for key, value in (("p_loc", z.location.float().softmax(-1)), ("p_focus", z.focus.float().softmax(-1)),
+                           ("labels", labels), ("index", index), ("window", r.window), ("cells", r.cells)):
+            rec[key].append(value.cpu())
+        return z.focus, torch.tensor(flops.cumulative)
+
+    def finish(row: dict, out_dir: Path) -> None:
+        r = {k: torch.cat(v) for k, v in rec.items()}
+        row["extra"].update(anytime(r["p_loc"], r["p_focus"], r["labels"]), focus_fraction=1.0)
+        boxes = spec.boxes(loader.dataset, r["index"])
+        if boxes is not None:
+            row["extra"].update(region_hits(r["window"], boxes, model))
+        if not main:
+            return
+        row["extra"]["budget"] = budgeted(r["p_loc"], r["p_focus"], r["labels"], flops, BUDGET_ETAS)
+        title = (f"LF-ViT {cfg.model} (m {model.region_size}, alpha {model.alpha:g}), {cfg.data} "
+                 f"({row['images']} images)")
+        row["figures"]["budget"] = str(plot_budget(row["extra"]["budget"], dense_gflops(model),
+                                                   out_dir / "budgeted.png", title))
+        where = {int(i): j for j, i in enumerate(r["index"].tolist())}
+        order = [(i, where[i]) for i in cfg.visualize if i in where]
+        if order:
+            row["figures"]["regions"] = str(plot_regions(loader.dataset, r, order, model, out_dir / "regions.png",
+                                                         title))
+
+    return ev.Setting("lfvit", series, point, params, model, run=run if loader else None, gflops=flops.cumulative,
+                      finish=finish if loader else None, paper=paper,
+                      extra={"location_gflops": flops.location, "focus_tokens": flops.focus_tokens})
+
+
+def _early_exit(model, eta: float, params: dict, paper: dict) -> ev.Setting:
+    """Real early exit at ``eta``: per-image GFLOPs from the stage each image finished at."""
+    flops = stage_flops(model)
+    counts = {"n_location": 0, "n_focus": 0, "correct_location": 0, "correct_focus": 0}
+
+    def forward(x):
+        return model.forward_early_exit(x, eta)
+
+    def run(images, labels, index):
+        logits = forward(images)
+        go = model.last_record.exit_stage.bool()
+        right = logits.argmax(-1) == labels
+        counts["n_focus"] += int(go.sum())
+        counts["n_location"] += int((~go).sum())
+        counts["correct_focus"] += int((right & go).sum())
+        counts["correct_location"] += int((right & ~go).sum())
+        return logits, flops.location + go.double() * flops.focus
+
+    def finish(row: dict, out_dir: Path) -> None:
+        row["extra"].update(counts, focus_fraction=counts["n_focus"] / row["images"])
+
+    return ev.Setting("lfvit", "LF-ViT early exit", f"eta {eta:g}", {**params, "eta": eta}, model, run=run,
+                      gflops=flops.cumulative, timed=forward, finish=finish, paper=paper)
+
+
+def build_settings(cfg, opts, model, loader, spec) -> list[ev.Setting]:
+    params = {"m": model.region_size, "alpha": model.alpha, "beta": model.beta, "region_mode": opts.region_mode}
+    g = model.grid
+
+    def paper(**kw):
+        return paper_numbers(g, model.region_size, alpha=model.alpha, beta=model.beta, loss=opts.loss, **kw)
 
     dense = dense_backbone(model)
-    fns = {"dense": dense, f"lfvit_early_exit_eta{eta:g}": lambda x: model.forward_early_exit(x, eta),
-           "lfvit_two_stage": model}
-    with torch.inference_mode():
-        rows = compare(fns, images, baseline="dense", warmup=warmup, repeats=repeats)
-        model.forward_early_exit(images, eta)
-    focus = model.last_record.exit_stage.float().mean().item()
-    return {"rows": rows, "batch": images.shape[0], "focus_fraction": focus, "device": str(images.device),
-            "dtype": str(images.dtype)}
-
-
-def run(cfg: EvalConfig) -> dict:
-    """Evaluate per ``cfg``; returns the JSON-able results (also written to ``output_dir/results.json``)."""
-    from vitbench.data import build_eval_loader, data_defaults
-    from vitbench.report import markdown_table, write_json
-
-    out = Path(cfg.output_dir)
-    model = build_model(cfg, load_weights=not cfg.flops_only)
-    flops = stage_flops(model)
-    result: dict = {"config": asdict(cfg), "flops": flops_table(cfg.model, model)}
-    print(markdown_table([result["flops"]], digits=3))
-    if cfg.flops_only:
-        return result
-    device = torch.device(cfg.device)
-    model.to(device)
-    dd = data_defaults(cfg.data)
-    if dd.num_classes != model.num_classes and cfg.data == "digits":
-        raise ValueError(f"{cfg.model} has {model.num_classes} classes, digits has {dd.num_classes}")
-    size = model.patch_embed.img_size[0]
-    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    loader = build_eval_loader(cfg.data, size, mean, std, batch_size=cfg.batch_size, crop_pct=dd.crop_pct,
-                               num_workers=cfg.num_workers, limit=cfg.limit)
-    dataset = loader.dataset
-    need_pass = any(m in cfg.modes for m in ("anytime", "budgeted", "regions"))
-    res = collect(model, loader, device) if need_pass else None
-    if "anytime" in cfg.modes:
-        result["anytime"] = anytime(res)
-        print("\nAnytime (every image through both stages):\n" + markdown_table([result["anytime"]]))
-    if "budgeted" in cfg.modes:
-        rows = budgeted(res, flops, cfg.etas)
-        result["budgeted"] = rows
-        result["budget_figure"] = str(plot_budget(rows, dense_gflops(model), out / "budgeted.png", cfg.model))
-        shown = [r for r in rows if round(r["eta"] * 100) % 10 == 0 or r["eta"] == cfg.eta]
-        print(f"\nBudgeted (eta sweep; figure {result['budget_figure']}):\n" + markdown_table(
-            shown, ["eta", "top1", "gflops", "focus_fraction", "n_location", "n_focus"], digits=3))
-    if "regions" in cfg.modes:
-        boxes = dataset.boxes_for(res["index"], size)
-        if boxes is not None:
-            result["region_hits"] = region_hits(res, boxes, model)
-            print("\nRegion hit rate (window contains the box centre):\n" + markdown_table([result["region_hits"]]))
-        fig = plot_regions(dataset, res, model, cfg.eta, cfg.num_visualise, out / "regions.png")
-        result["region_figure"] = str(fig) if fig else None
-    if "variants" in cfg.modes:
-        rows = []
+    settings = [ev.Setting("dense", "dense", "backbone (timing reference)", {}, dense, gflops=dense_gflops(model),
+                           paper=paper(dense=True), evaluate=False),
+                _two_stage(cfg, model, loader, spec, "LF-ViT two-stage", "eta 1", {**params, "eta": 1.0},
+                           paper(region_mode=opts.region_mode), main=True)]
+    if loader is not None:
+        settings += [_early_exit(model, eta, params, paper(eta=eta)) for eta in opts.eta]
+    if opts.variants:
         for mode in REGION_MODES:
-            model.set_lf_options(region_mode=mode)
-            model.region_generator = torch.Generator().manual_seed(cfg.seed)
-            r = collect(model, loader, device, desc=mode)
-            row = {"variant": mode, **anytime(r)}
-            boxes = dataset.boxes_for(r["index"], size)
-            if boxes is not None:
-                row["hit_rate"] = region_hits(r, boxes, model)["hit_rate"]
-            rows.append(row)
-        model.set_lf_options(region_mode=cfg.region_mode)
-        model.region_generator = None
-        result["variants"] = rows
-        print("\nRegion-selection variants (Table 6, no early exit):\n" + markdown_table(rows))
-    if "throughput" in cfg.modes:
-        images = torch.cat([b[0] for _, b in zip(range(-(-cfg.throughput_batch // cfg.batch_size)), loader)])
-        images = images.repeat(-(-cfg.throughput_batch // len(images)), 1, 1, 1)[:cfg.throughput_batch].to(device)
-        result["throughput"] = throughput(model, images, cfg.eta, cfg.warmup, cfg.repeats)
-        print(f"\nThroughput (batch {cfg.throughput_batch}, {device}, fp32, eta {cfg.eta}, "
-              f"{100 * result['throughput']['focus_fraction']:.1f}% reach focus):\n"
-              + markdown_table(result["throughput"]["rows"]))
-    for table in cfg.paper:
-        rows = paper_rows(table, result, model.region_size, model.grid, model.alpha, model.beta, cfg.loss)
-        result.setdefault("paper", {})[table] = rows
-        print(f"\nPaper {table} vs measured ({cfg.data}):\n" + (markdown_table(rows) if rows else
-              f"(no {table} row for g {model.grid}, m {model.region_size})"))
-    write_json(out / "results.json", result)
-    return result
+            variant = copy.deepcopy(model)
+            variant.set_lf_options(region_mode=mode)
+            variant.region_generator = torch.Generator().manual_seed(cfg.seed)
+            settings.append(_two_stage(cfg, variant, loader, spec, "LF-ViT region selection", mode,
+                                       {**params, "region_mode": mode, "eta": 1.0}, paper(region_mode=mode),
+                                       main=False))
+    return settings
 
 
-def main(argv: list[str] | None = None) -> int:
-    from vitbench.report import write_json
-
-    ns = build_parser().parse_args(argv)
-    try:
-        cfg = EvalConfig.from_args(ns)
-        result = run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"lfvit-eval: error: {e}", file=sys.stderr)
-        return 2
-    if cfg.json:
-        write_json(cfg.json, result)
+def body(args: argparse.Namespace) -> int:
+    cfg, opts = ev.EvalConfig.from_args(args), LFOptions.from_args(args)
+    ev.prepare_outputs(cfg)
+    model = build_model(cfg, opts)
+    ev.run(cfg, opts, model, lambda loader, spec: build_settings(cfg, opts, model, loader, spec),
+           figure_patterns=("budgeted.png", "regions.png"))
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), body, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -4,13 +4,14 @@ class-attention-recording ``Attention`` (swapped in ToMe-style; state-dict keys 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 from .focus import focus_sequence, upsample_tokens
@@ -241,17 +242,33 @@ def check_eta(eta: float) -> float:
     return float(eta)
 
 
-def _create(arch: dict, pretrained: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs) -> LFVisionTransformer:
-    if pretrained:
-        raise ValueError("no hosted LF-ViT weights; load a checkpoint (official layout accepted) instead")
-    kwargs.pop("pretrained_cfg", None)
-    kwargs.pop("pretrained_cfg_overlay", None)
-    kwargs.pop("cache_dir", None)
-    model = LFVisionTransformer(**{**arch, **kwargs})
-    size = model.patch_embed.img_size
-    model.pretrained_cfg = {"input_size": (3, *size), "mean": mean, "std": std, "crop_pct": 0.875,
-                            "interpolation": "bicubic", "num_classes": model.num_classes}
-    return model
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+EMBEDDED_WEIGHTS = WEIGHTS_DIR / "lfvit_vit_digits_patch8_112.safetensors"
+
+
+def _cfg(**kwargs) -> dict:
+    return {"input_size": (3, 224, 224), "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 0.875,
+            "interpolation": "bicubic", "num_classes": 1000, "first_conv": "patch_embed.proj", "classifier": "head",
+            "license": "apache-2.0", **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    "lfvit_deit_small_patch16_224": _cfg(),
+    "lfvit_deit_small_patch16_288": _cfg(input_size=(3, 288, 288)),
+    "lfvit_vit_digits_patch8_112.embedded": _cfg(file=str(EMBEDDED_WEIGHTS), input_size=(3, 112, 112),
+                                                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,
+                                                 num_classes=10),
+})
+
+
+def _create(variant: str, arch: dict, pretrained: bool, **kwargs) -> LFVisionTransformer:
+    if pretrained and variant != "lfvit_vit_digits_patch8_112":
+        raise ValueError(f"no hosted LF-ViT weights for {variant}; give --checkpoint PATH (the released layout "
+                         "is accepted)")
+    if pretrained and not EMBEDDED_WEIGHTS.is_file():
+        raise FileNotFoundError(f"the embedded LF-ViT weights are not installed ({EMBEDDED_WEIGHTS}); train them "
+                                "with `lfvit-train` (see the lfvit README) or give --checkpoint PATH")
+    return build_model_with_cfg(LFVisionTransformer, variant, pretrained, **{**arch, **kwargs})
 
 
 _DEIT_S = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6}
@@ -260,18 +277,18 @@ _DEIT_S = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6}
 @register_model
 def lfvit_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> LFVisionTransformer:
     """LF-ViT on DeiT-S, 224 px (g = 7)."""
-    return _create({**_DEIT_S, "img_size": 224}, pretrained, **kwargs)
+    return _create("lfvit_deit_small_patch16_224", {**_DEIT_S, "img_size": 224}, pretrained, **kwargs)
 
 
 @register_model
 def lfvit_deit_small_patch16_288(pretrained: bool = False, **kwargs) -> LFVisionTransformer:
     """LF-ViT* on DeiT-S, 288 px (g = 9)."""
-    return _create({**_DEIT_S, "img_size": 288}, pretrained, **kwargs)
+    return _create("lfvit_deit_small_patch16_288", {**_DEIT_S, "img_size": 288}, pretrained, **kwargs)
 
 
 @register_model
 def lfvit_vit_digits_patch8_112(pretrained: bool = False, **kwargs) -> LFVisionTransformer:
     """LF-ViT on the embedded backbone geometry: 112 px, patch 8 (14 x 14 full, 7 x 7 at 56 px), embed 64,
-    depth 12, 2 heads, 10 classes."""
+    depth 12, 2 heads, 10 classes. ``pretrained=True`` loads the weights shipped with lfvit."""
     arch = {"img_size": 112, "patch_size": 8, "embed_dim": 64, "depth": 12, "num_heads": 2, "num_classes": 10}
-    return _create(arch, pretrained, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **kwargs)
+    return _create("lfvit_vit_digits_patch8_112", arch, pretrained, **kwargs)

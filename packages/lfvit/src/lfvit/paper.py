@@ -1,4 +1,4 @@
-"""The paper's reported numbers (ImageNet, DeiT-S) and paper-vs-measured tables for ``lfvit-eval --paper``."""
+"""The paper's reported numbers (ImageNet, DeiT-S), printed beside the measured rows of ``lfvit-eval``."""
 
 from __future__ import annotations
 
@@ -16,43 +16,34 @@ TABLE6 = {"negative_ngca": (75.3, 79.7), "max_gca": (75.8, 80.2), "min_gca": (75
           "ngca": (76.1, 80.8)}
 # Table 7 (m 5, no early exit): loss -> (location, focus) top-1 %.
 TABLE7 = {"ce_ce": (76.1, 80.4), "ce_kl": (76.1, 80.8)}
-TABLES = ("table2", "table3", "table4", "table5", "table6", "table7")
-ABLATION_ETA = 0.76
+DEIT_S = {"top1": 79.8, "gflops": 4.6, "img_s_a100": 2601}
+DEFAULT_ALPHA, DEFAULT_BETA, ABLATION_ETA = 0.88, 0.99, 0.76
 
 
-def _at_eta(budget: list[dict], eta: float) -> dict:
-    return min(budget, key=lambda r: abs(r["eta"] - eta))
+def paper_numbers(grid: int, m: int, eta: float | None = None, alpha: float = DEFAULT_ALPHA,
+                  beta: float = DEFAULT_BETA, loss: str = "ce_kl", region_mode: str | None = None,
+                  dense: bool = False) -> dict:
+    """The paper's reported numbers (ImageNet, DeiT-S) for one result row, ``{}`` where the paper has none.
 
-
-def paper_rows(table: str, result: dict, region_size: int, grid: int, alpha: float, beta: float,
-               loss: str = "ce_kl") -> list[dict]:
-    """Paper vs measured rows for ``table`` from an ``lfvit-eval`` result (budgeted / anytime / variants)."""
-    if table not in TABLES:
-        raise ValueError(f"unknown table {table!r}; choose from {TABLES}")
-    budget, any_ = result.get("budgeted"), result.get("anytime")
-    need = {"table2": budget, "table3": budget, "table4": budget, "table5": budget, "table6": result.get("variants"),
-            "table7": any_}[table]
-    if need is None:
-        mode = {"table6": "variants", "table7": "anytime"}.get(table, "budgeted")
-        raise ValueError(f"--paper {table} needs --modes including {mode}")
-    if table == "table2":
-        rows = []
-        for m, eta, acc, gf, ips in TABLE2:
-            if m == region_size:
-                r = _at_eta(budget, eta)
-                rows.append({"m": m, "eta": eta, "paper_top1": acc, "top1": r["top1"], "paper_gflops": gf,
-                             "gflops": r["gflops"], "paper_img_s_a100": ips})
-        return rows
-    if table == "table3":
-        return [{"g": g, "m": m, "eta": eta, "paper_top1": acc, "top1": _at_eta(budget, eta)["top1"],
-                 "paper_gflops": gf, "gflops": _at_eta(budget, eta)["gflops"]}
-                for g, m, eta, acc, gf in TABLE3 if g == grid and m == region_size]
-    if table in ("table4", "table5"):
-        key, ref = (beta, TABLE4) if table == "table4" else (alpha, TABLE5)
-        return [{"beta" if table == "table4" else "alpha": key, "eta": ABLATION_ETA, "paper_top1": ref.get(key),
-                 "top1": _at_eta(budget, ABLATION_ETA)["top1"]}]
-    if table == "table6":
-        return [{"variant": r["variant"], "paper_location": TABLE6[r["variant"]][0], "location": r["location_top1"],
-                 "paper_focus": TABLE6[r["variant"]][1], "focus": r["focus_top1"]} for r in result["variants"]]
-    return [{"loss": loss, "paper_location": TABLE7[loss][0], "location": any_["location_top1"],
-             "paper_focus": TABLE7[loss][1], "focus": any_["focus_top1"]}]
+    ``dense``: DeiT-S itself. With ``eta``: the early-exit operating point of Table 2 / Table 3 (``m``, ``eta``,
+    ``grid``), or at Tables 4 / 5's eta 0.76 the beta / alpha ablation. Without ``eta`` (every image through both
+    stages): Table 6's region-selection ``region_mode`` or, for NGCA, Table 7's ``loss``, as location / focus
+    top-1."""
+    if dense:
+        return dict(DEIT_S)
+    if eta is not None:
+        for m_, eta_, top1, gflops, img_s in TABLE2:
+            if grid == 7 and (m_, eta_) == (m, eta) and (alpha, beta) == (DEFAULT_ALPHA, DEFAULT_BETA):
+                return {"top1": top1, "gflops": gflops, "img_s_a100": img_s}
+        for g_, m_, eta_, top1, gflops in TABLE3:
+            if (g_, m_, eta_) == (grid, m, eta):
+                return {"top1": top1, "gflops": gflops}
+        if m == 5 and eta == ABLATION_ETA and beta != DEFAULT_BETA and beta in TABLE4:
+            return {"top1": TABLE4[beta]}
+        if m == 5 and eta == ABLATION_ETA and alpha != DEFAULT_ALPHA and alpha in TABLE5:
+            return {"top1": TABLE5[alpha]}
+        return {}
+    if m != 5 or grid != 7:
+        return {}
+    pair = TABLE7.get(loss) if region_mode in (None, "ngca") else TABLE6.get(region_mode)
+    return {} if pair is None else {"location_top1": pair[0], "focus_top1": pair[1]}

@@ -14,8 +14,9 @@ import sys
 from dataclasses import asdict, dataclass
 
 import timm
+from vitbench.models import read_state_dict
 
-from .checkpoint import init_from_backbone, load_lfvit_checkpoint, read_state_dict
+from .checkpoint import init_from_backbone, load_lfvit_checkpoint
 from .losses import LOSS_VARIANTS, lfvit_loss
 from .model import LFVisionTransformer
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from vitbench.models import read_state_dict
+from vitbench.models import load_state, read_state_dict
 
 from .patch import is_patched
 
@@ -27,12 +27,17 @@ _META_KEY = "liferegress"
 def read_config(path: str | Path) -> dict | None:
     """The Life Regression config stored in a checkpoint saved by ``save_checkpoint`` (``None`` if absent)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix != ".safetensors":
         return None
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"checkpoint {path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
     return json.loads(meta[_META_KEY]) if _META_KEY in meta else None
 
 
@@ -61,17 +66,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
     when ``strict=False``, e.g. a plain backbone checkpoint)."""
     if not is_patched(model):
         raise TypeError("call liferegress.apply(model, ...) before loading a Life Regression checkpoint")
-    state = convert_state_dict(read_state_dict(path))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and v.shape != own[k].shape]
-    if unexpected or shapes or (strict and missing) or any(k != "life_predictor.W" for k in missing):
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:6]}, unexpected "
-                         f"{unexpected[:6]}, shape mismatch {shapes[:4]}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
-    return missing
+    optional = () if strict else ("life_predictor.W",)
+    return load_state(model, convert_state_dict(read_state_dict(path)), path, optional=optional)
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:

@@ -17,13 +17,13 @@ def plot_life_maps(
     drop_layers: tuple[int, ...],
     path: str | Path,
     titles: list[str] | None = None,
+    title: str = "",
 ) -> Path:
     """One row per image: the input, its lives (clamped to [t_base, T] for display only, values in the cells) and,
     per drop layer, the input with the dropped patches darkened. ``images`` (B, 3, H, W) in [0, 1]; ``lives``
     (B, 1 + gh*gw); ``kept`` original token indices per drop layer."""
-    import matplotlib
+    from vitbench.figures import save
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     gh, gw = grid
@@ -37,7 +37,8 @@ def plot_life_maps(
         axes[i, 0].imshow(img)
         axes[i, 0].set_title(titles[i] if titles else "input", fontsize=8)
         life = lives[i, 1:].clamp(t_base, depth).reshape(gh, gw).cpu()
-        axes[i, 1].imshow(life.numpy(), cmap="viridis", vmin=t_base, vmax=depth)
+        shown = axes[i, 1].imshow(life.numpy(), cmap="viridis", vmin=t_base, vmax=depth)
+        fig.colorbar(shown, ax=axes[i, 1], fraction=0.046, pad=0.04, label="predicted life (block)")
         axes[i, 1].set_title(f"life (clamped {t_base}-{depth})", fontsize=8)
         if gh * gw <= 256:
             for r in range(gh):
@@ -52,13 +53,11 @@ def plot_life_maps(
             shade = mask.reshape(gh, gw).repeat_interleave(ph, 0).repeat_interleave(pw, 1)
             shade = (0.25 + 0.75 * shade).numpy()[..., None]
             axes[i, 2 + k].imshow(img[: gh * ph, : gw * pw] * shade)
-            axes[i, 2 + k].set_title(f"stage {k + 1}: block {layer}, {len(patches)} patches", fontsize=8)
+            axes[i, 2 + k].set_title(f"kept from block {layer}: {len(patches)} patches", fontsize=8)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
+    fig.suptitle(f"{title}\nlife = the block after which a patch is dropped; darkened: patches dropped by then",
+                 fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return save(fig, Path(path), dpi=150)

@@ -1,0 +1,507 @@
+"""The evaluation harness every ``*-eval`` command shares: common flags, one config, one result schema, one timing run.
+
+A method package adds its own flags and a list of :class:`Setting` (the dense model first); :func:`evaluate` runs
+one labelled pass over the validation set per setting (the setting's ``run`` hook returns the logits and per-image
+GFLOPs of a batch), then times every setting in ONE interleaved :func:`vitbench.throughput.compare` call, and
+:func:`write_results` writes ``results.json`` / ``results.md`` in the schema :data:`RESULT_SCHEMA`. vitbench never
+imports a method package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cli import check_writable, check_writable_file
+from .data import parse_data_spec
+
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+
+
+def config_from_args(cls, ns: argparse.Namespace):
+    """A frozen dataclass from the namespace entries named like its fields (lists become tuples)."""
+    values = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The options every ``*-eval`` shares (same names, meanings and defaults in the three packages)."""
+
+    data: str = "digits"
+    model: str = "vit_digits_patch8_112"
+    checkpoint: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    img_size: int | None = None
+    crop_pct: float | None = None
+    batch_size: int = 64
+    num_workers: int = 2
+    limit: int | None = None
+    skip_corrupt: bool = False
+    device: str = "auto"
+    amp: bool = False
+    compile: bool = False
+    output_dir: str = "runs/eval"
+    json: str | None = None
+    flops_only: bool = False
+    throughput: bool = True
+    throughput_batch: int = 32
+    warmup: int = 2
+    repeats: int = 5
+    visualize: tuple[int, ...] = (0, 1, 2, 3)
+    seed: int = 0
+
+    def __post_init__(self):
+        parse_data_spec(self.data)  # an unknown prefix fails here, before any work
+        checks = [
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
+            (self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}"),
+            (self.num_classes is None or self.num_classes >= 2, f"--num-classes must be >= 2, got {self.num_classes}"),
+            (self.img_size is None or self.img_size >= 8, f"--img-size must be >= 8, got {self.img_size}"),
+            (self.crop_pct is None or 0 < self.crop_pct <= 1, f"--crop-pct must be in (0, 1], got {self.crop_pct}"),
+            (self.throughput_batch >= 1, f"--throughput-batch must be >= 1, got {self.throughput_batch}"),
+            (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
+            (self.repeats >= 1, f"--repeats must be >= 1, got {self.repeats}"),
+            (all(i >= 0 for i in self.visualize), f"--visualize takes validation indices >= 0, got {self.visualize}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        resolve_device(self.device, check_only=True)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> EvalConfig:
+        return config_from_args(cls, ns)
+
+
+def add_eval_args(parser: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
+    """Add the common evaluation flags; ``defaults`` overrides :class:`EvalConfig` defaults per package."""
+    d = {f.name: f.default for f in fields(EvalConfig)}
+    unknown = set(defaults) - set(d)
+    if unknown:
+        raise KeyError(f"unknown EvalConfig fields: {sorted(unknown)}")
+    d.update(defaults)
+    g = parser.add_argument_group("data and model (common to every *-eval)")
+    g.add_argument("--data", default=d["data"],
+                   help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH (default: %(default)s)")
+    g.add_argument("--model", default=d["model"], help="timm model name (default: %(default)s)")
+    g.add_argument("--checkpoint", default=d["checkpoint"],
+                   help="local .safetensors/.pth weights (default: the shipped weights of the embedded model)")
+    g.add_argument("--pretrained", action="store_true", default=d["pretrained"],
+                   help="timm's pretrained weights for --model (needs the Hub; default: off)")
+    g.add_argument("--num-classes", type=int, default=d["num_classes"],
+                   help="classifier size, e.g. 100 for an ImageNet-100 checkpoint (default: the model's)")
+    g.add_argument("--img-size", type=int, default=d["img_size"],
+                   help="input size, a multiple of the patch size (default: the model's)")
+    g.add_argument("--crop-pct", type=float, default=d["crop_pct"],
+                   help="centre-crop fraction (default: 0.875 for ImageNet-style data, 1.0 for digits)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="evaluation batch (default: %(default)s)")
+    g.add_argument("--num-workers", type=int, default=d["num_workers"],
+                   help="data-loading processes (default: %(default)s)")
+    g.add_argument("--limit", type=int, default=d["limit"],
+                   help="evaluate only the first N validation images (default: all)")
+    g.add_argument("--skip-corrupt", action="store_true", default=d["skip_corrupt"],
+                   help="check every image first; drop and count unreadable ones instead of failing (default: off)")
+    g.add_argument("--device", default=d["device"], help=f"{DEVICE_HELP} (default: %(default)s)")
+    g.add_argument("--amp", action="store_true", default=d["amp"],
+                   help="autocast every pass and timing (fp16 on CUDA, bf16 on CPU; default: off)")
+    g.add_argument("--compile", action="store_true", default=d["compile"],
+                   help="torch.compile every timed model, the dense one included (default: off)")
+    g.add_argument("--seed", type=int, default=d["seed"], help="seed of random variants (default: %(default)s)")
+    g = parser.add_argument_group("outputs and timing (common to every *-eval)")
+    g.add_argument("--output-dir", default=d["output_dir"],
+                   help="results.json, results.md and figures go here (default: %(default)s)")
+    g.add_argument("--json", default=d["json"], help="also write the results to this file (default: none)")
+    g.add_argument("--flops-only", action="store_true", default=d["flops_only"],
+                   help="no data, no weights: the rows' GFLOPs, measured fields null (default: off)")
+    g.add_argument("--no-throughput", dest="throughput", action="store_false", default=d["throughput"],
+                   help="skip the timing run (default: every setting timed against the dense model)")
+    g.add_argument("--throughput-batch", type=int, default=d["throughput_batch"],
+                   help="validation images per timed call (default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=d["warmup"], help="untimed calls per model (default: %(default)s)")
+    g.add_argument("--repeats", type=int, default=d["repeats"],
+                   help="timed calls per model, order rotated each repeat (default: %(default)s)")
+    g.add_argument("--visualize", type=int, nargs="*", default=list(d["visualize"]), metavar="IDX",
+                   help="validation indices drawn in the method's figures; none to skip (default: 0 1 2 3)")
+    return parser
+
+
+def build_parser(prog: str, description: str, output_dir: str) -> argparse.ArgumentParser:
+    """An ``*-eval`` parser holding the common flags (the method adds its own group)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_eval_args(parser, output_dir=output_dir)
+
+
+def resolve_device(text: str, check_only: bool = False) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    head, _, index = text.partition(":")
+    if head not in ("cpu", "cuda") or (index and (head == "cpu" or not index.isdigit())):
+        raise ValueError(f"--device {text!r}: use {DEVICE_HELP}")
+    if head == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available on this machine; use --device cpu or auto")
+    if head == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(text)
+
+
+def prepare_outputs(cfg: EvalConfig) -> Path:
+    """Prove the output folder and ``--json`` are writable before any work; ``--json`` may not be the folder's
+    own ``results.json``. Returns the output folder."""
+    out = check_writable(cfg.output_dir, "--output-dir")
+    if cfg.json:
+        path = check_writable_file(cfg.json)
+        if path.resolve() in ((out / "results.json").resolve(), (out / "results.md").resolve()):
+            raise ValueError(f"--json {cfg.json} would replace the output folder's own {path.name}; "
+                             "give another path")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models and data
+
+
+def load_model(cfg: EvalConfig, **kwargs) -> torch.nn.Module:
+    """``cfg.model`` with ``--checkpoint`` / ``--pretrained`` / the embedded weights, ``--num-classes`` and
+    ``--img-size`` applied (``kwargs`` go to timm), in eval mode."""
+    from .models import EMBEDDED_MODEL, check_model_name, create_model
+
+    check_model_name(cfg.model)
+    if cfg.num_classes is not None:
+        kwargs["num_classes"] = cfg.num_classes
+    if cfg.img_size is not None:
+        kwargs["img_size"] = cfg.img_size
+    embedded = cfg.model == EMBEDDED_MODEL and cfg.checkpoint is None and cfg.num_classes is None
+    pretrained = cfg.pretrained or (embedded and not cfg.flops_only)
+    if not (pretrained or cfg.checkpoint or cfg.flops_only):
+        raise ValueError(f"no weights for {cfg.model}: give --checkpoint PATH or --pretrained")
+    model = create_model(cfg.model, pretrained=pretrained, checkpoint=None if cfg.flops_only else cfg.checkpoint,
+                         **kwargs)
+    check_img_size(model, cfg.img_size)
+    return model.eval()
+
+
+def check_img_size(model: torch.nn.Module, img_size: int | None) -> None:
+    """Refuse an input size the patch grid does not divide (it would silently be cropped)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if img_size is not None and patch is not None and img_size % patch[0]:
+        raise ValueError(f"--img-size {img_size} is not a multiple of the patch size {patch[0]}")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+
+    def boxes(self, dataset, index) -> torch.Tensor | None:
+        """Ground-truth boxes of ``index`` in model-input pixels; None without boxes or under a centre crop."""
+        if self.crop_pct != 1.0 or not hasattr(dataset, "boxes_for"):
+            return None
+        return dataset.boxes_for(index, self.img_size)
+
+
+def build_loader(cfg: EvalConfig, model: torch.nn.Module):
+    """The validation loader for ``model`` (its input size, mean and std; the dataset's crop) and that spec.
+
+    Refuses a dataset whose class count differs from the model's classifier."""
+    from timm.data import resolve_data_config
+
+    from .data import build_eval_loader, data_defaults
+
+    resolved = resolve_data_config({}, model=model)
+    spec = InputSpec(cfg.img_size or resolved["input_size"][-1], tuple(resolved["mean"]), tuple(resolved["std"]),
+                     cfg.crop_pct if cfg.crop_pct is not None else data_defaults(cfg.data).crop_pct)
+    loader = build_eval_loader(cfg.data, spec.img_size, spec.mean, spec.std, batch_size=cfg.batch_size,
+                               crop_pct=spec.crop_pct, num_workers=cfg.num_workers, limit=cfg.limit,
+                               skip_corrupt=cfg.skip_corrupt)
+    classes = len(loader.dataset.classes)
+    if getattr(model, "num_classes", classes) != classes:
+        raise ValueError(f"{cfg.model} has {model.num_classes} classes but {cfg.data} has {classes}; "
+                         "give --num-classes with a matching --checkpoint")
+    if len(loader.dataset) == 0:
+        raise ValueError(f"{cfg.data} has no validation images")
+    return loader, spec
+
+
+def timing_batch(loader, size: int, device: torch.device) -> torch.Tensor:
+    """The first ``size`` validation images (repeated if the set is smaller): what every model is timed on."""
+    images = []
+    for batch in loader:
+        images.append(batch[0])
+        if sum(len(b) for b in images) >= size:
+            break
+    x = torch.cat(images)
+    return x.repeat(-(-size // len(x)), 1, 1, 1)[:size].to(device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Settings, rows and the schema
+
+RunHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Setting:
+    """One evaluated setting. ``run(images, labels, index) -> (logits [B, C], gflops [B])`` is the per-batch hook
+    (it may record method state); ``finish(row, out_dir)`` fills ``row["extra"]`` / ``row["figures"]`` after the
+    pass. ``timed`` is what the timing run calls (default ``model``); ``evaluate=False`` gives a timing-only row.
+    ``gflops`` is the data-free count used by ``--flops-only``; ``extra`` the method fields known without data."""
+
+    method: str
+    series: str
+    point: str
+    params: dict
+    model: torch.nn.Module
+    run: RunHook | None = None
+    gflops: float | None = None
+    timed: Callable[[torch.Tensor], Any] | None = None
+    finish: Callable[[dict, Path], None] | None = None
+    paper: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    evaluate: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.series} {self.point}".strip()
+
+
+ROW_FIELDS = {
+    "method": str, "series": str, "point": str, "label": str, "setting": dict, "top1": (float, type(None)),
+    "top5": (float, type(None)), "images": (int, type(None)), "gflops": (float, type(None)),
+    "gflops_saved": (float, type(None)), "img_s": (float, type(None)), "speedup": (float, type(None)),
+    "speedup_spread": (list, type(None)), "ideal_speedup": (float, type(None)), "paper": dict, "figures": dict,
+    "extra": dict,
+}
+RESULT_SCHEMA = {
+    "config": dict,  # the resolved common config plus the method's own options under "method"
+    "environment": dict,  # torch, timm, device, threads, amp, compile, git commit (None when unknown)
+    "data": dict,  # spec, images evaluated, skipped (paths of unreadable files dropped by --skip-corrupt)
+    "rows": list,  # one row per setting, ROW_FIELDS
+}
+ENVIRONMENT_FIELDS = ("torch", "timm", "device", "threads", "amp", "compile", "git_commit")
+
+
+def validate_result(result: dict) -> None:
+    """Raise ``ValueError`` naming the first field of ``result`` (a parsed results.json) off the schema."""
+    def check(obj: dict, spec: dict, where: str) -> None:
+        missing, extra = set(spec) - set(obj), set(obj) - set(spec)
+        if missing or extra:
+            raise ValueError(f"{where}: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for key, kind in spec.items():
+            value = obj[key]
+            if isinstance(value, int) and not isinstance(value, bool) and kind in ((float, type(None)), float):
+                continue  # JSON writes 2.0 as 2.0 but 2 as an int; both are numbers
+            if not isinstance(value, kind):
+                raise ValueError(f"{where}.{key}: {type(value).__name__} is not {kind}")
+
+    check(result, RESULT_SCHEMA, "result")
+    if set(result["environment"]) != set(ENVIRONMENT_FIELDS):
+        raise ValueError(f"result.environment keys {sorted(result['environment'])} != {sorted(ENVIRONMENT_FIELDS)}")
+    for i, row in enumerate(result["rows"]):
+        check(row, ROW_FIELDS, f"rows[{i}]")
+        spread = row["speedup_spread"]
+        if spread is not None and (len(spread) != 2 or spread[0] > spread[1]):
+            raise ValueError(f"rows[{i}].speedup_spread {spread} is not [min, max]")
+
+
+def empty_row(s: Setting) -> dict:
+    """The row of ``s`` with every measured field null."""
+    return {**dict.fromkeys(ROW_FIELDS), "method": s.method, "series": s.series, "point": s.point,
+            "label": s.label, "setting": dict(s.params), "gflops": s.gflops, "paper": dict(s.paper), "figures": {},
+            "extra": dict(s.extra)}
+
+
+def _fill_ratios(rows: list[dict]) -> None:
+    dense = rows[0]["gflops"]
+    for row in rows:
+        if dense and row["gflops"]:
+            row["gflops_saved"] = 100.0 * (1.0 - row["gflops"] / dense)
+            row["ideal_speedup"] = dense / row["gflops"]
+
+
+def status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def autocast(device: torch.device, amp: bool):
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def flops_rows(settings: Sequence[Setting]) -> list[dict]:
+    """``--flops-only``: every setting's data-free GFLOPs, measured fields null."""
+    rows = [empty_row(s) for s in settings]
+    _fill_ratios(rows)
+    return rows
+
+
+def evaluate(cfg: EvalConfig, settings: Sequence[Setting], loader, device: torch.device,
+             out_dir: Path) -> list[dict]:
+    """One labelled pass per setting, then one timing run of them all; rows in the schema, dense row first."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    for i, s in enumerate(settings):
+        row = empty_row(s)
+        rows.append(row)
+        if not s.evaluate:
+            continue
+        status(f"[{i + 1}/{len(settings)}] evaluating {s.label} on {len(loader.dataset)} images")
+        correct1 = correct5 = n = 0
+        gflops = []
+        s.model.to(device)
+        with torch.inference_mode(), autocast(device, cfg.amp):
+            for images, labels, index in tqdm(loader, desc=s.label, leave=False, file=sys.stderr):
+                images, labels = images.to(device), labels.to(device)
+                logits, g = s.run(images, labels, index)
+                top = logits.topk(min(5, logits.shape[-1]), -1).indices
+                correct1 += int((top[:, 0] == labels).sum())
+                correct5 += int((top == labels[:, None]).any(-1).sum())
+                n += len(labels)
+                gflops.append(torch.as_tensor(g, dtype=torch.float64).expand(len(labels)).cpu())
+        row.update(top1=100.0 * correct1 / n, top5=100.0 * correct5 / n, images=n,
+                   gflops=float(torch.cat(gflops).mean()))
+        if s.finish:
+            s.finish(row, out_dir)
+    _fill_ratios(rows)
+    if cfg.throughput:
+        time_rows(cfg, settings, rows, timing_batch(loader, cfg.throughput_batch, device))
+    return rows
+
+
+def time_rows(cfg: EvalConfig, settings: Sequence[Setting], rows: list[dict], inputs: torch.Tensor,
+              clock: str | Callable[[], float] = "wall") -> None:
+    """Time every setting in ONE interleaved :func:`~vitbench.throughput.compare` call against the first (dense);
+    fills ``img_s``, ``speedup`` (median of the per-repeat ratios) and ``speedup_spread`` ([min, max])."""
+    from .throughput import compare
+
+    fns = {}
+    for s in settings:
+        fn = s.timed or s.model.to(inputs.device)
+        fns[s.label] = torch.compile(fn) if cfg.compile else fn
+    if len(fns) != len(settings):
+        raise ValueError(f"settings need distinct labels to be timed, got {[s.label for s in settings]}")
+    status(f"timing {len(fns)} models x {cfg.repeats} repeats (batch {inputs.shape[0]}, {inputs.device}, "
+           f"{'amp' if cfg.amp else 'fp32'}{', compiled' if cfg.compile else ''})")
+    timed = {t["name"]: t for t in compare(fns, inputs, baseline=settings[0].label, warmup=cfg.warmup,
+                                             repeats=cfg.repeats, amp=cfg.amp, clock=clock)}
+    for s, row in zip(settings, rows):
+        t = timed[s.label]
+        row.update(img_s=t["img_s"], speedup=t["speedup"], speedup_spread=t["speedup_spread"])
+
+
+def environment(cfg: EvalConfig, device: torch.device) -> dict:
+    import timm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"torch": torch.__version__, "timm": timm.__version__, "device": str(device),
+            "threads": torch.get_num_threads(), "amp": cfg.amp, "compile": cfg.compile, "git_commit": commit}
+
+
+MD_COLUMNS = ("label", "top1", "top5", "gflops", "gflops_saved", "img_s", "speedup", "ideal_speedup")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The human table: measured fields, the spread of the speedup, the paper's numbers beside them."""
+    from .report import markdown_table
+
+    keys = list(dict.fromkeys(k for r in rows for k in r["paper"]))
+    shown = []
+    for r in rows:
+        spread = r["speedup_spread"]
+        shown.append({**{c: r[c] for c in MD_COLUMNS},
+                      "spread": None if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}",
+                      **{f"paper {k}": r["paper"].get(k) for k in keys}})
+    columns = [*MD_COLUMNS, "spread", *(f"paper {k}" for k in keys)]
+    return markdown_table(shown, columns, digits=3)
+
+
+def write_results(cfg: EvalConfig, method_options: Any, rows: list[dict], device: torch.device, out_dir: Path,
+                  dataset=None) -> dict:
+    """results.json + results.md in ``out_dir`` (and ``--json``); prints the table and every file written. Files
+    from an earlier run in the folder that this run did not write are named."""
+    from .report import write_json
+
+    result = {"config": {**asdict(cfg), "method": asdict(method_options) if method_options is not None else {}},
+              "environment": environment(cfg, device),
+              "data": {"spec": cfg.data, "images": len(dataset) if dataset is not None else None,
+                       "skipped": list(getattr(dataset, "skipped", []) or [])},
+              "rows": rows}
+    validate_result(_round_trip(result))
+    table = markdown(rows)
+    print(table)
+    written = [write_json(out_dir / "results.json", result)]
+    (out_dir / "results.md").write_text(table + "\n")
+    written.append(out_dir / "results.md")
+    if cfg.json:
+        written.append(write_json(cfg.json, result))
+    figures = [Path(f) for r in rows for f in r["figures"].values()]
+    written += sorted(set(figures))
+    mine = {p.resolve() for p in written}
+    stale = sorted(p for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.resolve() not in mine)
+    if result["data"]["skipped"]:
+        status(f"skipped {len(result['data']['skipped'])} unreadable image(s): "
+               + ", ".join(result["data"]["skipped"][:5]))
+    status("wrote " + ", ".join(str(p) for p in written))
+    if stale:
+        status(f"from an earlier run, not rewritten: {', '.join(p.name for p in stale)}")
+    return result
+
+
+def _round_trip(result: dict) -> dict:
+    import json
+
+    from .report import _plain
+
+    return json.loads(json.dumps(_plain(result)))
+
+
+def clear_figures(out_dir: Path, patterns: Sequence[str]) -> None:
+    """Remove a method's figures left by an earlier run, so the folder holds only this run's."""
+    for pattern in patterns:
+        for path in out_dir.glob(pattern):
+            path.unlink()
+
+
+def run(cfg: EvalConfig, options: Any, model: torch.nn.Module,
+        make_settings: Callable[[Any, InputSpec | None], list[Setting]],
+        figure_patterns: Sequence[str] = (), sweep_title: str | None = None) -> dict:
+    """The whole ``*-eval`` flow after parsing: outputs checked, ``--flops-only`` rows or the data, the settings'
+    passes, one timing run, the accuracy-vs-GFLOPs figure (when ``sweep_title``), results written.
+
+    ``make_settings(loader, input_spec)`` builds the method's settings, dense first (``loader`` and
+    ``input_spec`` are None for ``--flops-only``)."""
+    out_dir = prepare_outputs(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.flops_only:
+        return write_results(cfg, options, flops_rows(make_settings(None, None)), device, out_dir)
+    status(f"loading the validation set of {cfg.data}" + (" (checking every image)" if cfg.skip_corrupt else ""))
+    loader, spec = build_loader(cfg, model)
+    clear_figures(out_dir, [*figure_patterns, "accuracy_vs_gflops.png"])
+    rows = evaluate(cfg, make_settings(loader, spec), loader, device, out_dir)
+    if sweep_title and sum(r["top1"] is not None for r in rows) > 2:
+        from .figures import accuracy_vs_gflops
+
+        path = accuracy_vs_gflops(rows, out_dir / "accuracy_vs_gflops.png", sweep_title)
+        rows[0]["figures"]["accuracy_vs_gflops"] = str(path)
+    return write_results(cfg, options, rows, device, out_dir, loader.dataset)

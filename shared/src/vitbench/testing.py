@@ -1,0 +1,79 @@
+"""Helpers behind the test fixtures of vitbench and the method packages (tiny models, tiny image folders, the
+checks every ``*-eval`` test makes). Not used by library code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def tiny_vit(img_size: int = 56, patch_size: int = 8, peak: float | None = 4.0, seed: int | None = 0, **kw):
+    """A depth-12 timm ViT with a CLS token (embed 32, 2 heads, 10 classes) that runs in milliseconds (patch 8:
+    56 px -> 7 x 7 grid, 112 px -> 14 x 14; patch 4 at 56 px: the papers' 14 x 14). ``peak`` spreads every
+    parameter a little and sharpens the attention (scales the q/k weights), for token-selection tests; ``None``
+    keeps timm's init. ``seed`` seeds the initialisation (``None``: the caller's RNG state)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = dict(img_size=img_size, patch_size=patch_size, embed_dim=32, depth=12, num_heads=2, num_classes=10)
+    model = VisionTransformer(**{**cfg, **kw}).eval()
+    if peak is not None:
+        with torch.no_grad():  # timm's init leaves biases/norms trivial; give every parameter some spread
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+            for blk in model.blocks:
+                blk.attn.qkv.weight[: 2 * blk.attn.attn_dim] *= peak
+    return model
+
+
+def image_folder(root: Path, classes: int = 3, per_class: int = 2, size: int = 40) -> Path:
+    """A tiny ImageNet-layout folder (``train/`` and ``val/``, ``classes`` classes of random RGB images)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def common_eval_options(parser: argparse.ArgumentParser) -> dict:
+    """``{dest: (flags, default, help)}`` of the common evaluation flags in ``parser`` (``--output-dir``'s default
+    left out: each package names its own folder)."""
+    from .evaluation import add_eval_args
+
+    common = {a.dest for a in add_eval_args(argparse.ArgumentParser())._actions if a.dest != "help"}
+    return {a.dest: (tuple(a.option_strings), None if a.dest == "output_dir" else a.default, a.help)
+            for a in parser._actions if a.dest in common}
+
+
+def read_valid_result(path: Path) -> dict:
+    """A results JSON, checked against the one schema (:func:`vitbench.evaluation.validate_result`)."""
+    from .evaluation import validate_result
+
+    result = json.loads(Path(path).read_text())
+    validate_result(result)
+    return result
+
+
+def one_line_error(main, argv: list[str], capsys, match: str) -> str:
+    """Run a CLI ``main(argv)`` that must fail with exactly one ``prog: error: ...`` line (exit 2) containing
+    ``match``; returns that line."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+    return lines[0]
