@@ -1,3 +1,4 @@
+import os
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -21,3 +22,15 @@ def tiny_vit(img_size: int = 56, peak: float = 4.0, seed: int = 0, **kw) -> Visi
 def images():
     torch.manual_seed(1)
     return torch.randn(6, 3, 56, 56)
+
+
+def compile_backends():
+    """``aot_eager`` always (graph capture: fullgraph, guards, dynamic shapes); inductor (code generation, minutes on
+    2 cores) with ``VITBENCH_INDUCTOR_TESTS=1``."""
+    inductor = pytest.mark.skipif(os.environ.get("VITBENCH_INDUCTOR_TESTS") != "1",
+                                  reason="inductor compile takes minutes here; set VITBENCH_INDUCTOR_TESTS=1")
+    return ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow, inductor])]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over a minute on 2 CPU cores")

@@ -1,3 +1,4 @@
+import os
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -18,3 +19,15 @@ def make_vit():
 @pytest.fixture
 def images():
     return torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+
+
+def compile_backends():
+    """``aot_eager`` always (graph capture: fullgraph, guards, dynamic shapes); inductor (code generation, minutes on
+    2 cores) with ``VITBENCH_INDUCTOR_TESTS=1``."""
+    inductor = pytest.mark.skipif(os.environ.get("VITBENCH_INDUCTOR_TESTS") != "1",
+                                  reason="inductor compile takes minutes here; set VITBENCH_INDUCTOR_TESTS=1")
+    return ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow, inductor])]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over a minute on 2 CPU cores")

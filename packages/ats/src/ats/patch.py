@@ -189,7 +189,7 @@ class ATSBlock(Block):
         k_cfg = info.config.k_of(block)
         info.tokens_in.append(tokens.lengths)
         if k_cfg is None and tokens.uniform:
-            out = TokenSets(super().forward(tokens.x), tokens.lengths, tokens.origin, tokens.sizes)
+            out = TokenSets(self(tokens.x), tokens.lengths, tokens.origin, tokens.sizes)  # timm's Block.forward
         elif k_cfg is None:
             attn = self.attn.forward_tokens(self.norm1(tokens.x), tokens)
             x = tokens.x + tokens.drop_path(self.ls1(attn), self.drop_path1)
@@ -227,6 +227,24 @@ class ATSVisionTransformer(VisionTransformer):
         for i, blk in enumerate(self.blocks):
             tokens = blk.forward_tokens(tokens, self.ats_info, i)
         return self.norm(tokens.padded())
+
+
+def compile_dense(model: ATSVisionTransformer, **options) -> ATSVisionTransformer:
+    """``torch.compile`` (in place, ``state_dict`` keys unchanged) the dense parts of every block of an ATS model.
+
+    Whole blocks run compiled while every image still has all its tokens; after that the LayerNorms, the qkv and
+    output projections and the MLP are compiled with dynamic token counts (``dynamic=True``, one graph for every
+    count). The sampling itself stays eager: its output shapes are the per-image counts read once per stage, so a
+    whole-model ``torch.compile`` breaks its graph at each of those reads and recompiles for each new set of
+    counts. ``options`` go to ``torch.compile`` (e.g. ``mode``, ``backend``)."""
+    if not isinstance(model, ATSVisionTransformer):
+        raise TypeError("compile_dense needs a model patched with ats.apply")
+    options = {"dynamic": True, **options}
+    for blk in model.blocks:
+        blk.compile(**options)
+        for part in (blk.norm1, blk.attn.qkv, blk.attn.proj, blk.norm2, blk.mlp):
+            part.compile(**options)
+    return model
 
 
 def _check_structure(model: nn.Module) -> None:

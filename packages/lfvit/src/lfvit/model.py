@@ -197,6 +197,16 @@ class LFVisionTransformer(VisionTransformer):
         x = self.blocks(x)
         return self.forward_head(self.norm(x)), sel
 
+    def compile_stages(self, **options) -> LFVisionTransformer:
+        """``torch.compile`` the localization and the focus stage, each as one graph (``fullgraph=True``).
+
+        The early-exit decision between them stays eager: the size of the focus sub-batch is data (one host read
+        per forward). The focus stage sees a new batch size on most calls, so it is compiled with dynamic shapes
+        unless ``options`` say otherwise; ``options`` go to ``torch.compile``. Returns the model."""
+        self.localize = torch.compile(self.localize, fullgraph=True, **options)
+        self.focus = torch.compile(self.focus, fullgraph=True, **{"dynamic": True, **options})
+        return self
+
     def forward(self, x: torch.Tensor) -> LFOutput:
         """Two-stage forward (eta = 1, every image reaches the focus stage): location and focus logits."""
         loc = self.localize(self.downsample(x))
