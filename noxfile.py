@@ -3,6 +3,7 @@
 * ``nox -s tests``                 -- all packages; ``nox -s "tests(package='ats')"`` for one
 * ``nox -s lint``                  -- ruff
 * ``nox -s bench``                 -- every package's CPU throughput benchmark (``packages/*/benchmarks/*.py``)
+* ``nox -s gpu``                   -- ``tools/gpu_check.py``'s CPU tests, then the check itself when CUDA is present
 * ``nox -s reproduce``             -- the three methods side by side on the embedded default: writes
                                       ``docs/RESULTS.md``'s generated section and ``docs/figures/``
 
@@ -58,6 +59,19 @@ def bench(session: nox.Session) -> None:
         session.skip("no benchmarks")
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *session.posargs, env=OFFLINE)
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The three methods on CUDA vs CPU and the CUDA throughput sweep (``tools/gpu_check.py``); its CPU tests first."""
+    for package in PACKAGES:
+        session.install("-e", f"packages/{package}")
+    session.install("--no-deps", "-e", "shared")
+    session.install("pytest")
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tools/tests", env=OFFLINE)
+    if session.run("python", "-c", "import torch; print(int(torch.cuda.is_available()))", silent=True).strip() != "1":
+        session.skip("no CUDA device: ran the CPU tests only")
+    session.run("python", "tools/gpu_check.py", *session.posargs, env=OFFLINE)
 
 
 @nox.session

@@ -3,7 +3,7 @@ import torch
 
 import ats
 from ats import diagnose
-from conftest import tiny_vit
+from vitbench.testing import tiny_vit
 
 
 def test_positions_from_mask_cls_first_token_order_padded():

@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 import lfvit  # noqa: F401  (registers the models)
 from lfvit.flops import dense_gflops, stage_flops
 from vitbench.report import markdown_table, write_json
+from vitbench.syncs import count_syncs
 from vitbench.throughput import compare
 
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     fns = {"deit_s_dense": dense, "lfvit_early_exit": lambda t: model.forward_early_exit(t, eta),
            "lfvit_two_stage": model}
     rows = compare(fns, x, baseline="deit_s_dense", warmup=args.warmup, repeats=args.repeats)
+    for row in rows:
+        row["syncs"] = count_syncs(fns[row["name"]], x)["total"]
     cpu_rows = (compare(fns, x, baseline="deit_s_dense", warmup=args.warmup, repeats=args.repeats, clock="thread")
                 if args.threads == 1 else [])
     with torch.inference_mode():
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
               "threads": torch.get_num_threads(), "dtype": "float32",
               "expected_gflops": s.expected(reached), "dense_gflops": dense_gflops(model),
               "ideal_speedup": dense_gflops(model) / s.expected(reached)}
-    print("wall clock (median):\n" + markdown_table(rows, ["name", "batch_size", "median_ms", "img_s", "speedup"]))
+    print("wall clock (median):\n" + markdown_table(rows, ["name", "batch_size", "median_ms", "img_s", "speedup",
+                                                            "syncs"]))
     if cpu_rows:
         print("\nthread CPU time (median):\n" + markdown_table(cpu_rows, ["name", "batch_size", "median_ms", "img_s",
                                                                          "speedup"]))

@@ -25,6 +25,7 @@ import timm
 import torch
 from timm.layers import Attention
 from vitbench.report import markdown_table, write_json
+from vitbench.syncs import count_syncs
 from vitbench.throughput import compare
 
 import liferegress
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in inference:
         row["gflops"] = gflops["dense"] if row["name"] == "dense" else gflops["liferegress"]
         row["flops_ratio"] = gflops["dense"] / row["gflops"]
+        row["syncs"] = count_syncs(fns[row["name"]], images)["total"]
     by_name = {r["name"]: r for r in inference}
     if released is not None:
         ratio = by_name["liferegress (hard)"]["img_s"] / by_name["released code (pruning eval)"]["img_s"]
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                      "min_s": r["min_ms"] / 1e3, "ratio_vs_plain": 1 / r["speedup"]} for r in rows]
 
     print(markdown_table(inference, [c for c in ("name", "batch_size", "gflops", "flops_ratio", "median_ms", "img_s",
-                                                 "speedup", "vs_released") if any(c in r for r in inference)],
+                                                 "speedup", "vs_released", "syncs") if any(c in r for r in inference)],
                          digits=3))
     if training:
         print()

@@ -3,7 +3,9 @@
 The analytic count follows fvcore, which produced the papers' figures: linear/conv/matmul MACs, LayerNorm at
 5 per element (``layernorm=False`` drops it), softmax, GELU and additions free. Adaptive models give a token count
 per block (per image), and report the mean of per-image counts. ``flop_counter_gmacs`` cross-checks any forward with
-``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 FLOPs per MAC and no LayerNorm).
+``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 FLOPs per MAC and no LayerNorm). It runs the forward with
+the math attention backend, so ``q k^T`` and ``A V`` show up as matrix products on every torch version (the fused CPU
+kernel has no FLOP formula on some versions, which silently dropped attention from the count).
 """
 
 from __future__ import annotations
@@ -123,11 +125,17 @@ def vit_gmacs(geom: ViTGeometry, tokens_per_block: Sequence | None = None, layer
     return vit_macs(geom, tokens_per_block, layernorm) / 1e9
 
 
+CROSS_CHECK_COUNTS = ("torch FlopCounterMode / 2: convolution, linear and matrix-product MACs, attention included "
+                      "(math attention backend); no LayerNorm, softmax or GELU")
+
+
 def flop_counter_gmacs(fn: Callable, inputs: torch.Tensor) -> float:
-    """Per-image GMACs of ``fn(inputs)`` measured by ``FlopCounterMode`` (total / 2 / batch)."""
+    """Per-image GMACs of ``fn(inputs)`` measured by ``FlopCounterMode`` (total / 2 / batch); see
+    ``CROSS_CHECK_COUNTS``. Attention runs on the math backend so that it is counted on every torch version."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn(inputs)
     return counter.get_total_flops() / 2 / inputs.shape[0] / 1e9
 
@@ -142,32 +150,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--no-layernorm", action="store_true", help="do not count LayerNorm (5 MACs per element)")
     p.add_argument("--no-cross-check", action="store_true", help="skip the FlopCounterMode measurement")
-    p.add_argument("--json", default=None, help="write the result to this JSON file")
+    p.add_argument("--json", default=None, help="write the result to this JSON file (default: none)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def create_vit(name: str, img_size: int | None = None) -> torch.nn.Module:
+    """A randomly initialised timm ViT in eval mode; ``ValueError`` for an unknown name, a model without a patch grid
+    or an ``img_size`` that is not a positive multiple of the patch size."""
     import timm
 
     from . import models  # noqa: F401  (registers the embedded backbone)
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
+    if img_size is not None and img_size < 1:
+        raise ValueError(f"--img-size must be positive, got {img_size}")
+    kwargs = {"img_size": img_size} if img_size else {}
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"cannot build {name!r} with {kwargs or 'its defaults'}: {e}") from None
+    if not (hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "embed_dim")):
+        raise ValueError(f"{name!r} is not a ViT with a patch grid")
+    patch = model.patch_embed.patch_size
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if img_size is not None and img_size % patch:
+        raise ValueError(f"--img-size {img_size} is not a multiple of {name}'s patch size {patch}")
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run
+
+    return run(build_parser(), _main, argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .cli import check_writable_file
     from .report import markdown_table, write_json
 
-    args = build_parser().parse_args(argv)
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    try:
-        model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
-    except RuntimeError as e:
-        raise SystemExit(f"vitbench-flops: {e}") from e
+    if args.json:
+        check_writable_file(args.json)
+    model = create_vit(args.model, args.img_size)
     geom = ViTGeometry.from_model(model)
     size = geom.grid[0] * geom.patch_size
     result = {"model": args.model, "img_size": size, "tokens": geom.num_tokens,
               "gmacs": vit_gmacs(geom, layernorm=not args.no_layernorm), "layernorm": not args.no_layernorm}
     if not args.no_cross_check:
         measured = flop_counter_gmacs(model, torch.randn(1, geom.in_chans, size, size))
-        result["flop_counter_gmacs"] = measured
-        result["analytic_without_layernorm"] = vit_gmacs(geom, layernorm=False)
+        analytic = vit_gmacs(geom, layernorm=False)
+        result.update(flop_counter_gmacs=measured, analytic_without_layernorm=analytic,
+                      cross_check_difference=measured / analytic - 1, cross_check_counts=CROSS_CHECK_COUNTS)
     print(markdown_table([result], [c for c in ("model", "img_size", "tokens", "gmacs", "flop_counter_gmacs")
                                     if c in result], digits=3))
+    if not args.no_cross_check:
+        print(f"flop_counter_gmacs = {CROSS_CHECK_COUNTS}; analytic count without LayerNorm "
+              f"{result['analytic_without_layernorm']:.3f}, difference {100 * result['cross_check_difference']:+.2f} %")
     if args.json:
         write_json(args.json, result)
     return 0

@@ -77,3 +77,15 @@ def one_line_error(main, argv: list[str], capsys, match: str) -> str:
     assert len(lines) == 1 and "Traceback" not in err, err
     assert match in lines[0], lines[0]
     return lines[0]
+
+
+def compile_backends() -> list:
+    """``torch.compile`` backends for compiled-equals-eager tests: ``aot_eager`` always (graph capture: fullgraph,
+    guards, dynamic shapes); inductor (code generation, minutes on 2 cores) with ``VITBENCH_INDUCTOR_TESTS=1``."""
+    import os
+
+    import pytest
+
+    inductor = pytest.mark.skipif(os.environ.get("VITBENCH_INDUCTOR_TESTS") != "1",
+                                  reason="inductor compile takes minutes on 2 cores; set VITBENCH_INDUCTOR_TESTS=1")
+    return ["aot_eager", pytest.param("inductor", marks=inductor)]

@@ -6,6 +6,10 @@ machine hit every model alike, and reports img/s and the ratio to a named baseli
 ``clock="wall"`` (default) times with ``time.perf_counter``. ``clock="thread"`` times with the calling thread's CPU
 time: with a single intra-op thread (``torch.set_num_threads(1)``) all the work runs on that thread, and other
 processes on a shared CPU do not inflate it as they inflate wall-clock time. CPU only.
+
+:func:`sweep` runs :func:`compare` at several batch sizes and adds, per model and batch, the host syncs of one forward
+(:mod:`vitbench.syncs`), the CUDA-event time of the forward and the peak CUDA memory (on CUDA). :func:`prepare_model`
+applies ``torch.compile`` and :func:`precision` the autocast dtype to every model of a comparison, dense included.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -116,49 +120,167 @@ def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: b
     return torch.compile(model) if compile else model
 
 
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision(device: torch.device, dtype: str):
+    """Autocast context for ``dtype`` (``fp32``: none; ``bf16`` on CPU and CUDA; ``fp16`` on CUDA only)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 autocast needs CUDA; use bf16 on CPU")
+    if DTYPES[dtype] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def cuda_event_ms(fn: Callable[[torch.Tensor], Any], inputs: torch.Tensor, warmup: int = 3,
+                  repeats: int = 10) -> float:
+    """Median device time of ``fn(inputs)`` in ms, between two CUDA events (host overhead between kernels counts,
+    as it idles the GPU; nothing before the first kernel does)."""
+    if inputs.device.type != "cuda":
+        raise ValueError("CUDA-event timing needs a CUDA tensor")
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(inputs)
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(inputs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_memory_mib(fn: Callable[[torch.Tensor], Any], inputs: torch.Tensor) -> float | None:
+    """Peak CUDA memory allocated during one ``fn(inputs)`` in MiB (``None`` off CUDA)."""
+    if inputs.device.type != "cuda":
+        return None
+    torch.cuda.synchronize(inputs.device)
+    torch.cuda.reset_peak_memory_stats(inputs.device)
+    with torch.inference_mode():
+        fn(inputs)
+    torch.cuda.synchronize(inputs.device)
+    return torch.cuda.max_memory_allocated(inputs.device) / 2**20
+
+
+def sweep(fns: Mapping[str, Callable[[torch.Tensor], Any]], make_inputs: Callable[[int], torch.Tensor],
+          batch_sizes: Sequence[int], baseline: str | None = None, dtype: str = "fp32", warmup: int = 3,
+          repeats: int = 10, clock: str = "wall", syncs: bool = True) -> list[dict]:
+    """:func:`compare` at every batch size (``make_inputs(b)`` gives the batch) under the autocast ``dtype``; each row
+    also carries ``dtype``, ``syncs`` (host syncs of one forward, counted on the device the models run on),
+    ``cuda_ms`` (CUDA-event median) and ``peak_mib`` (peak CUDA memory; both ``None`` off CUDA)."""
+    from .syncs import count_syncs
+
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    rows = []
+    for b in batch_sizes:
+        inputs = make_inputs(b)
+        with precision(inputs.device, dtype):
+            table = compare(fns, inputs, baseline=baseline, warmup=warmup, repeats=repeats, clock=clock)
+            for row in table:
+                fn = fns[row["name"]]
+                row["dtype"] = dtype
+                row["syncs"] = count_syncs(fn, inputs)["total"] if syncs else None
+                cuda = inputs.device.type == "cuda"
+                row["cuda_ms"] = cuda_event_ms(fn, inputs, warmup=1, repeats=repeats) if cuda else None
+                row["peak_mib"] = peak_memory_mib(fn, inputs)
+        rows.extend(table)
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vitbench-throughput",
-        description="Side-by-side model-only throughput of timm models in one process (random weights).",
+        description="Side-by-side model-only throughput of timm models in one process (random weights), with the "
+        "host syncs of one forward, and on CUDA the CUDA-event time and peak memory.",
     )
-    p.add_argument("--models", nargs="+", default=["deit_small_patch16_224"], help="timm model names")
+    p.add_argument("--models", nargs="+", default=["deit_small_patch16_224"],
+                   help="timm model names (default: deit_small_patch16_224)")
     p.add_argument("--baseline", default=None, help="model the speedups refer to (default: the first)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--batch-sizes", "--batch-size", dest="batch_size", type=int, nargs="+", default=[32],
+                   help="batch sizes to sweep, e.g. 1 8 32 128 (default: 32)")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the first model's)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per model and batch (default: 3)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per model and batch (default: 10)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on CPU (same as --dtype)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="autocast dtype for every model (default: fp32; fp16 needs CUDA)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last input layout (default: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile (inductor) every model (default: off)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall: elapsed time; thread: CPU time of the calling thread (CPU, sets 1 intra-op thread)")
-    p.add_argument("--json", default=None)
+                   help="wall: elapsed time; thread: CPU time of the calling thread (CPU, sets 1 intra-op thread) "
+                   "(default: wall)")
+    p.add_argument("--no-syncs", action="store_true", help="do not count host syncs (default: count them)")
+    p.add_argument("--json", default=None, help="write rows and settings to this JSON file (default: none)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    import timm
+def _dtype(args: argparse.Namespace, device: torch.device) -> str:
+    if args.amp and args.dtype is not None:
+        raise ValueError("give --amp or --dtype, not both")
+    if args.amp:
+        return "fp16" if device.type == "cuda" else "bf16"
+    return args.dtype or "fp32"
 
-    from . import models  # noqa: F401  (registers the embedded backbone)
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run
+
+    return run(build_parser(), _main, argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .cli import check_writable_file
+    from .flops import create_vit
     from .report import markdown_table, write_json
 
-    args = build_parser().parse_args(argv)
-    device = torch.device(args.device)
+    if any(b < 1 for b in args.batch_size) or args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--batch-sizes and --repeats must be >= 1 and --warmup >= 0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but CUDA is not available here")
+    if args.clock == "thread" and device.type != "cpu":
+        raise ValueError("--clock thread measures CPU time; use it with --device cpu")
+    if args.baseline is not None and args.baseline not in args.models:
+        raise ValueError(f"--baseline {args.baseline!r} is not among --models {args.models}")
+    if len(set(args.models)) != len(args.models):
+        raise ValueError(f"--models lists a model twice: {args.models}")
+    dtype = _dtype(args, device)
+    precision(device, dtype)  # validates the dtype for this device
+    if args.json:
+        check_writable_file(args.json)
+    models = {name: create_vit(name, args.img_size) for name in args.models}
+    sizes = {name: m.patch_embed.img_size[0] for name, m in models.items()}
+    size = args.img_size or sizes[args.models[0]]
+    if args.img_size is None and len(set(sizes.values())) > 1:
+        raise ValueError(f"the models take different resolutions {sizes}; give --img-size")
     if args.clock == "thread":
         torch.set_num_threads(1)
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    fns, size = {}, None
-    for name in args.models:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        size = size or model.patch_embed.img_size[0]
-        fns[name] = prepare_model(model, device, args.channels_last, args.compile)
-    inputs = torch.randn(args.batch_size, 3, size, size, device=device)
-    rows = compare(fns, inputs, baseline=args.baseline, warmup=args.warmup, repeats=args.repeats, amp=args.amp,
-                   clock=args.clock)
-    print(markdown_table(rows, ["name", "batch_size", "median_ms", "img_s", "speedup", "device"]))
+    fns = {name: prepare_model(m, device, args.channels_last, args.compile) for name, m in models.items()}
+
+    def make_inputs(b: int) -> torch.Tensor:
+        x = torch.randn(b, 3, size, size, device=device)
+        return x.to(memory_format=torch.channels_last) if args.channels_last else x
+
+    rows = sweep(fns, make_inputs, args.batch_size, baseline=args.baseline, dtype=dtype, warmup=args.warmup,
+                 repeats=args.repeats, clock=args.clock, syncs=not args.no_syncs)
+    for row in rows:
+        row["compiled"] = args.compile
+    columns = ["name", "batch_size", "dtype", "median_ms", "img_s", "speedup", "syncs"]
+    columns += ["cuda_ms", "peak_mib"] if device.type == "cuda" else []
+    print(markdown_table(rows, columns))
     if args.json:
-        write_json(args.json, {"rows": rows, "threads": torch.get_num_threads()})
+        write_json(args.json, {"rows": rows, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "compile": args.compile, "dtype": dtype, "device": str(device)})
     return 0
 
 

@@ -111,7 +111,7 @@ class ATSAttention(Attention):
         """``[B, H, Nq, d]`` attention output -> projected rows in ``tokens``' layout."""
         B, _, N, _ = o.shape
         o = o.transpose(1, 2)
-        o = o.reshape(B, N, self.attn_dim) if tokens.uniform else o[tokens.valid].reshape(-1, self.attn_dim)
+        o = tokens.pack(o.reshape(B, N, self.attn_dim))
         return self.proj_drop(self.proj(self.norm(o)))
 
     def forward_tokens(self, h: Tensor, tokens: TokenSets) -> Tensor:
@@ -120,7 +120,8 @@ class ATSAttention(Attention):
         return self.output(self.attend(q, k, v, tokens.key_mask()), tokens)
 
     def sample(self, h: Tensor, tokens: TokenSets, k_cfg: float, info: ATSInfo, block: int):
-        """The ATS step (Sec. 3): score, sample, ``O = A_s V``. Returns (attention rows, positions, K'+1)."""
+        """The ATS step (Sec. 3): score, sample, ``O = A_s V``. Returns (attention rows, positions, K'+1, the
+        same counts as Python ints). The counts are read to the host once: the stage's only host sync."""
         cfg = info.config
         q, k, v, qkv = self.heads(h, tokens)
         n = tokens.lengths
@@ -139,24 +140,27 @@ class ATSAttention(Attention):
             scores = sampling.significance_scores_per_head(*cand, n_cand)
         else:
             scores = sampling.significance_scores(*cand, n_cand)
-        ks = torch.tensor([sampling.stage_k(int(nb), k_cfg) for nb in n.tolist()], device=n.device)
-        points = ks - 1
+        ks_list = [sampling.stage_k(nb, k_cfg) for nb in tokens.sizes]
+        ks = sampling.stage_k_tensor(n, k_cfg)
+        points, points_list = ks - 1, [kb - 1 for kb in ks_list]
         if "topk" in cfg.variant:
-            sel, count = sampling.topk_select(scores, n_cand, points)
+            sel, count = sampling.topk_select(scores, n_cand, points, points_list)
         elif cfg.mode == "paper":
-            sel, count = sampling.paper_select(scores, n_cand, points)
+            sel, count = sampling.paper_select(scores, n_cand, points, points_list)
         else:
             points = torch.where(ks == n, info.n_ref - 1, points)
-            sel, count = sampling.official_select(scores, n_cand, points)
+            points_list = [info.n_ref - 1 if kb == nb else kb - 1 for kb, nb in zip(ks_list, tokens.sizes)]
+            sel, count = sampling.official_select(scores, n_cand, points, points_list)
         if enforce:
             positions = torch.cat([sel.new_zeros(sel.shape[0], 1), torch.where(sel >= 0, sel + 1, -1)], 1)
             count = count + 1
         else:  # the CLS competes; if it survives it goes first (the classifier reads token 0)
             rank = torch.where(sel < 0, 2, torch.where(sel == 0, 0, 1))
             positions = sel.gather(1, rank.sort(dim=-1, stable=True).indices)
-        positions = positions[:, : int(count.max())]
+        sizes = count.tolist()
+        positions = positions[:, : max(sizes)]
         o = self.attend(self.queries(qkv, positions), k, v, tokens.key_mask())
-        return o, positions, count
+        return o, positions, count, sizes
 
     def score_rows(self, q: Tensor, k: Tensor, n: Tensor, cfg: ATSConfig, block: int) -> Tensor:
         """Attention weights that score the tokens, ``[B, H, N]``: the CLS row (Sec. 3.1) or an ablation."""
@@ -185,16 +189,16 @@ class ATSBlock(Block):
         k_cfg = info.config.k_of(block)
         info.tokens_in.append(tokens.lengths)
         if k_cfg is None and tokens.uniform:
-            out = TokenSets(super().forward(tokens.x), tokens.lengths, tokens.origin)
+            out = TokenSets(self(tokens.x), tokens.lengths, tokens.origin, tokens.sizes)  # timm's Block.forward
         elif k_cfg is None:
             attn = self.attn.forward_tokens(self.norm1(tokens.x), tokens)
             x = tokens.x + tokens.drop_path(self.ls1(attn), self.drop_path1)
-            out = TokenSets(x, tokens.lengths, tokens.origin)
+            out = TokenSets(x, tokens.lengths, tokens.origin, tokens.sizes)
             out.x = x + out.drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
         else:
-            o, positions, count = self.attn.sample(self.norm1(tokens.x), tokens, k_cfg, info, block)
-            residual = tokens.x.flatten(0, -2).index_select(0, tokens.rows_of(positions, count))
-            out = tokens.select(residual, positions, count)
+            o, positions, count, sizes = self.attn.sample(self.norm1(tokens.x), tokens, k_cfg, info, block)
+            residual = tokens.x.flatten(0, -2).index_select(0, tokens.rows_of(positions, count, sizes))
+            out = tokens.select(residual, positions, count, sizes)
             x = out.x + out.drop_path(self.ls1(self.attn.output(o, out)), self.drop_path1)
             out.x = x + out.drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
             info.kept[block] = out.origin.detach()
@@ -223,6 +227,24 @@ class ATSVisionTransformer(VisionTransformer):
         for i, blk in enumerate(self.blocks):
             tokens = blk.forward_tokens(tokens, self.ats_info, i)
         return self.norm(tokens.padded())
+
+
+def compile_dense(model: ATSVisionTransformer, **options) -> ATSVisionTransformer:
+    """``torch.compile`` (in place, ``state_dict`` keys unchanged) the dense parts of every block of an ATS model.
+
+    Whole blocks run compiled while every image still has all its tokens; after that the LayerNorms, the qkv and
+    output projections and the MLP are compiled with dynamic token counts (``dynamic=True``, one graph for every
+    count). The sampling itself stays eager: its output shapes are the per-image counts read once per stage, so a
+    whole-model ``torch.compile`` breaks its graph at each of those reads and recompiles for each new set of
+    counts. ``options`` go to ``torch.compile`` (e.g. ``mode``, ``backend``)."""
+    if not isinstance(model, ATSVisionTransformer):
+        raise TypeError("compile_dense needs a model patched with ats.apply")
+    options = {"dynamic": True, **options}
+    for blk in model.blocks:
+        blk.compile(**options)
+        for part in (blk.norm1, blk.attn.qkv, blk.attn.proj, blk.norm2, blk.mlp):
+            part.compile(**options)
+    return model
 
 
 def _check_structure(model: nn.Module) -> None:

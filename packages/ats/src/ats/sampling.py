@@ -15,7 +15,10 @@ Two selection modes:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 OFFICIAL_EPS = 1e-6  # softmax_with_policy, transformer_block.py:255
@@ -34,6 +37,15 @@ def stage_k(n_tokens: int, k: float) -> int:
     if kk < 8:
         kk = 8
     return min(round(kk), n_tokens)
+
+
+def stage_k_tensor(n_tokens: Tensor, k: float) -> Tensor:
+    """:func:`stage_k` for every image of ``n_tokens`` ``[B]`` on its device (float64 and round-half-even, as
+    Python), so that no count has to travel to the host."""
+    n = n_tokens.double()
+    kk = n.clamp(max=float(k))
+    kk = torch.where(kk <= 1.0, kk * n, kk).clamp(min=8.0)
+    return torch.minimum(kk.round().long(), n_tokens)
 
 
 def valid_mask(n: Tensor, width: int) -> Tensor:
@@ -118,7 +130,8 @@ def nearest_index(values: Tensor, queries: Tensor, n: Tensor) -> Tensor:
 def unique_sorted(picks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Distinct values of each row of ``picks`` (where ``valid``), ascending, left-aligned.
 
-    Returns ``(unique [B, W] padded with -1, count [B])``: the dedup step ("we only keep one instance").
+    Returns ``(unique [B, W] padded with -1, count [B])``: the dedup step ("we only keep one instance"). Sort and
+    compare neighbours (no ``torch.unique``, whose output size would need a host read).
     """
     big = torch.iinfo(picks.dtype).max
     srt = picks.masked_fill(~valid, big).sort(-1).values
@@ -129,9 +142,11 @@ def unique_sorted(picks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def compact(values: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Left-align ``values[keep]`` per row (order preserved); returns ``(padded with -1, count)``."""
+    """Left-align ``values[keep]`` per row (order preserved); returns ``(padded with -1, count)``.
+
+    The output keeps the input's width (no host read of the largest count)."""
     count = keep.sum(-1)
-    width = int(count.max()) if count.numel() else 0
+    width = keep.shape[-1]
     slot = torch.where(keep, keep.long().cumsum(-1) - 1, width)
     out = values.new_full((values.shape[0], width + 1), -1)
     out.scatter_(1, slot, torch.where(keep, values, -1))
@@ -145,12 +160,19 @@ def _nothing(scores: Tensor) -> tuple[Tensor, Tensor]:
                                                                                     device=scores.device)
 
 
-def official_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+def _host_points(points: Tensor, points_list: Sequence[int] | None) -> list[int]:
+    return points.tolist() if points_list is None else list(points_list)
+
+
+def official_select(scores: Tensor, n: Tensor, points: Tensor,
+                    points_list: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Released-code inverse transform sampling (ats_block.py:115-196) for each image.
 
     ``scores`` ``[B, M]`` normalised significance scores of the candidates (CLS excluded), ``n`` the number
-    of candidates per image, ``points`` the grid size per image (``n_ref - 1`` when K = N, else ``K - 1``).
-    Returns the kept candidate indices in ascending-score order (``[B, K'max]`` padded with -1) and K'.
+    of candidates per image, ``points`` the grid size per image (``n_ref - 1`` when K = N, else ``K - 1``);
+    ``points_list``, the same sizes as Python ints, spares the host read of ``points``.
+    Returns the kept candidate indices in ascending-score order (``[B, G]`` padded with -1, ``G`` the largest
+    grid) and K'. Runs without a host sync when ``points_list`` is given.
     """
     if scores.shape[1] == 0:
         return _nothing(scores)
@@ -162,11 +184,12 @@ def official_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, 
     cmax = cdf.max(-1, keepdim=True).values
     ncdf = (cdf - cmin) / ((cmax - cmin) / 1.0)
     ys_start = (ncdf + (ncdf == 0).float() * _SENTINEL_GAP).min(-1).values
-    width = int(points.max())
+    sizes = _host_points(points, points_list)
+    width = max(sizes)
     ys = torch.zeros(B, width, device=scores.device)
-    for g in points.unique().tolist():
-        rows = (points == g).nonzero().squeeze(1)
-        ys[rows, :g] = official_grid(ys_start[rows], g)
+    for g in sorted(set(sizes)):  # one grid per distinct size, each image takes its own (elementwise, exact)
+        grid = F.pad(official_grid(ys_start, g), (0, width - g))
+        ys = torch.where((points == g)[:, None], grid, ys)
     grid_valid = valid_mask(points, width) & (n > 0)[:, None]
     picks = nearest_index(ncdf, ys, n).masked_fill((n == 1)[:, None], 0)  # one candidate: 0/0 CDF
     kept, count = unique_sorted(picks, grid_valid)
@@ -177,28 +200,31 @@ def official_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, 
     return order.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -1), count
 
 
-def paper_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+def paper_select(scores: Tensor, n: Tensor, points: Tensor,
+                 points_list: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Paper inverse transform sampling (Eqs. 4-5): ``CDF_i = sum_{j<=i} S_j`` in token order, samples
     ``k_i = (2i-1)/(2G)``, token ``Psi(k) = min{i : CDF_i >= k}``, duplicates removed.
 
-    Returns the kept candidate indices in token order (``[B, K'max]`` padded with -1) and K'.
+    Returns the kept candidate indices in token order (``[B, G]`` padded with -1) and K'; ``points_list`` as in
+    :func:`official_select`.
     """
     if scores.shape[1] == 0:
         return _nothing(scores)
     B, M = scores.shape
     cdf = scores.masked_fill(~valid_mask(n, M), 0.0).cumsum(-1)
-    width = int(points.max())
+    width = max(_host_points(points, points_list))
     ks = paper_grid(points, width)
     picks = torch.minimum(torch.searchsorted(cdf, ks), (n - 1).clamp(min=0)[:, None])
     return unique_sorted(picks, valid_mask(points, width) & (n > 0)[:, None])
 
 
-def topk_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+def topk_select(scores: Tensor, n: Tensor, points: Tensor,
+                points_list: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Top-K ablation (Sec. 4.1): the ``min(points, n)`` highest-scoring candidates, highest first."""
     if scores.shape[1] == 0:
         return _nothing(scores)
     B, M = scores.shape
     count = torch.minimum(points, n)
-    width = int(count.max())
+    width = min(max(_host_points(points, points_list)), M)
     idx = scores.masked_fill(~valid_mask(n, M), float("-inf")).topk(width, -1).indices
     return idx.masked_fill(~valid_mask(count, width), -1), count

@@ -1,9 +1,24 @@
-"""Variable-length token sets of a batch: packed rows for the linear layers, padded views for attention."""
+"""Variable-length token sets of a batch: packed rows for the linear layers, padded views for attention.
+
+Every shape here follows the per-image counts, which the host knows (``sizes``, read once per ATS stage), so no
+layout operation needs another host read: packed-row maps come from ``repeat_interleave`` with a known output
+size instead of ``nonzero`` or boolean-mask indexing.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
+
+
+def ragged_index(lengths: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """``(image, slot)`` of every packed row, ``[total]`` each: the rows of image ``b`` are ``0..lengths[b]-1``."""
+    image = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths,
+                                    output_size=total)
+    start = (lengths.cumsum(0) - lengths).index_select(0, image)
+    return image, torch.arange(total, device=lengths.device) - start
 
 
 class TokenSets:
@@ -11,19 +26,21 @@ class TokenSets:
 
     ``x`` is ``[B, N, C]`` when every image has the same count (no padding anywhere) and the packed
     ``[sum(lengths), C]`` otherwise. ``origin`` ``[B, Nmax]`` holds each token's original index
-    (0 = CLS, ``1 + row * W + col``), -1 on padding.
+    (0 = CLS, ``1 + row * W + col``), -1 on padding. ``sizes`` is ``lengths`` as Python ints.
     """
 
-    def __init__(self, x: Tensor, lengths: Tensor, origin: Tensor):
+    def __init__(self, x: Tensor, lengths: Tensor, origin: Tensor, sizes: Sequence[int]):
         self.x = x
         self.lengths = lengths
         self.origin = origin
-        self.batch = int(lengths.shape[0])
+        self.sizes = tuple(sizes)
+        self.batch = len(self.sizes)
         self.width = int(origin.shape[1])
         self.uniform = x.dim() == 3
         if not self.uniform:
             self.valid = torch.arange(self.width, device=x.device) < lengths[:, None]
-            self.rows = self.valid.flatten().nonzero().squeeze(1)  # packed row -> flat padded slot
+            image, slot = ragged_index(lengths, sum(self.sizes))
+            self.rows = image * self.width + slot  # packed row -> flat padded slot
             self.offsets = lengths.cumsum(0) - lengths
 
     @classmethod
@@ -31,7 +48,7 @@ class TokenSets:
         B, N, _ = x.shape
         lengths = torch.full((B,), N, dtype=torch.long, device=x.device)
         origin = torch.arange(N, device=x.device).expand(B, N)
-        return cls(x, lengths, origin)
+        return cls(x, lengths, origin, (N,) * B)
 
     def key_mask(self) -> Tensor | None:
         """``[B, 1, 1, Nmax]`` boolean key mask for ``scaled_dot_product_attention`` (None if uniform)."""
@@ -47,18 +64,20 @@ class TokenSets:
     def padded(self) -> Tensor:
         return self.pad(self.x)
 
-    def rows_of(self, positions: Tensor, count: Tensor) -> Tensor:
-        """Flat row indices (into ``x.flatten(0, -2)``) of ``positions[b, :count[b]]`` for every image."""
-        keep = torch.arange(positions.shape[1], device=positions.device) < count[:, None]
+    def rows_of(self, positions: Tensor, count: Tensor, sizes: Sequence[int]) -> Tensor:
+        """Flat row indices (into ``x.flatten(0, -2)``) of ``positions[b, :count[b]]`` for every image
+        (``sizes``: ``count`` as Python ints)."""
+        image, slot = ragged_index(count, sum(sizes))
         start = torch.arange(self.batch, device=positions.device) * self.width if self.uniform else self.offsets
-        return (start[:, None] + positions)[keep]
+        return start.index_select(0, image) + positions[image, slot]
 
-    def select(self, x_rows: Tensor, positions: Tensor, count: Tensor) -> TokenSets:
+    def select(self, x_rows: Tensor, positions: Tensor, count: Tensor, sizes: Sequence[int]) -> TokenSets:
         """The new token sets made of ``positions[b, :count[b]]`` of every image, rows given packed."""
-        origin = self.origin.gather(1, positions.clamp(min=0)).masked_fill(positions < 0, -1)
-        if bool((count == count[0]).all()):
-            return TokenSets(x_rows.view(self.batch, int(count[0]), -1), count, origin[:, : int(count[0])])
-        return TokenSets(x_rows, count, origin[:, : int(count.max())])
+        width = max(sizes)
+        origin = self.origin.gather(1, positions[:, :width].clamp(min=0)).masked_fill(positions[:, :width] < 0, -1)
+        if all(s == width for s in sizes):
+            return TokenSets(x_rows.view(self.batch, width, -1), count, origin, sizes)
+        return TokenSets(x_rows, count, origin, sizes)
 
     def drop_path(self, x: Tensor, module: torch.nn.Module) -> Tensor:
         """timm ``DropPath`` per image on this set's layout (packed rows share their image's draw)."""
@@ -70,7 +89,7 @@ class TokenSets:
             keep = keep / (1 - p)
         if self.uniform:
             return x * keep[:, None, None]
-        return x * keep.repeat_interleave(self.lengths)[:, None]
+        return x * keep.repeat_interleave(self.lengths, output_size=x.shape[0])[:, None]
 
     @staticmethod
     def training_drop(module: torch.nn.Module) -> bool:

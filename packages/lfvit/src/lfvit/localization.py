@@ -110,7 +110,8 @@ def select_cells(gca: torch.Tensor, window: torch.Tensor, region_size: int,
     ranked = inside.gather(1, order)
     mask = torch.ones(b, n, dtype=torch.bool, device=gca.device)
     mask.scatter_(1, inside, False)
-    outside = mask.nonzero()[:, 1].reshape(b, n - region_size * region_size)
+    # raster order of the cells outside the window, from a stable sort (nonzero would need a host sync)
+    outside = mask.byte().argsort(dim=1, descending=True, stable=True)[:, : n - region_size * region_size]
     return ranked[:, :k], torch.cat((outside, ranked[:, k:]), dim=1)
 
 

@@ -198,16 +198,29 @@ class LFVisionTransformer(VisionTransformer):
         x = self.blocks(x)
         return self.forward_head(self.norm(x)), sel
 
+    def compile_stages(self, **options) -> LFVisionTransformer:
+        """``torch.compile`` the localization and the focus stage, each as one graph (``fullgraph=True``).
+
+        The early-exit decision between them stays eager: the size of the focus sub-batch is data (one host read
+        per forward). The focus stage sees a new batch size on most calls, so it is compiled with dynamic shapes
+        unless ``options`` say otherwise; ``options`` go to ``torch.compile``. Returns the model."""
+        self.localize = torch.compile(self.localize, fullgraph=True, **options)
+        self.focus = torch.compile(self.focus, fullgraph=True, **{"dynamic": True, **options})
+        return self
+
     def forward(self, x: torch.Tensor) -> LFOutput:
         """Two-stage forward (eta = 1, every image reaches the focus stage): location and focus logits."""
         loc = self.localize(self.downsample(x))
         z_f, sel = self.focus(x, loc)
-        self.last_record = self._record(loc, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), sel)
+        go = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        self.last_record = self._record(loc, go, torch.arange(x.shape[0], device=x.device), sel)
         return LFOutput(loc.logits, z_f)
 
     def forward_early_exit(self, x: torch.Tensor, eta: float) -> torch.Tensor:
         """Early-exit inference: images with ``max softmax(z_l) >= eta`` stop after localization, the rest run
-        the focus stage as one sub-batch. Returns the final logits; the per-image record is ``last_record``."""
+        the focus stage as one sub-batch. Returns the final logits; the per-image record is ``last_record``.
+
+        One host sync: the number of images going on (the sub-batch size) is read once."""
         check_eta(eta)
         if not self.region_selection:
             raise ValueError("early exit needs region selection (model.region_selection = True)")
@@ -219,18 +232,19 @@ class LFVisionTransformer(VisionTransformer):
         if idx.numel():
             sub = _Localized(*(t.index_select(0, idx) for t in loc))
             z_f, sel = self.focus(x.index_select(0, idx), sub)
-            logits[idx] = z_f.to(logits.dtype)
-        self.last_record = self._record(loc, go, sel)
+            logits.index_copy_(0, idx, z_f.to(logits.dtype))
+        self.last_record = self._record(loc, go, idx, sel)
         return logits
 
-    def _record(self, loc: _Localized, go: torch.Tensor, sel: dict[str, torch.Tensor]) -> LFRecord:
+    def _record(self, loc: _Localized, go: torch.Tensor, idx: torch.Tensor,
+                sel: dict[str, torch.Tensor]) -> LFRecord:
         b, dev = go.shape[0], go.device
         k = self.num_cells
         out = {"window": torch.full((b, 2), -1, dtype=torch.long, device=dev),
                "cells": torch.full((b, k), -1, dtype=torch.long, device=dev),
                "fine_index": torch.full((b, 4 * k), -1, dtype=torch.long, device=dev)}
         for name, value in sel.items():
-            out[name][go] = value
+            out[name].index_copy_(0, idx, value)
         return LFRecord(exit_stage=go.long(), gca=loc.gca.detach().reshape(b, self.grid, self.grid),
                         confidence=loc.logits.detach().softmax(dim=-1).amax(dim=-1), **out)
 

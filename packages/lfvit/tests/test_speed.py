@@ -1,0 +1,49 @@
+import torch
+import pytest
+from vitbench.syncs import count_syncs
+
+from vitbench.testing import compile_backends
+from lfvit.model import LFVisionTransformer
+
+
+def test_early_exit_has_one_host_sync(digits_model):
+    x = torch.randn(6, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        conf = digits_model(x).location.softmax(-1).amax(-1).sort().values
+    eta = float((conf[2] + conf[3]) / 2)  # half the images go on to the focus stage
+    assert count_syncs(lambda t: digits_model.forward_early_exit(t, eta), x) == {"total": 1, "nonzero": 1}
+    assert digits_model.last_record.exit_stage.sum() == 3
+    assert count_syncs(digits_model, x) == {"total": 0}
+
+
+def tiny_lfvit():
+    torch.manual_seed(0)
+    return LFVisionTransformer(img_size=32, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=10,
+                               gca_start=1, region_size=2).eval()
+
+
+@pytest.mark.parametrize("backend", compile_backends())
+def test_compiled_stages_equal_eager(backend):
+    model = tiny_lfvit()
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        conf = model(x).location.softmax(-1).amax(-1).sort().values
+        eta = float((conf[1] + conf[2]) / 2)
+        ref = model.forward_early_exit(x, eta)
+        window = model.last_record.window.clone()
+        model.compile_stages(backend=backend)
+        out = model.forward_early_exit(x, eta)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(model.last_record.window, window)
+
+
+def test_bf16_autocast_is_finite_and_agrees(digits_model):
+    x = torch.randn(6, 3, 112, 112, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = digits_model(x)
+        window = digits_model.last_record.window.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = digits_model(x)
+    assert torch.isfinite(out.focus.float()).all() and torch.isfinite(out.location.float()).all()
+    assert (out.focus.float().argmax(-1) == ref.focus.argmax(-1)).float().mean() >= 0.5
+    assert (digits_model.last_record.window == window).all(-1).float().mean() >= 0.5

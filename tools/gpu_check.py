@@ -1,0 +1,199 @@
+"""One command for a CUDA machine: do the three methods run right and fast there? No data or weights needed.
+
+(a) ATS (rho 1), LF-ViT (early exit, eta sending ~22 % of the images to the focus stage) and Life-Regression (rho 0.7)
+    on 8 images on CUDA vs CPU: top-1 agreement, largest logit difference, share of images with identical kept tokens
+    / windows / kept patches, largest life difference.
+(b) Throughput over batch {1, 64, 256, 1024} x {fp32, bf16} x {eager, compile}, DeiT-S geometry with peaked random
+    weights, dense and the three methods side by side (vitbench.throughput.sweep), ratios next to the papers' (ATS
+    1.39x, LF-ViT 2.03x, Life-Regression 1.40x), host syncs per forward, CUDA-event time and peak memory.
+(c) Everything as JSON (``--json``).
+
+    python tools/gpu_check.py --json runs/gpu_check.json
+
+Without CUDA it stops at once (exit 2). Meant to finish within 8 minutes on one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Callable
+
+import torch
+
+PAPER_SPEEDUP = {"ats": 1.39, "lfvit": 2.03, "liferegress": 1.40}
+DEIT_S = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
+TINY = dict(img_size=48, patch_size=4, embed_dim=16, depth=12, num_heads=2, num_classes=10)  # for tests
+FOCUS_SHARE = 0.22
+
+
+def _peak(model: torch.nn.Module, peak: float) -> torch.nn.Module:
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight[: 2 * blk.attn.attn_dim] *= peak
+    return model.eval()
+
+
+def build_models(geometry: dict, peak: float = 4.0, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """Dense ViT (peaked random weights), ATS rho 1 and Life-Regression rho 0.7 on copies of it, LF-ViT alike."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    import ats
+    import liferegress
+    from lfvit.model import LFVisionTransformer
+
+    torch.manual_seed(seed)
+    dense = _peak(VisionTransformer(**geometry), peak)
+    torch.manual_seed(seed)
+    lf = _peak(LFVisionTransformer(**geometry), peak)
+    return {"dense": dense, "ats": ats.apply(copy.deepcopy(dense), rho=1.0),
+            "lfvit": lf, "liferegress": liferegress.apply(copy.deepcopy(dense), keep_rate=0.7)}
+
+
+def focus_eta(lfvit_model: torch.nn.Module, images: torch.Tensor, share: float = FOCUS_SHARE) -> float:
+    """An eta sending ``share`` of ``images`` to the focus stage (midway between two confidences)."""
+    with torch.inference_mode():
+        conf = lfvit_model(images).location.float().softmax(-1).amax(-1).sort().values
+    n = min(max(round(share * len(conf)), 1), len(conf) - 1)
+    return float((conf[n - 1] + conf[n]) / 2)
+
+
+def _callables(models: dict[str, torch.nn.Module], eta: float) -> dict[str, Callable]:
+    lf = models["lfvit"]
+    return {"dense": models["dense"], "ats": models["ats"], "lfvit": lambda t: lf.forward_early_exit(t, eta),
+            "liferegress": models["liferegress"]}
+
+
+def _selection(name: str, model: torch.nn.Module) -> list | None:
+    """Per image, what the method chose in the last forward (compared exactly across runs)."""
+    if name == "ats":
+        kept = model.ats_info.kept
+        stages = zip(*(kept[b].tolist() for b in sorted(kept)))
+        return [tuple(tuple(v for v in row if v >= 0) for row in image) for image in stages]
+    if name == "lfvit":
+        rec = model.last_record
+        return list(zip(rec.exit_stage.tolist(), map(tuple, rec.window.tolist())))
+    if name == "liferegress":
+        return list(zip(*(map(tuple, k.tolist()) for k in model.life_info.kept_indices)))
+    return None
+
+
+def run_methods(models: dict[str, torch.nn.Module], images: torch.Tensor, eta: float, device: str,
+                dtype: str = "fp32") -> dict[str, dict]:
+    """Logits and selections of every method on ``device`` under the autocast ``dtype``."""
+    from vitbench.throughput import precision
+
+    out = {}
+    dev = torch.device(device)
+    x = images.to(dev)
+    for name, fn in _callables({n: m.to(dev) for n, m in models.items()}, eta).items():
+        with torch.inference_mode(), precision(dev, dtype):
+            logits = fn(x)
+        logits = logits.focus if hasattr(logits, "focus") else logits
+        sel = _selection(name, models[name])
+        lives = models[name].life_info.lives.float().cpu() if name == "liferegress" else None
+        out[name] = {"logits": logits.float().cpu(), "selection": sel, "lives": lives}
+    for m in models.values():
+        m.to("cpu")
+    return out
+
+
+def agreement(models: dict[str, torch.nn.Module], images: torch.Tensor, device: str, ref_device: str = "cpu",
+              dtype: str = "fp32", ref_dtype: str = "fp32") -> list[dict]:
+    """Part (a): each method on ``device``/``dtype`` against ``ref_device``/``ref_dtype`` on the same images."""
+    eta = focus_eta(models["lfvit"], images)
+    ref = run_methods(models, images, eta, ref_device, ref_dtype)
+    got = run_methods(models, images, eta, device, dtype)
+    rows = []
+    for name in ref:
+        a, b = ref[name], got[name]
+        row = {"method": name, "device": device, "dtype": dtype, "reference": f"{ref_device} {ref_dtype}",
+               "top1_agreement": float((a["logits"].argmax(-1) == b["logits"].argmax(-1)).float().mean()),
+               "logits_max_diff": float((a["logits"] - b["logits"]).abs().max())}
+        if a["selection"] is not None:
+            same = [x == y for x, y in zip(a["selection"], b["selection"])]
+            row["identical_selection"] = sum(same) / len(same)
+        if a["lives"] is not None:
+            row["lives_max_diff"] = float((a["lives"] - b["lives"]).abs().max())
+        rows.append(row)
+    return rows
+
+
+def compiled(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """Copies compiled the way each method compiles best (dense and Life-Regression: one graph)."""
+    from ats.patch import compile_dense
+
+    out = {n: copy.deepcopy(m) for n, m in models.items()}
+    out["dense"] = torch.compile(out["dense"], fullgraph=True)
+    out["liferegress"] = torch.compile(out["liferegress"], fullgraph=True)
+    compile_dense(out["ats"])
+    out["lfvit"].compile_stages()
+    return out
+
+
+def throughput(models: dict[str, torch.nn.Module], batch_sizes: list[int], dtypes: list[str], modes: list[str],
+               device: str, repeats: int, img_size: int) -> list[dict]:
+    """Part (b): :func:`vitbench.throughput.sweep` per dtype and mode; ``paper_speedup`` next to each ratio."""
+    from vitbench.throughput import sweep
+
+    dev = torch.device(device)
+    rows = []
+    for mode in modes:
+        ms = {n: m.to(dev) for n, m in (compiled(models) if mode == "compile" else models).items()}
+        gen = torch.Generator().manual_seed(1)
+        eta = focus_eta(ms["lfvit"], torch.randn(64, 3, img_size, img_size, generator=gen).to(dev))
+        fns = _callables(ms, eta)
+        for dtype in dtypes:
+            for row in sweep(fns, lambda b: torch.randn(b, 3, img_size, img_size, device=dev), batch_sizes,
+                             baseline="dense", dtype=dtype, warmup=2, repeats=repeats):
+                row.update(mode=mode, paper_speedup=PAPER_SPEEDUP.get(row["name"]))
+                rows.append(row)
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default="runs/gpu_check.json", help="where to write (c) (default: runs/gpu_check.json)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256, 1024],
+                   help="throughput batch sizes (default: 1 64 256 1024)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per model and batch (default: 10)")
+    p.add_argument("--no-compile", action="store_true", help="time eager models only (default: eager and compile)")
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        raise ValueError("no CUDA device here: this check compares CUDA against CPU and times CUDA; run it on a "
+                         "machine with a GPU (nothing was run)")
+    if any(b < 1 for b in args.batch_sizes) or args.repeats < 1:
+        raise ValueError("--batch-sizes and --repeats must be >= 1")
+    from vitbench.cli import check_writable_file
+    from vitbench.report import markdown_table, write_json
+
+    check_writable_file(args.json)
+    models = build_models(DEIT_S)
+    images = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    checks = agreement(models, images, "cuda") + agreement(models, images, "cuda", dtype="bf16")
+    print(markdown_table(checks, ["method", "dtype", "top1_agreement", "logits_max_diff", "identical_selection",
+                                  "lives_max_diff"], digits=4))
+    rows = throughput(models, args.batch_sizes, ["fp32", "bf16"], ["eager"] + ([] if args.no_compile else
+                                                                               ["compile"]), "cuda", args.repeats,
+                      224)
+    print(markdown_table(rows, ["name", "mode", "dtype", "batch_size", "img_s", "speedup", "paper_speedup", "syncs",
+                                "cuda_ms", "peak_mib"]))
+    write_json(args.json, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "agreement": checks,
+                           "throughput": rows})
+    print(f"GPU: {torch.cuda.get_device_name()}; JSON: {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vitbench.cli import run
+
+    return run(build_parser(), _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""CPU part of tools/gpu_check.py: the device comparison (CPU against CPU here) and the refusal without CUDA."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+
+
+def test_cpu_against_cpu_agrees_exactly():
+    models = gpu_check.build_models(gpu_check.TINY)
+    images = torch.randn(8, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    rows = {r["method"]: r for r in gpu_check.agreement(models, images, device="cpu")}
+    assert set(rows) == {"dense", "ats", "lfvit", "liferegress"}
+    for r in rows.values():
+        assert r["top1_agreement"] == 1.0 and r["logits_max_diff"] == 0.0
+    assert rows["ats"]["identical_selection"] == rows["lfvit"]["identical_selection"] == 1.0
+    assert rows["liferegress"]["identical_selection"] == 1.0 and rows["liferegress"]["lives_max_diff"] == 0.0
+
+
+def test_bf16_against_fp32_is_reported():
+    models = gpu_check.build_models(gpu_check.TINY)
+    images = torch.randn(8, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    rows = gpu_check.agreement(models, images, device="cpu", dtype="bf16")
+    assert all(0.0 <= r["top1_agreement"] <= 1.0 and r["logits_max_diff"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_without_cuda(capsys, tmp_path):
+    assert gpu_check.main(["--json", str(tmp_path / "g.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpu_check: error: no CUDA device") and not (tmp_path / "g.json").exists()
