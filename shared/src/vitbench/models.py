@@ -51,7 +51,8 @@ def vit_digits_patch8_112(pretrained: bool = False, **kwargs) -> VisionTransform
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The one checkpoint reader: timm's ``load_state_dict`` (``.safetensors`` or a torch file; unwraps
-    ``{'state_dict': ...}`` / ``{'model': ...}`` (DeiT, the released LF-ViT code) and ``module.`` / ``_orig_mod.``
+    ``{'state_dict': ...}`` / ``{'model': ...}`` (DeiT, the released LF-ViT code), ``{'model_state': ...}``
+    (PySlowFast: TimeSformer, X-ViT) and ``module.`` / ``_orig_mod.``
     prefixes). Unreadable files raise ``ValueError`` naming the file, a missing one ``FileNotFoundError``."""
     from timm.models import load_state_dict
 
@@ -64,6 +65,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # safetensors and torch.load raise their own error types
         kind = "a valid safetensors file" if path.suffix == ".safetensors" else "readable as a torch checkpoint"
         raise ValueError(f"checkpoint {path} is not {kind} ({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("model_state"), dict):  # PySlowFast (TimeSformer, X-ViT)
+        state = state["model_state"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
     return state

@@ -61,6 +61,12 @@ class TokenSets:
         out = t.new_zeros(self.batch * self.width, t.shape[-1]).index_copy(0, self.rows, t)
         return out.view(self.batch, self.width, -1)
 
+    def pack(self, p: Tensor) -> Tensor:
+        """``[B, Nmax, D]`` -> rows in this set's layout (drops padding)."""
+        if self.uniform:
+            return p
+        return p.reshape(self.batch * self.width, -1).index_select(0, self.rows)
+
     def padded(self) -> Tensor:
         return self.pad(self.x)
 
