@@ -27,17 +27,20 @@ nox.options.sessions = ["tests", "lint"]
 def _install(session: nox.Session, package: str) -> None:
     if package == "vitbench":
         session.install("-e", "shared", "pytest")
+    elif package == "tools":  # tools/ drives every package
+        session.install(*(a for p in PACKAGES for a in ("-e", f"packages/{p}")), "pytest")
+        session.install("--no-deps", "-e", "shared")
     else:
         session.install("-e", f"packages/{package}", "pytest")
         session.install("--no-deps", "-e", "shared")  # editable too, so edits to vitbench are seen
 
 
 @nox.session
-@nox.parametrize("package", ["vitbench", *PACKAGES])
+@nox.parametrize("package", ["vitbench", *PACKAGES, "tools"])
 def tests(session: nox.Session, package: str) -> None:
-    """Unit and integration tests of one package (CPU, offline)."""
+    """Unit and integration tests of one package, or of ``tools/`` (CPU, offline)."""
     _install(session, package)
-    where = "shared/tests" if package == "vitbench" else f"packages/{package}/tests"
+    where = {"vitbench": "shared/tests", "tools": "tools/tests"}.get(package, f"packages/{package}/tests")
     session.run("pytest", "-q", "-p", "no:cacheprovider", where, *session.posargs, env=OFFLINE)
 
 
