@@ -263,6 +263,24 @@ def _check_structure(model: nn.Module) -> None:
             raise ValueError("gated attention is not supported")
 
 
+def schedule(stages: Iterable[int], rho: float | None, k: float | Sequence[float] | None,
+             depth: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Checked ``(stages, per-stage K or rho)`` of an ATS configuration on a ``depth``-block model (default rho 1)."""
+    stages = tuple(int(s) for s in stages)
+    if any(not 0 <= s < depth for s in stages):
+        raise ValueError(f"ATS stages {stages} outside the model's {depth} blocks")
+    if rho is not None and k is not None:
+        raise ValueError("give rho or k, not both")
+    if rho is not None and not 0 < rho <= 1:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    if k is None:
+        return stages, (1.0 if rho is None else float(rho),) * len(stages)
+    ks = tuple(float(v) for v in k) if isinstance(k, Sequence) else (float(k),) * len(stages)
+    if any(v < 2 for v in ks):
+        raise ValueError(f"an absolute K must be >= 2 (use rho for ratios), got {ks}")
+    return stages, ks
+
+
 def apply(
     model: VisionTransformer,
     stages: Iterable[int] = range(3, 12),
@@ -280,19 +298,7 @@ def apply(
     ``VARIANTS`` (a name or several). Calling it again on a patched model reconfigures it.
     """
     _check_structure(model)
-    stages = tuple(int(s) for s in stages)
-    if any(not 0 <= s < len(model.blocks) for s in stages):
-        raise ValueError(f"ATS stages {stages} outside the model's {len(model.blocks)} blocks")
-    if rho is not None and k is not None:
-        raise ValueError("give rho or k, not both")
-    if rho is not None and not 0 < rho <= 1:
-        raise ValueError(f"rho must be in (0, 1], got {rho}")
-    if k is None:
-        ks = (1.0 if rho is None else float(rho),) * len(stages)
-    else:
-        ks = tuple(float(v) for v in k) if isinstance(k, Sequence) else (float(k),) * len(stages)
-        if any(v < 2 for v in ks):
-            raise ValueError(f"an absolute K must be >= 2 (use rho for ratios), got {ks}")
+    stages, ks = schedule(stages, rho, k, len(model.blocks))
     variants = frozenset([variant] if isinstance(variant, str) else variant)
     model.ats_info = ATSInfo(ATSConfig(stages, ks, mode, variants, seed))
     model.__class__ = ATSVisionTransformer

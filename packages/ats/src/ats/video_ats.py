@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import sampling
-from .patch import ATSConfig, ATSInfo
+from .patch import ATSConfig, ATSInfo, schedule
 from .video import TimeSformer, VideoTransformer, XViT
 
 STAGES = {"timesformer": tuple(range(3, 6)), "xvit": tuple(range(3, 12))}
@@ -139,16 +139,7 @@ def apply(model: VideoTransformer, stages: Iterable[int] | None = None, rho: flo
     ``paper`` as for images. Calling it again reconfigures the model."""
     if not isinstance(model, (TimeSformer, XViT)):
         raise TypeError(f"video ATS patches an ats.video TimeSformer or XViT, got {type(model).__name__}")
-    stages = STAGES[model.arch] if stages is None else tuple(int(s) for s in stages)
-    if any(not 0 <= s < len(model.blocks) for s in stages):
-        raise ValueError(f"ATS stages {stages} outside the model's {len(model.blocks)} blocks")
-    if rho is not None and k is not None:
-        raise ValueError("give rho or k, not both")
-    if rho is not None and not 0 < rho <= 1:
-        raise ValueError(f"rho must be in (0, 1], got {rho}")
-    if k is not None and k < 2:
-        raise ValueError(f"an absolute K must be >= 2 (use rho for ratios), got {k}")
-    value = float(k) if k is not None else 1.0 if rho is None else float(rho)
-    model.ats_info = VideoATSInfo(ATSConfig(stages, (value,) * len(stages), mode))
+    stages, ks = schedule(STAGES[model.arch] if stages is None else stages, rho, k, len(model.blocks))
+    model.ats_info = VideoATSInfo(ATSConfig(stages, ks, mode))
     model.__class__ = ATSTimeSformer if model.arch == "timesformer" else ATSXViT
     return model
