@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -44,6 +45,16 @@ def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], in
         if os.environ.get("VITBENCH_TRACEBACK"):
             raise
         return fail(parser.prog, str(e) or type(e).__name__)
+
+
+def flag_defaults(config_cls, overrides: dict) -> dict:
+    """The defaults of a config dataclass's fields with a package's ``overrides`` applied (``KeyError`` naming any
+    override that is no field): what ``add_train_args`` / ``add_eval_args`` give their flags."""
+    defaults = {f.name: f.default for f in fields(config_cls)}
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise KeyError(f"unknown {config_cls.__name__} fields: {sorted(unknown)}")
+    return {**defaults, **overrides}
 
 
 def check_writable(path: str | Path, what: str = "output folder") -> Path:

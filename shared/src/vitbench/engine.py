@@ -41,7 +41,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
-from .cli import check_writable
+from .cli import check_writable, flag_defaults
 from .data import (
     CorruptImageError, build_dataset, build_eval_loader, check_headers, data_defaults, parse_data_spec,
     preserved_rng, train_sampler_indices, train_transform,
@@ -148,11 +148,7 @@ class TrainConfig:
 
 def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
     """Add the common training flags (DeiT recipe defaults; ``defaults`` overrides them per package)."""
-    d = {f.name: f.default for f in fields(TrainConfig)}
-    unknown = set(defaults) - set(d)
-    if unknown:
-        raise KeyError(f"unknown TrainConfig fields: {sorted(unknown)}")
-    d.update(defaults)
+    d = flag_defaults(TrainConfig, defaults)
     g = parser.add_argument_group("data and model")
     g.add_argument("--data", default=d["data"], help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH")
     g.add_argument("--model", default=d["model"], help="timm model name")

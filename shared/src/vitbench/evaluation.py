@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .cli import check_writable, check_writable_file
+from .cli import check_writable, check_writable_file, flag_defaults
 from .data import parse_data_spec
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
@@ -86,11 +86,7 @@ class EvalConfig:
 
 def add_eval_args(parser: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
     """Add the common evaluation flags; ``defaults`` overrides :class:`EvalConfig` defaults per package."""
-    d = {f.name: f.default for f in fields(EvalConfig)}
-    unknown = set(defaults) - set(d)
-    if unknown:
-        raise KeyError(f"unknown EvalConfig fields: {sorted(unknown)}")
-    d.update(defaults)
+    d = flag_defaults(EvalConfig, defaults)
     g = parser.add_argument_group("data and model (common to every *-eval)")
     g.add_argument("--data", default=d["data"],
                    help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH (default: %(default)s)")
