@@ -63,9 +63,29 @@ def test_sweep_with_finetuned_weights_in_one_run(tmp_path, ckpt):
 
 
 def test_no_finetuned_weights_says_so(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(evaluate, "FINETUNED_WEIGHTS", tmp_path / "absent.safetensors")
-    assert evaluate._finetuned_path(EvalConfig(), evaluate.ATSOptions()) is None
-    assert "fine-tuned rows skipped" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate, "WEIGHTS", tmp_path)
+    assert evaluate.finetuned_plans(EvalConfig(), evaluate.ATSOptions()) == []
+    err = capsys.readouterr().err
+    assert all(f"({w.file}); its fine-tuned rows skipped" in err for w in evaluate.SHIPPED)
+
+
+def test_shipped_weights_run_at_their_own_placement(monkeypatch, tmp_path):
+    """No arguments: each shipped file at the runs it was trained for; with --stages/--rho only the files trained
+    at those stages, at the requested rhos; with --checkpoint (another model's weights) none."""
+    monkeypatch.setattr(evaluate, "WEIGHTS", tmp_path)
+    for w in evaluate.SHIPPED:
+        (tmp_path / w.file).write_bytes(b"")
+    plans = evaluate.finetuned_plans(EvalConfig(), evaluate.ATSOptions())
+    assert [(p.name, [(r.stages, r.k) for r in runs]) for p, runs in plans] == [
+        ("vit_digits_patch8_112_ats.safetensors", [(evaluate.MULTI, 1.0)]),
+        ("vit_digits_patch8_112_ats_7-11.safetensors", [(evaluate.LATE, k) for k in (1.0, 0.87, 0.72)])]
+    late = evaluate.finetuned_plans(EvalConfig(), evaluate.ATSOptions(stages=evaluate.LATE, rho=(0.5,)))
+    assert [(p.name, [(r.stages, r.k) for r in runs]) for p, runs in late] == [
+        ("vit_digits_patch8_112_ats_7-11.safetensors", [(evaluate.LATE, 0.5)])]
+    assert evaluate.finetuned_plans(EvalConfig(checkpoint="w.safetensors"), evaluate.ATSOptions()) == []
+    runs = evaluate.ATSOptions().runs(embedded=True)
+    assert [r.point for r in runs] == ["rho 1", "rho 0.87", "rho 0.72", "rho 1"]
+    assert [r.series_for("fine-tuned") for r in runs[-1:]] == ["ATS fine-tuned @ 7-11"]
 
 
 def test_three_classes_image_folder(tmp_path):

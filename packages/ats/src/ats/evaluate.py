@@ -1,9 +1,12 @@
 """``ats-eval``: accuracy, mean per-image GFLOPs, throughput, kept-token histograms and visualisations of ATS.
 
 Without arguments it evaluates the embedded default (``vit_digits_patch8_112`` with its shipped weights on the
-embedded digits) with the released configuration (blocks 3..11) at rho 1 / 0.87 / 0.72 (the paper's 3.0 / 2.5 /
-2.0 GFLOPs levels on DeiT-S, Fig. 5) off the shelf and, when fine-tuned weights are shipped (or given with
-``--finetuned``), fine-tuned, all timed against the dense model in one run. ``--rho`` / ``--k`` give another sweep,
+embedded digits), all rows timed against the dense model in one run: off the shelf with the released
+configuration (blocks 3..11) at rho 1 / 0.87 / 0.72 (the paper's 3.0 / 2.5 / 2.0 GFLOPs levels on DeiT-S, Fig. 5)
+and at rho 1 in blocks 7..11 (the placement whose GFLOPs share is nearest the paper's 2.9 / 4.6), and with the
+shipped fine-tuned weights at the configurations they were trained for: blocks 3..11 at rho 1 (Table 1) and
+blocks 7..11 at rho 1 / 0.87 / 0.72. ``--finetuned PATH`` evaluates other fine-tuned weights next to the given
+ones. ``--rho`` / ``--k`` give another sweep (shipped fine-tuned weights trained at the same ``--stages`` join it),
 ``--preset`` a paper table with its reported numbers, ``--flops-only`` the data-free upper bound (exact for
 single-stage ATS at an absolute K).
 """
@@ -25,8 +28,9 @@ from . import patch
 from .flops import dense_gmacs, per_image_gmacs, upper_bound_gmacs
 
 MULTI = tuple(range(3, 12))
+LATE = tuple(range(7, 12))
 DEFAULT_RHO = (1.0, 0.87, 0.72)
-FINETUNED_WEIGHTS = Path(__file__).parent / "weights" / "vit_digits_patch8_112_ats.safetensors"
+WEIGHTS = Path(__file__).parent / "weights"
 DENSE_PAPER = {"top1": 79.8, "gflops": 4.6}  # DeiT-S on ImageNet
 
 
@@ -41,11 +45,17 @@ class Run:
     series: str = "ATS"
     paper: tuple[tuple[str, float], ...] = ()
     paper_finetuned: tuple[tuple[str, float], ...] = ()
+    placement_in_series: bool = False  # one series per placement ("ATS ... @ 7-11"), the points just rho / K
 
     @property
     def point(self) -> str:
-        where = "" if self.stages == MULTI else f" @ {_stage_text(self.stages)}"
+        where = "" if self.stages == MULTI or self.placement_in_series else f" @ {_stage_text(self.stages)}"
         return (f"rho {self.k:g}" if self.k <= 1 else f"K {self.k:g}") + where
+
+    def series_for(self, tag: str) -> str:
+        """This run's series name with ``tag`` (``off-the-shelf``, ``fine-tuned`` or empty)."""
+        name = f"{self.series} {tag}".strip()
+        return f"{name} @ {_stage_text(self.stages)}" if self.placement_in_series else name
 
     def params(self) -> dict:
         return {"stages": list(self.stages), ("rho" if self.k <= 1 else "k"): self.k, "mode": self.mode,
@@ -91,6 +101,30 @@ PRESETS: dict[str, tuple[str, tuple[Run, ...]]] = {
 FINETUNED_PAPER = {1.0: {"top1": 79.7, "gflops": 2.9}}
 
 
+def _late(rho: float, ft=None) -> Run:
+    return Run(LATE, rho, paper_finetuned=_paper(ft, 2.9 if ft else None), placement_in_series=True)
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """Fine-tuned ATS weights of the embedded model (their ``ats-train`` commands are in the README) and the
+    configurations the no-argument run shows them at: the placement they were trained for."""
+
+    file: str
+    stages: tuple[int, ...]
+    runs: tuple[Run, ...]
+
+    @property
+    def path(self) -> Path:
+        return WEIGHTS / self.file
+
+
+# The no-argument run: off the shelf, the default sweep plus blocks 7..11 at rho 1; fine-tuned, each shipped file.
+EMBEDDED_RUNS = (*DEFAULT_RUNS, _late(1.0))
+SHIPPED = (Shipped("vit_digits_patch8_112_ats.safetensors", MULTI, (DEFAULT_RUNS[0],)),
+           Shipped("vit_digits_patch8_112_ats_7-11.safetensors", LATE, (_late(1.0, 79.7), _late(0.87), _late(0.72))))
+
+
 @dataclass(frozen=True)
 class ATSOptions:
     """ATS's own flags; the common ones are :class:`vitbench.evaluation.EvalConfig`."""
@@ -119,11 +153,17 @@ class ATSOptions:
     def from_args(cls, ns: argparse.Namespace) -> ATSOptions:
         return ev.config_from_args(cls, ns)
 
-    def runs(self) -> tuple[Run, ...]:
+    @property
+    def is_default(self) -> bool:
+        return not (self.preset or self.rho or self.k or self.variant) and self.stages == MULTI \
+            and self.mode == "official"
+
+    def runs(self, embedded: bool = False) -> tuple[Run, ...]:
+        """The configurations to evaluate (``embedded``: the no-argument run on the embedded model)."""
         if self.preset:
             return PRESETS[self.preset][1]
-        if not (self.rho or self.k) and self.stages == MULTI and self.mode == "official" and not self.variant:
-            return DEFAULT_RUNS
+        if self.is_default:
+            return EMBEDDED_RUNS if embedded else DEFAULT_RUNS
         series = "ATS " + "+".join(self.variant) if self.variant else "ATS"
         return tuple(Run(self.stages, float(v), self.mode, self.variant, series)
                      for v in (self.k or self.rho or DEFAULT_RHO))
@@ -168,21 +208,35 @@ def build_parser() -> argparse.ArgumentParser:
                    + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()).replace("%", "%%"))
     g.add_argument("--finetuned", default=None, metavar="PATH",
                    help="fine-tuned ATS weights of the same model, evaluated in the same run as a second series "
-                   f"(default for the embedded model: {FINETUNED_WEIGHTS.name} when shipped)")
+                   "(default for the embedded model: the shipped "
+                   + " and ".join(f"{w.file} (blocks {_stage_text(w.stages)})" for w in SHIPPED) + ")")
     return p
 
 
-def _finetuned_path(cfg: ev.EvalConfig, opts: ATSOptions) -> Path | None:
+def _embedded(cfg: ev.EvalConfig) -> bool:
+    return cfg.model == ev.EvalConfig.model and cfg.checkpoint is None and not cfg.flops_only
+
+
+def finetuned_plans(cfg: ev.EvalConfig, opts: ATSOptions) -> list[tuple[Path, tuple[Run, ...]]]:
+    """The fine-tuned weights to evaluate and the runs for each: ``--finetuned`` at the requested runs; on the
+    embedded default, each shipped file at its own runs (no arguments) or at the requested runs when it was
+    trained at the requested ``--stages``."""
     if opts.finetuned:
         path = Path(opts.finetuned)
         if not path.is_file():
             raise FileNotFoundError(f"--finetuned {path} not found")
-        return path
-    if cfg.model == ev.EvalConfig.model and cfg.checkpoint is None and not cfg.flops_only:
-        if FINETUNED_WEIGHTS.is_file():
-            return FINETUNED_WEIGHTS
-        ev.status(f"no fine-tuned ATS weights shipped ({FINETUNED_WEIGHTS.name}); fine-tuned rows skipped")
-    return None
+        return [(path, opts.runs())]
+    if not _embedded(cfg) or opts.preset:
+        return []
+    plans = []
+    for w in SHIPPED:
+        if not (opts.is_default or w.stages == opts.stages):
+            continue
+        if w.path.is_file():
+            plans.append((w.path, w.runs if opts.is_default else opts.runs()))
+        else:
+            ev.status(f"no fine-tuned ATS weights shipped ({w.file}); its fine-tuned rows skipped")
+    return plans
 
 
 def _patched(model, run: Run, seed: int):
@@ -200,27 +254,28 @@ def _check_runs(runs, geom: ViTGeometry, name: str) -> None:
 
 
 def build_settings(cfg, opts, model, finetuned, loader, spec) -> list[ev.Setting]:
-    """Dense first, then every ATS configuration on the given weights and, with ``finetuned``, on those."""
+    """Dense first, then every ATS configuration on the given weights and on each ``(model, runs, file name)`` of
+    ``finetuned``."""
     from . import figures
 
     geom = ViTGeometry.from_model(model)
-    runs = opts.runs()
-    _check_runs(runs, geom, cfg.model)
+    plans = [("", model, opts.runs(embedded=_embedded(cfg)), None)]
+    plans += [("fine-tuned", m, runs, name) for m, runs, name in finetuned]
+    for _, _, runs, _ in plans:
+        _check_runs(runs, geom, cfg.model)
     dense_g = dense_gmacs(geom)
     settings = [ev.Setting("dense", "dense", "", {}, model, gflops=dense_g, paper=DENSE_PAPER,
                            run=lambda x, y, i: (model(x), torch.tensor(dense_g)))]
-    bases = [("", model)] + ([("fine-tuned", finetuned)] if finetuned is not None else [])
-    for tag, base in bases:
+    for tag, base, runs, name in plans:
         for run in runs:
             paper = dict(run.paper_finetuned if tag else run.paper)
             if tag and not paper and run.stages == MULTI and run.k in FINETUNED_PAPER:
                 paper = FINETUNED_PAPER[run.k]
-            series = f"{run.series} {tag}".strip() if tag else f"{run.series} off-the-shelf" if finetuned else \
-                run.series
             m = _patched(base, run, cfg.seed)
             bound = upper_bound_gmacs(geom, m.ats_info.config)
-            s = ev.Setting("ats", series, run.point, {**run.params(), "weights": tag or "given"}, m, gflops=bound,
-                           paper=paper, extra={"gflops_upper_bound": bound})
+            params = {**run.params(), "weights": tag or "given", **({"weights_file": name} if name else {})}
+            s = ev.Setting("ats", run.series_for(tag or ("off-the-shelf" if finetuned else "")), run.point, params,
+                           m, gflops=bound, paper=paper, extra={"gflops_upper_bound": bound})
             if loader is not None:
                 _attach_probe(s, geom, set(cfg.visualize), loader, spec, figures, cfg)
             settings.append(s)
@@ -278,12 +333,10 @@ def body(args: argparse.Namespace) -> int:
         patch._check_structure(model)
     except TypeError as e:
         raise ValueError(f"{cfg.model}: {e}") from None
-    path = _finetuned_path(cfg, opts)
-    finetuned = None
-    if path is not None:
-        from vitbench.models import load_checkpoint
+    from vitbench.models import load_checkpoint
 
-        finetuned = load_checkpoint(copy.deepcopy(model), path).eval()
+    finetuned = [(load_checkpoint(copy.deepcopy(model), path).eval(), runs, path.name)
+                 for path, runs in finetuned_plans(cfg, opts)]
     if opts.preset:
         print(PRESETS[opts.preset][0])
     title = f"ATS on {cfg.model}, {cfg.data}: top-1 vs GFLOPs"
