@@ -5,7 +5,9 @@ embedded digits) with the released configuration (blocks 3..11) at rho 1 / 0.87 
 2.0 GFLOPs levels on DeiT-S, Fig. 5) off the shelf and, when fine-tuned weights are shipped (or given with
 ``--finetuned``), fine-tuned, all timed against the dense model in one run. ``--rho`` / ``--k`` give another sweep,
 ``--preset`` a paper table with its reported numbers, ``--flops-only`` the data-free upper bound (exact for
-single-stage ATS at an absolute K).
+single-stage ATS at an absolute K). Video models and data (``--model xvit_digits_patch8_64 --data
+moving-digits``; ``--data videofolder:PATH`` with a Kinetics model and ``--checkpoint``) run on 1 x 3 views
+(:mod:`ats.video_eval`).
 """
 
 from __future__ import annotations
@@ -154,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.build_parser("ats-eval", __doc__, "runs/ats-eval")
     g = p.add_argument_group("ATS")
     g.add_argument("--stages", type=parse_stages, default=d.stages,
-                   help="ATS blocks, 0-based: 3-11, 3 or 0,3,6 (default: 3-11)")
+                   help="ATS blocks, 0-based: 3-11, 3 or 0,3,6 (default: 3-11; TimeSformer: 3-5)")
     g.add_argument("--rho", type=float, nargs="+", default=[],
-                   help="K_n = max(round(rho*N_n), 8); several = sweep (default: 1 0.87 0.72)")
+                   help="K_n = max(round(rho*N_n), 8); several = sweep (default: 1 0.87 0.72; video: 0.7)")
     g.add_argument("--k", type=float, nargs="+", default=[],
                    help="absolute K per stage (counts the CLS, at most the token count); several = sweep")
     g.add_argument("--mode", choices=patch.MODES, default=d.mode,
@@ -272,6 +274,10 @@ def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg) -> None
 
 def body(args: argparse.Namespace) -> int:
     cfg, opts = ev.EvalConfig.from_args(args), ATSOptions.from_args(args)
+    from . import video_eval
+
+    if video_eval.wants_video(cfg):  # clips: 1 x 3 views, Tables 2 / 3 / A.2
+        return video_eval.body(cfg, opts)
     ev.prepare_outputs(cfg)
     model = ev.load_model(cfg)
     try:

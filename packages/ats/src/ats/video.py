@@ -356,6 +356,47 @@ def load_released(model: VideoTransformer, path: str) -> VideoTransformer:
     return model
 
 
+def inflate_image_state(model: VideoTransformer, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """An image ViT's weights (timm layout) as the initialisation of a video model of the same width and depth,
+    as both video papers start from ImageNet ViTs: the positional table resampled to the model's grid (timm's
+    ``resample_abs_pos_embed``); TimeSformer's temporal attention and its norm copied from the spatial ones (the
+    released ``load_pretrained``), ``temporal_fc`` left at its initialisation (zero after block 0); X-ViT's
+    blocks are the image blocks, its temporal head new. An image ``head`` that does not fit is dropped. Returns
+    the state and the keys that keep their initialisation."""
+    from timm.layers import resample_abs_pos_embed
+
+    state = dict(state)
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape:
+        side = int(round((pos.shape[1] - 1) ** 0.5))
+        state["pos_embed"] = resample_abs_pos_embed(pos.float(), list(model.grid), (side, side),
+                                                    num_prefix_tokens=1).to(pos.dtype)
+    if model.arch == "timesformer":
+        for key in list(state):
+            if key.startswith("blocks.") and (".attn." in key or ".norm1." in key):
+                state[key.replace(".attn.", ".temporal_attn.").replace(".norm1.", ".temporal_norm1.")] = state[key]
+    own = model.state_dict()
+    state = {k: v for k, v in state.items()
+             if not (k.startswith("head.") and (k not in own or own[k].shape != v.shape))}
+    return state, sorted(set(own) - set(state))
+
+
+def load_video_checkpoint(model: VideoTransformer, path: str) -> VideoTransformer:
+    """The one video checkpoint reader, by the file's key layout: the authors' released checkpoints
+    (:func:`load_released`), an image ViT of the same width and depth (:func:`inflate_image_state`), or this
+    module's own layout (``ats-train`` outputs, shipped weights; strict)."""
+    from vitbench.models import load_state, read_state_dict
+
+    state = read_state_dict(path)
+    if any(k.startswith(("model.", "base_model.")) for k in state):
+        return load_released(model, path)
+    optional: list[str] = []
+    if not any(k in state for k in ("time_embed", "temp_embed")):
+        state, optional = inflate_image_state(model, state)
+    load_state(model, state, path, optional=tuple(optional))
+    return model
+
+
 # Registered names. The released Kinetics checkpoints are not shipped; load them with ``load_released``.
 _K400 = dict(num_classes=400, mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225), crop_pct=1.0,
              interpolation="bilinear", first_conv="patch_embed.proj", classifier="head", license="apache-2.0")
