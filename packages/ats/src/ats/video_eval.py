@@ -53,18 +53,23 @@ def check_inputs(cfg: ev.EvalConfig, opts: ATSOptions) -> None:
                          ".pyth, loaded through ats.video.load_released, or an ats-train output)")
 
 
-def load_model(cfg: ev.EvalConfig) -> video.VideoTransformer:
-    """``cfg.model`` with ``--checkpoint`` (any layout :func:`ats.video.load_video_checkpoint` reads) or, for the
-    embedded model, its shipped weights; eval mode."""
+def create_model(cfg: ev.EvalConfig) -> video.VideoTransformer:
+    """``cfg.model`` (``--num-classes``, ``--img-size`` applied), weights not loaded yet."""
     import timm
 
     kwargs = {k: v for k, v in (("num_classes", cfg.num_classes), ("img_size", cfg.img_size)) if v is not None}
     model = timm.create_model(cfg.model, **kwargs)
     ev.check_img_size(model, cfg.img_size)
+    return model.eval()
+
+
+def load_weights(cfg: ev.EvalConfig, model: video.VideoTransformer) -> video.VideoTransformer:
+    """``--checkpoint`` (any layout :func:`ats.video.load_video_checkpoint` reads) or, for the embedded model,
+    its shipped weights; nothing with ``--flops-only``."""
     if cfg.flops_only:
-        return model.eval()
+        return model
     path = cfg.checkpoint
-    if path is None and cfg.model == EMBEDDED_MODEL and not kwargs:
+    if path is None and cfg.model == EMBEDDED_MODEL and cfg.num_classes is None and cfg.img_size is None:
         if not WEIGHTS.is_file():
             raise FileNotFoundError(f"the embedded video weights are not installed ({WEIGHTS}); train them with "
                                     "ats-train (see the ATS README, Video) or pass --checkpoint")
@@ -184,9 +189,10 @@ def kept_over_frames(per_frame: torch.Tensor, stages, patches: int, path: Path, 
 def body(cfg: ev.EvalConfig, opts: ATSOptions) -> int:
     check_inputs(cfg, opts)
     ev.prepare_outputs(cfg)
-    model = load_model(cfg)
+    model = create_model(cfg)
     paper = PAPER.get((cfg.model, model.num_classes))
     ats_runs = runs(opts, model, paper)
+    load_weights(cfg, model)
     path = finetuned_path(cfg, opts)
     finetuned = None if path is None else video.load_video_checkpoint(copy.deepcopy(model), str(path)).eval()
     if paper is not None:
