@@ -70,7 +70,7 @@ def test_video_flops_only_uses_the_papers_stages_and_numbers(tmp_path):
                           "--json", str(out), "--output-dir", str(tmp_path / "o")]) == 0
     dense, ats = read_valid_result(out)["rows"]
     assert dense["gflops"] == pytest.approx(3 * dense_gmacs("timesformer_digits_patch8_64"))
-    assert ats["setting"]["stages"] == [3, 4, 5] and ats["setting"]["rho"] == 0.7 and ats["gflops"] is None
+    assert ats["setting"]["stages"] == [3, 4, 5] and ats["setting"]["rho"] == 1.0 and ats["gflops"] is None
     paper = video_eval.PAPER[("timesformer_l_patch16_224", 400)]
     assert paper[1] == (80.7, 7140.0) and paper[2] == (80.5, 3510.0)
 

@@ -442,13 +442,15 @@ def build_video_dataset(spec: str | DataSpec, split: str, sampling: ClipSampling
 
 
 def model_sampling(spec: str | DataSpec, model: torch.nn.Module, img_size: int | None = None) -> ClipSampling:
-    """The spec's clip sampling at the model's frames, crop (scale jitter scaled with it) and normalisation."""
+    """The spec's clip sampling at the model's frames and frame stride (``num_frames`` / ``frame_stride`` when it
+    has them), crop (scale jitter scaled with it) and normalisation."""
     from timm.data import resolve_data_config
 
     base = default_sampling(spec)
     resolved = resolve_data_config({}, model=model)
     crop = img_size or resolved["input_size"][-1]
-    return replace(base, frames=getattr(model, "num_frames", base.frames), crop=crop,
+    return replace(base, frames=getattr(model, "num_frames", base.frames),
+                   stride=getattr(model, "frame_stride", base.stride), crop=crop,
                    jitter=tuple(round(j * crop / base.crop) for j in base.jitter),
                    mean=tuple(resolved["mean"]), std=tuple(resolved["std"]))
 

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stages", type=parse_stages, default=d.stages,
                    help="ATS blocks, 0-based: 3-11, 3 or 0,3,6 (default: 3-11; TimeSformer: 3-5)")
     g.add_argument("--rho", type=float, nargs="+", default=[],
-                   help="K_n = max(round(rho*N_n), 8); several = sweep (default: 1 0.87 0.72; video: 0.7)")
+                   help="K_n = max(round(rho*N_n), 8); several = sweep (default: 1 0.87 0.72; video: 1)")
     g.add_argument("--k", type=float, nargs="+", default=[],
                    help="absolute K per stage (counts the CLS, at most the token count); several = sweep")
     g.add_argument("--mode", choices=patch.MODES, default=d.mode,

@@ -165,10 +165,11 @@ class VideoTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_frames: int = 8,
                  num_classes: int = 400, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, block_fn: type[Block] = TimeSformerBlock):
+                 drop_path_rate: float = 0.0, block_fn: type[Block] = TimeSformerBlock, frame_stride: int = 32):
         super().__init__()
         self.num_classes = num_classes
         self.num_frames = num_frames
+        self.frame_stride = frame_stride  # video frames between a clip's frames (the released test configs)
         self.embed_dim = self.num_features = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -404,17 +405,19 @@ _XVIT = dict(_K400, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), classifier="conse
 _DIGITS = dict(_K400, num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 VIDEO_MODELS = {
     # name: (class, kwargs, pretrained_cfg)
-    "timesformer_base_patch16_224": (TimeSformer, dict(img_size=224, num_frames=8), _K400),
-    "timesformer_hr_patch16_448": (TimeSformer, dict(img_size=448, num_frames=16, num_classes=600),
+    # frames x frame_stride as the released checkpoints' names (TimeSformer 8x32, 16x16, 96x4); X-ViT: 8x32, and
+    # 16x16 for the same span (an assumption, see the README)
+    "timesformer_base_patch16_224": (TimeSformer, dict(img_size=224, num_frames=8, frame_stride=32), _K400),
+    "timesformer_hr_patch16_448": (TimeSformer, dict(img_size=448, num_frames=16, num_classes=600, frame_stride=16),
                                    dict(_K400, num_classes=600)),
-    "timesformer_l_patch16_224": (TimeSformer, dict(img_size=224, num_frames=96), _K400),
-    "xvit_base_patch16_224_8f": (XViT, dict(img_size=224, num_frames=8), _XVIT),
-    "xvit_base_patch16_224_16f": (XViT, dict(img_size=224, num_frames=16, segment=8), _XVIT),
-    # embedded moving-digits geometry: 8 frames of 64 px, patch 8 (8 x 8 grid), depth 12, width 64
+    "timesformer_l_patch16_224": (TimeSformer, dict(img_size=224, num_frames=96, frame_stride=4), _K400),
+    "xvit_base_patch16_224_8f": (XViT, dict(img_size=224, num_frames=8, frame_stride=32), _XVIT),
+    "xvit_base_patch16_224_16f": (XViT, dict(img_size=224, num_frames=16, segment=8, frame_stride=16), _XVIT),
+    # embedded moving-digits geometry: 8 frames (every 2nd of 16) of 64 px, patch 8 (8 x 8 grid), depth 12, width 64
     "timesformer_digits_patch8_64": (TimeSformer, dict(img_size=64, patch_size=8, num_frames=8, embed_dim=64,
-                                                       num_heads=2, num_classes=10), _DIGITS),
+                                                       num_heads=2, num_classes=10, frame_stride=2), _DIGITS),
     "xvit_digits_patch8_64": (XViT, dict(img_size=64, patch_size=8, num_frames=8, embed_dim=64, num_heads=2,
-                                         num_classes=10, head_dropout=0.0), _DIGITS),
+                                         num_classes=10, head_dropout=0.0, frame_stride=2), _DIGITS),
 }
 default_cfgs = generate_default_cfgs({
     f"{name}.untrained": dict(cfg, input_size=(3, kw["img_size"], kw["img_size"]))

@@ -26,7 +26,7 @@ from .video_flops import VIEWS, VideoGeometry, clip_gmacs, recorded_gmacs
 EMBEDDED_MODEL = "xvit_digits_patch8_64"
 WEIGHTS = Path(__file__).parent / "weights" / f"{EMBEDDED_MODEL}.safetensors"
 FINETUNED_WEIGHTS = Path(__file__).parent / "weights" / f"{EMBEDDED_MODEL}_ats.safetensors"
-DEFAULT_RHO = (0.7,)
+DEFAULT_RHO = (1.0,)  # K = all tokens: the setting the ATS weights are fine-tuned in (App. E.4)
 # (model, classes): (table, dense top-1 / GFLOPs, ATS fine-tuned top-1 / GFLOPs), 1 x 3 views, as printed.
 PAPER = {
     ("xvit_base_patch16_224_16f", 400): ("Table 2 (K400)", (80.2, 425.0), (80.0, 259.0)),
@@ -81,7 +81,7 @@ def load_weights(cfg: ev.EvalConfig, model: video.VideoTransformer) -> video.Vid
 
 def runs(opts: ATSOptions, model: video.VideoTransformer, paper: tuple | None) -> list[Run]:
     """The ATS configurations: ``--stages`` (default: the paper's blocks for the model), ``--rho`` / ``--k``
-    (default rho 0.7), checked against the model's blocks and tokens before any data is read."""
+    (default rho 1), checked against the model's blocks and tokens before any data is read."""
     stages = video_ats.STAGES[model.arch] if opts.stages == MULTI else opts.stages
     values = opts.k or opts.rho or DEFAULT_RHO
     tokens = 1 + model.num_frames * model.grid[0] * model.grid[1]
