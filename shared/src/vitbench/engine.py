@@ -159,7 +159,9 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argu
     """Add the common training flags (DeiT recipe defaults; ``defaults`` overrides them per package)."""
     d = flag_defaults(TrainConfig, defaults)
     g = parser.add_argument_group("data and model")
-    g.add_argument("--data", default=d["data"], help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH")
+    g.add_argument("--data", default=d["data"],
+                   help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH | moving-digits | "
+                        "videofolder:PATH")
     g.add_argument("--model", default=d["model"], help="timm model name")
     g.add_argument("--pretrained", action="store_true", default=d["pretrained"],
                    help="initialise from timm's pretrained weights for --model")

@@ -89,7 +89,8 @@ def add_eval_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argum
     d = flag_defaults(EvalConfig, defaults)
     g = parser.add_argument_group("data and model (common to every *-eval)")
     g.add_argument("--data", default=d["data"],
-                   help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH (default: %(default)s)")
+                   help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH | moving-digits | "
+                        "videofolder:PATH (default: %(default)s)")
     g.add_argument("--model", default=d["model"], help="timm model name (default: %(default)s)")
     g.add_argument("--checkpoint", default=d["checkpoint"],
                    help="local .safetensors/.pth weights (default: the shipped weights of the embedded model)")
