@@ -141,3 +141,14 @@ def test_ats_train_on_clips_resumes_to_the_same_weights(tmp_path):
 ])
 def test_bad_video_train_input_is_one_line(tmp_path, capsys, extra, match):
     one_line_error(train.main, _train_args(tmp_path / "o", *extra), capsys, match)
+
+
+def test_shipped_video_weights_load_strictly_and_are_the_defaults():
+    from vitbench.evaluation import EvalConfig
+
+    cfg = EvalConfig(data="moving-digits", model=MODEL)
+    model = video_eval.load_weights(cfg, video_eval.create_model(cfg))
+    assert model.consensus.cls_token.abs().sum() > 0  # trained, not the zero initialisation
+    assert video_eval.finetuned_path(cfg, evaluate.ATSOptions()) == video_eval.FINETUNED_WEIGHTS
+    tuned = video.load_video_checkpoint(timm.create_model(MODEL), str(video_eval.FINETUNED_WEIGHTS))
+    assert not torch.equal(tuned.blocks[5].attn.qkv.weight, model.blocks[5].attn.qkv.weight)
