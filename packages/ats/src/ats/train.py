@@ -5,7 +5,8 @@ Paper setting (DynamicViT/DeiT recipe): initialise from the backbone (``--pretra
 K = all tokens during training (``--ats-rho 1``: multi-stage blocks 3..11). ``--no-ats`` trains the plain model
 (this is how the embedded backbone is trained). Multi-GPU/multi-node: ``accelerate launch -m ats.train ...``;
 multi-process CPU: ``torchrun --nproc_per_node 2 -m ats.train --cpu ...``. The weights keep timm's layout, so
-``ats-eval --checkpoint OUTPUT_DIR/model.safetensors`` evaluates them at any rho or K.
+``ats-eval --checkpoint OUTPUT_DIR/model.safetensors`` evaluates them at any rho or K. Video models
+(``--model xvit_digits_patch8_64 --data moving-digits``) train on clips (:mod:`ats.video_train`).
 """
 
 from __future__ import annotations
