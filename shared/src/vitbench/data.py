@@ -86,6 +86,13 @@ DIGITS_DEFAULTS = DataDefaults(
     scale=(1.0, 1.0), auto_augment="rand-m6-mstd0.5-inc1", reprob=0.0, mixup=0.0, cutmix=0.0, repeated_aug=False,
 )
 
+# Clips: augmented by their sampling only (vitbench.video: random start, scale jitter, crop, flip), as the video
+# transformers' recipes; no RandAugment, colour jitter, erasing, mixing or repeated augmentation.
+VIDEO_DEFAULTS = replace(IMAGENET_DEFAULTS, num_classes=400, crop_pct=1.0, auto_augment=None, color_jitter=0.0,
+                         reprob=0.0, mixup=0.0, cutmix=0.0, repeated_aug=False)
+MOVING_DIGITS_DEFAULTS = replace(VIDEO_DEFAULTS, num_classes=10, img_size=64, mean=(0.5, 0.5, 0.5),
+                                 std=(0.5, 0.5, 0.5), hflip=0.0)
+
 
 def parse_data_spec(text: str | DataSpec) -> DataSpec:
     """Parse ``digits``, ``imagefolder:PATH``, ``hf:NAME[:CONFIG]`` or ``arrow:PATH``."""
@@ -124,7 +131,8 @@ def _digits_options(text: str) -> tuple[tuple[str, int], ...]:
 
 def data_defaults(spec: str | DataSpec, num_classes: int | None = None) -> DataDefaults:
     spec = parse_data_spec(spec)
-    base = DIGITS_DEFAULTS if spec.kind == "digits" else IMAGENET_DEFAULTS
+    base = {"digits": DIGITS_DEFAULTS, "moving-digits": MOVING_DIGITS_DEFAULTS,
+            "videofolder": VIDEO_DEFAULTS}.get(spec.kind, IMAGENET_DEFAULTS)
     return replace(base, num_classes=num_classes) if num_classes else base
 
 

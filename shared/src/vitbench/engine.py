@@ -47,6 +47,9 @@ from .data import (
     preserved_rng, train_sampler_indices, train_transform,
 )
 from .report import write_json
+from .video import (
+    CorruptVideoError, build_video_dataset, build_video_eval_loader, is_video, model_sampling, views_forward,
+)
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Callable], torch.Tensor]
 
@@ -134,7 +137,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        parse_data_spec(self.data)
+        if is_video(parse_data_spec(self.data)):
+            given = [flag for flag, value in (("--mixup", self.mixup), ("--cutmix", self.cutmix),
+                                              ("--auto-augment", self.auto_augment),
+                                              ("--color-jitter", self.color_jitter)) if value not in (None, 0, "none")]
+            if given:
+                raise ValueError(f"{', '.join(given)}: image augmentation; clips are augmented by their sampling "
+                                 f"(vitbench.video: random start, scale jitter, crop, flip), {self.data} is video")
         if not (self.model.startswith(("hf-hub:", "local-dir:")) or timm.is_model(self.model)):
             raise ValueError(f"unknown model {self.model!r}; see timm.list_models() (embedded: vit_digits_patch8_112)")
 
@@ -150,7 +159,9 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argu
     """Add the common training flags (DeiT recipe defaults; ``defaults`` overrides them per package)."""
     d = flag_defaults(TrainConfig, defaults)
     g = parser.add_argument_group("data and model")
-    g.add_argument("--data", default=d["data"], help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH")
+    g.add_argument("--data", default=d["data"],
+                   help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH | moving-digits | "
+                        "videofolder:PATH")
     g.add_argument("--model", default=d["model"], help="timm model name")
     g.add_argument("--pretrained", action="store_true", default=d["pretrained"],
                    help="initialise from timm's pretrained weights for --model")
@@ -491,11 +502,12 @@ def _stop_requested(accelerator: Accelerator, received: list[str]) -> bool:
 
 
 def _decode_message(e: Exception) -> str:
-    """The 'cannot decode image ...' line of an error, also when a DataLoader worker wrapped it in a traceback."""
+    """The 'cannot decode image/video ...' line of an error, also when a DataLoader worker wrapped it in a
+    traceback."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     for line in reversed(lines):
-        if "cannot decode image" in line:
-            return line[line.index("cannot decode image"):]
+        if "cannot decode " in line:
+            return line[line.index("cannot decode "):]
     return lines[0] if lines else type(e).__name__
 
 
@@ -565,17 +577,27 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
         dd = replace(dd, auto_augment=None if cfg.auto_augment == "none" else cfg.auto_augment)
     if cfg.color_jitter is not None:
         dd = replace(dd, color_jitter=cfg.color_jitter or None)
-    train_set = build_dataset(cfg.data, "train", train_transform(img_size, mean, std, dd),
-                              skip_corrupt=cfg.skip_corrupt, limit=cfg.limit_train)
+    if is_video(cfg.data):  # clips [C, T, H, W]; evaluation on 1 x 3 views, softmax averaged
+        sampling = model_sampling(cfg.data, model, cfg.img_size)
+        train_set = build_video_dataset(cfg.data, "train", sampling, skip_corrupt=cfg.skip_corrupt,
+                                        limit=cfg.limit_train, seed=cfg.seed)
+        val_loader = build_video_eval_loader(cfg.data, sampling, max(cfg.batch_size // sampling.views, 1),
+                                             cfg.num_workers, cfg.limit_val, cfg.skip_corrupt)
+        val_set = val_loader.dataset
+        eval_forward = eval_forward or views_forward
+    else:
+        train_set = build_dataset(cfg.data, "train", train_transform(img_size, mean, std, dd),
+                                  skip_corrupt=cfg.skip_corrupt, limit=cfg.limit_train)
+        val_loader = build_eval_loader(cfg.data, img_size, mean, std, batch_size=cfg.batch_size,
+                                       crop_pct=dd.crop_pct, num_workers=cfg.num_workers, limit=cfg.limit_val,
+                                       skip_corrupt=cfg.skip_corrupt)
+        val_set = val_loader.dataset
+        if not cfg.skip_corrupt:
+            check_headers(val_set)  # cheap (no decoding): a broken validation file fails now, not after an epoch
     train_set.seed = cfg.seed
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != len(train_set.classes):
         raise ValueError(f"model {cfg.model} has {num_classes} classes but {cfg.data} has {len(train_set.classes)}")
-    val_loader = build_eval_loader(cfg.data, img_size, mean, std, batch_size=cfg.batch_size, crop_pct=dd.crop_pct,
-                                   num_workers=cfg.num_workers, limit=cfg.limit_val, skip_corrupt=cfg.skip_corrupt)
-    val_set = val_loader.dataset
-    if not cfg.skip_corrupt:
-        check_headers(val_set)  # cheap (no decoding): a broken validation file fails now, not after an epoch
     record["train_samples"] = len(train_set)
     if saved:
         accept_changes(config_changes(saved, record), cfg.resume_override, out)
@@ -718,9 +740,9 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
                             checkpoint = _save_checkpoint(accelerator, ckpt_root, progress, cfg.keep_checkpoints,
                                                           record)
                         _preempted(accelerator, log_path, received, checkpoint, progress, epoch)
-            except CorruptImageError as e:
+            except (CorruptImageError, CorruptVideoError) as e:
                 where = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
-                raise CorruptImageError(
+                raise type(e)(
                     f"{_decode_message(e)} ({where}); replace the file, or continue without it: --resume auto "
                     "--skip-corrupt --resume-override train_samples (the sample order changes)") from None
             finally:
@@ -766,9 +788,9 @@ def _evaluate(model, val_loader, accelerator: Accelerator, eval_forward, checkpo
     """:func:`evaluate_classifier`; an unreadable validation image names the file and the saved checkpoint."""
     try:
         return evaluate_classifier(model, val_loader, accelerator, eval_forward)
-    except CorruptImageError as e:
+    except (CorruptImageError, CorruptVideoError) as e:
         where = f"training up to {checkpoint} is saved" if checkpoint else "no checkpoint was written"
-        raise CorruptImageError(f"{_decode_message(e)} ({where}); continue without the file: --resume auto "
+        raise type(e)(f"{_decode_message(e)} ({where}); continue without the file: --resume auto "
                                 "--skip-corrupt") from None
 
 

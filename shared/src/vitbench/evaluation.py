@@ -89,7 +89,8 @@ def add_eval_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Argum
     d = flag_defaults(EvalConfig, defaults)
     g = parser.add_argument_group("data and model (common to every *-eval)")
     g.add_argument("--data", default=d["data"],
-                   help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH (default: %(default)s)")
+                   help="digits | imagefolder:PATH | hf:NAME[:CONFIG] | arrow:PATH | moving-digits | "
+                        "videofolder:PATH (default: %(default)s)")
     g.add_argument("--model", default=d["model"], help="timm model name (default: %(default)s)")
     g.add_argument("--checkpoint", default=d["checkpoint"],
                    help="local .safetensors/.pth weights (default: the shipped weights of the embedded model)")
@@ -217,13 +218,21 @@ def build_loader(cfg: EvalConfig, model: torch.nn.Module):
     from timm.data import resolve_data_config
 
     from .data import build_eval_loader, data_defaults
+    from .video import build_video_eval_loader, is_video, model_sampling
 
-    resolved = resolve_data_config({}, model=model)
-    spec = InputSpec(cfg.img_size or resolved["input_size"][-1], tuple(resolved["mean"]), tuple(resolved["std"]),
-                     cfg.crop_pct if cfg.crop_pct is not None else data_defaults(cfg.data).crop_pct)
-    loader = build_eval_loader(cfg.data, spec.img_size, spec.mean, spec.std, batch_size=cfg.batch_size,
-                               crop_pct=spec.crop_pct, num_workers=cfg.num_workers, limit=cfg.limit,
-                               skip_corrupt=cfg.skip_corrupt)
+    if is_video(cfg.data):  # batches of clips [B, V, C, T, H, W] (1 x V views); --batch-size counts clips
+        sampling = model_sampling(cfg.data, model, cfg.img_size)
+        spec = InputSpec(sampling.crop, sampling.mean, sampling.std, 1.0)
+        loader = build_video_eval_loader(cfg.data, sampling, cfg.batch_size, cfg.num_workers, cfg.limit,
+                                         cfg.skip_corrupt)
+    else:
+        resolved = resolve_data_config({}, model=model)
+        spec = InputSpec(cfg.img_size or resolved["input_size"][-1], tuple(resolved["mean"]),
+                         tuple(resolved["std"]),
+                         cfg.crop_pct if cfg.crop_pct is not None else data_defaults(cfg.data).crop_pct)
+        loader = build_eval_loader(cfg.data, spec.img_size, spec.mean, spec.std, batch_size=cfg.batch_size,
+                                   crop_pct=spec.crop_pct, num_workers=cfg.num_workers, limit=cfg.limit,
+                                   skip_corrupt=cfg.skip_corrupt)
     classes = len(loader.dataset.classes)
     if getattr(model, "num_classes", classes) != classes:
         raise ValueError(f"{cfg.model} has {model.num_classes} classes but {cfg.data} has {classes}; "
@@ -241,7 +250,7 @@ def timing_batch(loader, size: int, device: torch.device) -> torch.Tensor:
         if sum(len(b) for b in images) >= size:
             break
     x = torch.cat(images)
-    return x.repeat(-(-size // len(x)), 1, 1, 1)[:size].to(device)
+    return x.repeat(-(-size // len(x)), *[1] * (x.dim() - 1))[:size].to(device)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -439,6 +439,40 @@ def build_video_dataset(spec: str | DataSpec, split: str, sampling: ClipSampling
             dataset = dataset.select([i for i in range(len(dataset)) if i not in set(bad)])
             dataset.skipped = skipped
     return dataset
+
+
+def model_sampling(spec: str | DataSpec, model: torch.nn.Module, img_size: int | None = None) -> ClipSampling:
+    """The spec's clip sampling at the model's frames and frame stride (``num_frames`` / ``frame_stride`` when it
+    has them), crop (scale jitter scaled with it) and normalisation."""
+    from timm.data import resolve_data_config
+
+    base = default_sampling(spec)
+    resolved = resolve_data_config({}, model=model)
+    crop = img_size or resolved["input_size"][-1]
+    return replace(base, frames=getattr(model, "num_frames", base.frames),
+                   stride=getattr(model, "frame_stride", base.stride), crop=crop,
+                   jitter=tuple(round(j * crop / base.crop) for j in base.jitter),
+                   mean=tuple(resolved["mean"]), std=tuple(resolved["std"]))
+
+
+def build_video_eval_loader(spec: str | DataSpec, sampling: ClipSampling, batch_size: int, num_workers: int = 0,
+                            limit: int | None = None, skip_corrupt: bool = False):
+    """The validation clips, ``batch_size`` clips (each ``sampling.views`` views) per batch."""
+    from torch.utils.data import DataLoader
+
+    dataset = build_video_dataset(spec, "val", sampling, skip_corrupt=skip_corrupt, limit=limit)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def views_forward(model: torch.nn.Module, clips: torch.Tensor) -> torch.Tensor:
+    """Multi-view testing (TimeSformer / X-ViT): ``[B, V, C, T, H, W]`` views folded into the batch, softmax
+    averaged over the views; returns the log of the averaged probabilities ``[B, classes]`` (plain clips
+    ``[B, C, T, H, W]`` pass through as one view)."""
+    if clips.dim() == 5:
+        return model(clips).float().log_softmax(-1)
+    B, V = clips.shape[:2]
+    probs = model(clips.flatten(0, 1)).float().softmax(-1).reshape(B, V, -1).mean(1)
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
 def build_parser() -> argparse.ArgumentParser:

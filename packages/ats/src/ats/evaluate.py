@@ -8,7 +8,9 @@ shipped fine-tuned weights at the configurations they were trained for: blocks 3
 blocks 7..11 at rho 1 / 0.87 / 0.72. ``--finetuned PATH`` evaluates other fine-tuned weights next to the given
 ones. ``--rho`` / ``--k`` give another sweep (shipped fine-tuned weights trained at the same ``--stages`` join it),
 ``--preset`` a paper table with its reported numbers, ``--flops-only`` the data-free upper bound (exact for
-single-stage ATS at an absolute K).
+single-stage ATS at an absolute K). Video models and data (``--model xvit_digits_patch8_64 --data
+moving-digits``; ``--data videofolder:PATH`` with a Kinetics model and ``--checkpoint``) run on 1 x 3 views
+(:mod:`ats.video_eval`).
 """
 
 from __future__ import annotations
@@ -194,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.build_parser("ats-eval", __doc__, "runs/ats-eval")
     g = p.add_argument_group("ATS")
     g.add_argument("--stages", type=parse_stages, default=d.stages,
-                   help="ATS blocks, 0-based: 3-11, 3 or 0,3,6 (default: 3-11)")
+                   help="ATS blocks, 0-based: 3-11, 3 or 0,3,6 (default: 3-11; TimeSformer: 3-5)")
     g.add_argument("--rho", type=float, nargs="+", default=[],
-                   help="K_n = max(round(rho*N_n), 8); several = sweep (default: 1 0.87 0.72)")
+                   help="K_n = max(round(rho*N_n), 8); several = sweep (default: 1 0.87 0.72; video: 1)")
     g.add_argument("--k", type=float, nargs="+", default=[],
                    help="absolute K per stage (counts the CLS, at most the token count); several = sweep")
     g.add_argument("--mode", choices=patch.MODES, default=d.mode,
@@ -327,6 +329,10 @@ def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg) -> None
 
 def body(args: argparse.Namespace) -> int:
     cfg, opts = ev.EvalConfig.from_args(args), ATSOptions.from_args(args)
+    from . import video_eval
+
+    if video_eval.wants_video(cfg):  # clips: 1 x 3 views, Tables 2 / 3 / A.2
+        return video_eval.body(cfg, opts)
     ev.prepare_outputs(cfg)
     model = ev.load_model(cfg)
     try:

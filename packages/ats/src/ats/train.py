@@ -5,7 +5,8 @@ Paper setting (DynamicViT/DeiT recipe): initialise from the backbone (``--pretra
 K = all tokens during training (``--ats-rho 1``: multi-stage blocks 3..11). ``--no-ats`` trains the plain model
 (this is how the embedded backbone is trained). Multi-GPU/multi-node: ``accelerate launch -m ats.train ...``;
 multi-process CPU: ``torchrun --nproc_per_node 2 -m ats.train --cpu ...``. The weights keep timm's layout, so
-``ats-eval --checkpoint OUTPUT_DIR/model.safetensors`` evaluates them at any rho or K.
+``ats-eval --checkpoint OUTPUT_DIR/model.safetensors`` evaluates them at any rho or K. Video models
+(``--model xvit_digits_patch8_64 --data moving-digits``) train on clips (:mod:`ats.video_train`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 from vitbench.cli import run
 from vitbench.engine import TrainConfig, add_train_args, train
 
-from . import patch
+from . import patch, video, video_train
 from .evaluate import parse_stages
 
 
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p, epochs=30, output_dir="runs/ats_train")
     g = p.add_argument_group("ATS")
     g.add_argument("--no-ats", action="store_true", help="train the plain model (ATS off)")
-    g.add_argument("--ats-stages", type=parse_stages, default=tuple(range(3, 12)), help="ATS blocks (default 3-11)")
+    g.add_argument("--ats-stages", type=parse_stages, default=None,
+                   help="ATS blocks (default 3-11; video: X-ViT 3-11, TimeSformer 3-5, App. E.4/E.5)")
     g.add_argument("--ats-rho", type=float, default=None, help="training rho (default 1: K = all tokens, as the paper)")
     g.add_argument("--ats-k", type=float, default=None, help="training absolute K instead of rho")
     g.add_argument("--ats-mode", choices=patch.MODES, default="official")
@@ -59,13 +61,16 @@ def ats_config_from_args(ns: argparse.Namespace) -> ATSTrainConfig:
     if ns.ats_rho is not None and ns.ats_k is not None:
         raise ValueError("give --ats-rho or --ats-k, not both")
     rho = None if ns.ats_k is not None else (1.0 if ns.ats_rho is None else ns.ats_rho)
-    return ATSTrainConfig(None if ns.no_ats else tuple(ns.ats_stages), rho, ns.ats_k, ns.ats_mode,
+    stages = ns.ats_stages or video_train.default_stages(ns.model) or tuple(range(3, 12))
+    return ATSTrainConfig(None if ns.no_ats else tuple(stages), rho, ns.ats_k, ns.ats_mode,
                           tuple(ns.ats_variant))
 
 
 def build_model(cfg: TrainConfig, ats_cfg: ATSTrainConfig):
     import vitbench
 
+    if cfg.model in video.VIDEO_MODELS:
+        return video_train.build_model(cfg, ats_cfg)
     kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
     model = vitbench.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
                                   drop_path_rate=cfg.drop_path, **kwargs)

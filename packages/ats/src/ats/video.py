@@ -165,10 +165,11 @@ class VideoTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_frames: int = 8,
                  num_classes: int = 400, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, block_fn: type[Block] = TimeSformerBlock):
+                 drop_path_rate: float = 0.0, block_fn: type[Block] = TimeSformerBlock, frame_stride: int = 32):
         super().__init__()
         self.num_classes = num_classes
         self.num_frames = num_frames
+        self.frame_stride = frame_stride  # video frames between a clip's frames (the released test configs)
         self.embed_dim = self.num_features = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -356,6 +357,47 @@ def load_released(model: VideoTransformer, path: str) -> VideoTransformer:
     return model
 
 
+def inflate_image_state(model: VideoTransformer, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """An image ViT's weights (timm layout) as the initialisation of a video model of the same width and depth,
+    as both video papers start from ImageNet ViTs: the positional table resampled to the model's grid (timm's
+    ``resample_abs_pos_embed``); TimeSformer's temporal attention and its norm copied from the spatial ones (the
+    released ``load_pretrained``), ``temporal_fc`` left at its initialisation (zero after block 0); X-ViT's
+    blocks are the image blocks, its temporal head new. An image ``head`` that does not fit is dropped. Returns
+    the state and the keys that keep their initialisation."""
+    from timm.layers import resample_abs_pos_embed
+
+    state = dict(state)
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape:
+        side = int(round((pos.shape[1] - 1) ** 0.5))
+        state["pos_embed"] = resample_abs_pos_embed(pos.float(), list(model.grid), (side, side),
+                                                    num_prefix_tokens=1).to(pos.dtype)
+    if model.arch == "timesformer":
+        for key in list(state):
+            if key.startswith("blocks.") and (".attn." in key or ".norm1." in key):
+                state[key.replace(".attn.", ".temporal_attn.").replace(".norm1.", ".temporal_norm1.")] = state[key]
+    own = model.state_dict()
+    state = {k: v for k, v in state.items()
+             if not (k.startswith("head.") and (k not in own or own[k].shape != v.shape))}
+    return state, sorted(set(own) - set(state))
+
+
+def load_video_checkpoint(model: VideoTransformer, path: str) -> VideoTransformer:
+    """The one video checkpoint reader, by the file's key layout: the authors' released checkpoints
+    (:func:`load_released`), an image ViT of the same width and depth (:func:`inflate_image_state`), or this
+    module's own layout (``ats-train`` outputs, shipped weights; strict)."""
+    from vitbench.models import load_state, read_state_dict
+
+    state = read_state_dict(path)
+    if any(k.startswith(("model.", "base_model.")) for k in state):
+        return load_released(model, path)
+    optional: list[str] = []
+    if not any(k in state for k in ("time_embed", "temp_embed")):
+        state, optional = inflate_image_state(model, state)
+    load_state(model, state, path, optional=tuple(optional))
+    return model
+
+
 # Registered names. The released Kinetics checkpoints are not shipped; load them with ``load_released``.
 _K400 = dict(num_classes=400, mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225), crop_pct=1.0,
              interpolation="bilinear", first_conv="patch_embed.proj", classifier="head", license="apache-2.0")
@@ -363,17 +405,19 @@ _XVIT = dict(_K400, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), classifier="conse
 _DIGITS = dict(_K400, num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 VIDEO_MODELS = {
     # name: (class, kwargs, pretrained_cfg)
-    "timesformer_base_patch16_224": (TimeSformer, dict(img_size=224, num_frames=8), _K400),
-    "timesformer_hr_patch16_448": (TimeSformer, dict(img_size=448, num_frames=16, num_classes=600),
+    # frames x frame_stride as the released checkpoints' names (TimeSformer 8x32, 16x16, 96x4); X-ViT: 8x32, and
+    # 16x16 for the same span (an assumption, see the README)
+    "timesformer_base_patch16_224": (TimeSformer, dict(img_size=224, num_frames=8, frame_stride=32), _K400),
+    "timesformer_hr_patch16_448": (TimeSformer, dict(img_size=448, num_frames=16, num_classes=600, frame_stride=16),
                                    dict(_K400, num_classes=600)),
-    "timesformer_l_patch16_224": (TimeSformer, dict(img_size=224, num_frames=96), _K400),
-    "xvit_base_patch16_224_8f": (XViT, dict(img_size=224, num_frames=8), _XVIT),
-    "xvit_base_patch16_224_16f": (XViT, dict(img_size=224, num_frames=16, segment=8), _XVIT),
-    # embedded moving-digits geometry: 8 frames of 64 px, patch 8 (8 x 8 grid), depth 12, width 64
+    "timesformer_l_patch16_224": (TimeSformer, dict(img_size=224, num_frames=96, frame_stride=4), _K400),
+    "xvit_base_patch16_224_8f": (XViT, dict(img_size=224, num_frames=8, frame_stride=32), _XVIT),
+    "xvit_base_patch16_224_16f": (XViT, dict(img_size=224, num_frames=16, segment=8, frame_stride=16), _XVIT),
+    # embedded moving-digits geometry: 8 frames (every 2nd of 16) of 64 px, patch 8 (8 x 8 grid), depth 12, width 64
     "timesformer_digits_patch8_64": (TimeSformer, dict(img_size=64, patch_size=8, num_frames=8, embed_dim=64,
-                                                       num_heads=2, num_classes=10), _DIGITS),
+                                                       num_heads=2, num_classes=10, frame_stride=2), _DIGITS),
     "xvit_digits_patch8_64": (XViT, dict(img_size=64, patch_size=8, num_frames=8, embed_dim=64, num_heads=2,
-                                         num_classes=10, head_dropout=0.0), _DIGITS),
+                                         num_classes=10, head_dropout=0.0, frame_stride=2), _DIGITS),
 }
 default_cfgs = generate_default_cfgs({
     f"{name}.untrained": dict(cfg, input_size=(3, kw["img_size"], kw["img_size"]))

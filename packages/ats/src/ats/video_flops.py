@@ -102,7 +102,7 @@ def clip_gmacs(g: VideoGeometry, alive: list[Tensor] | None = None, sampled: set
         return layernorm_macs(n, dim) if layernorm else 0.0
 
     macs = torch.full((alive[0].shape[0],), float(T * g.patches * g.patch_size**2 * g.in_chans * C),
-                      dtype=torch.float64)
+                      dtype=torch.float64, device=alive[0].device)
     for i in range(g.depth):
         n_in, n_out = (a.sum(-1).double() for a in (alive[i], alive[i + 1]))
         if g.arch == "timesformer":
