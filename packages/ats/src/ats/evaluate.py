@@ -313,7 +313,7 @@ def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg) -> None
         if on_object:
             row["extra"].update(on_object=100.0 * float(torch.cat(on_object).mean()),
                                 on_object_random=100.0 * float(torch.cat(at_random).mean()))
-        slug = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in s.label)
+        slug = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in s.label.replace(" @ ", " at "))
         title = f"{cfg.model} + {s.label}, {cfg.data} ({row['images']} images)"
         row["figures"]["histogram"] = str(figures.token_histograms(torch.cat(counts), stages,
                                                                    out_dir / f"hist_{slug}.png", title))
