@@ -64,6 +64,15 @@ def test_ats_eval_on_video_end_to_end(tmp_path, weights):
     assert (tmp_path / "eval" / "frames_ATS_off-the-shelf_rho_0.7.png").is_file()
 
 
+def test_video_data_alone_selects_the_embedded_video_model(tmp_path):
+    out = tmp_path / "f.json"
+    assert evaluate.main(["--flops-only", "--data", "moving-digits", "--json", str(out),
+                          "--output-dir", str(tmp_path / "o")]) == 0
+    res = read_valid_result(out)
+    assert res["config"]["model"] == "xvit_digits_patch8_64"
+    assert res["rows"][0]["gflops"] == pytest.approx(3 * dense_gmacs("xvit_digits_patch8_64"))
+
+
 def test_video_flops_only_uses_the_papers_stages_and_numbers(tmp_path):
     out = tmp_path / "f.json"
     assert evaluate.main(["--flops-only", "--model", "timesformer_digits_patch8_64", "--data", "moving-digits",
@@ -76,7 +85,7 @@ def test_video_flops_only_uses_the_papers_stages_and_numbers(tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "match"), [
-    (["--data", DATA], "is video data: give a video --model"),
+    (["--data", DATA, "--model", "deit_tiny_patch16_224"], "is video data: give a video --model"),
     (["--model", MODEL], "is a video model: give --data moving-digits"),
     (["--data", DATA, "--model", MODEL, "--k", "600"], "exceeds the 513 patch tokens"),
     (["--data", DATA, "--model", MODEL, "--stages", "3-14"], "stages"),

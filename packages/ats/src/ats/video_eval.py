@@ -4,14 +4,15 @@ Clips are tested as the papers do, 1 temporal x 3 spatial views: the views are f
 softmax is averaged over them (:func:`vitbench.video.views_forward`) and a clip's GFLOPs are the sum over its
 views of the counts :func:`ats.video_flops.recorded_gmacs` makes from the tokens ATS kept. The flags are the
 image path's (``--rho`` / ``--k``, ``--stages``, ``--mode``, ``--checkpoint``, ``--finetuned``, ``--limit``,
-``--no-throughput``, ...); ``--batch-size`` and ``--throughput-batch`` count clips. Without ``--checkpoint`` the
-embedded ``xvit_digits_patch8_64`` runs on its shipped weights, with the shipped ATS fine-tuned weights as a
+``--no-throughput``, ...); ``--batch-size`` and ``--throughput-batch`` count clips. Video data without
+``--model`` selects the embedded ``xvit_digits_patch8_64``; without ``--checkpoint`` it runs on its shipped weights, with the shipped ATS fine-tuned weights as a
 second series.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -187,6 +188,9 @@ def kept_over_frames(per_frame: torch.Tensor, stages, patches: int, path: Path, 
 
 
 def body(cfg: ev.EvalConfig, opts: ATSOptions) -> int:
+    if is_video(cfg.data) and cfg.model == ev.EvalConfig.model:  # video data, no --model: the embedded one
+        cfg = dataclasses.replace(cfg, model=EMBEDDED_MODEL)
+        ev.status(f"video data: model {EMBEDDED_MODEL}")
     check_inputs(cfg, opts)
     ev.prepare_outputs(cfg)
     model = create_model(cfg)
