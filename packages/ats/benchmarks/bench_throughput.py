@@ -19,7 +19,7 @@ import timm
 import torch
 from vitbench import bench
 from vitbench.cli import run
-from vitbench.flops import ViTGeometry
+from vitbench.flops import ViTGeometry, vit_gmacs
 
 import ats
 from ats.flops import dense_gmacs, per_image_gmacs
@@ -37,6 +37,25 @@ def ideal_speedup(model: torch.nn.Module, pool: torch.Tensor) -> tuple[float, li
                                                                                      for t in tokens]
 
 
+def counts_floor(dense: torch.nn.Module, tokens_out: list[float]) -> bench.Method:
+    """Dense timm blocks cut to ATS's mean output token counts, without any sampling: what ATS would cost if
+    scoring and selecting were free (full attention on the block's input, then the first ``n_out`` rows go on).
+    Its ideal speed-up is its own GMACs ratio; ATS's measured / this row's measured speed-up is the share of time
+    the sampling costs, this row's fraction of ideal what the small matrix products cost on this CPU."""
+    counts = [round(t) for t in tokens_out]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        h = dense.norm_pre(dense._pos_embed(dense.patch_embed(x)))
+        for blk, n_out in zip(dense.blocks, counts):
+            h = h[:, :n_out] + blk.ls1(blk.attn(blk.norm1(h)))[:, :n_out]
+            h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+        return dense.forward_head(dense.norm(h))
+
+    n_in = [dense.patch_embed.num_patches + 1, *counts[:-1]]
+    geom = ViTGeometry.from_model(dense)
+    return bench.Method(forward, dense_gmacs(geom) / vit_gmacs(geom, list(zip(n_in, counts))))
+
+
 def measure(args: argparse.Namespace, cfg: bench.BenchConfig,
             extra: Callable[[torch.nn.Module], dict] | None = None) -> list[dict]:
     """Rows at every batch size; ``extra(dense_model)`` may add callables (e.g. the released code)."""
@@ -52,6 +71,8 @@ def measure(args: argparse.Namespace, cfg: bench.BenchConfig,
         for name, model in models.items():
             ideal, tokens[name] = ideal_speedup(model, pool)
             methods[name] = bench.Method(model, ideal, compiled.get(name))
+        if args.floor:
+            methods["dense blocks at ATS's counts, no sampling"] = counts_floor(dense, tokens[next(iter(models))])
         batch_rows = bench.compare_methods(dense, methods, pool, b, cfg, dense_compiled,
                                            extra(dense) if extra else None)
         for row in batch_rows:
@@ -67,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm ViT with a CLS token, random weights (default: deit_small_patch16_224)")
     p.add_argument("--rho", type=float, nargs="+", default=[1.0], help="ATS rho values to time (default: 1)")
     p.add_argument("--mode", choices=ats.MODES, default="official", help="ATS selection mode (default: official)")
+    p.add_argument("--floor", action="store_true",
+                   help="also time dense blocks cut to the first rho's mean token counts without sampling, which "
+                   "separates the sampling's cost from that of the smaller matrix products (default: off)")
     bench.add_arguments(p, "runs/bench/ats.json")
     return p
 
