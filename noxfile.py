@@ -2,7 +2,7 @@
 
 * ``nox -s tests``                 -- all packages; ``nox -s "tests(package='ats')"`` for one
 * ``nox -s lint``                  -- ruff
-* ``nox -s bench``                 -- every package's CPU throughput benchmark (``packages/*/benchmarks/*.py``)
+* ``nox -s bench``                 -- every package's CPU speed benchmark (``packages/*/benchmarks/*.py``), one table
 * ``nox -s gpu``                   -- ``tools/gpu_check.py``'s CPU tests, then the check itself when CUDA is present
 * ``nox -s reproduce``             -- the three methods side by side on the embedded default: writes
                                       ``docs/RESULTS.md``'s generated section and ``docs/figures/``
@@ -53,15 +53,20 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """CPU throughput comparisons (side by side in one process; JSON under runs/bench/)."""
+    """CPU speed of every method against eager and compiled dense DeiT-S at batch 1 and 32 (side by side in one
+    process per package; JSON under runs/bench/), then one table of all of them. Arguments go to every script,
+    e.g. ``nox -s bench -- --compile all``. About 12 minutes on two shared cores."""
     for package in PACKAGES:
         session.install("-e", f"packages/{package}")
     session.install("--no-deps", "-e", "shared")
     scripts = sorted(ROOT.glob("packages/*/benchmarks/*.py"))
     if not scripts:
         session.skip("no benchmarks")
+    results = []
     for script in scripts:
-        session.run("python", str(script.relative_to(ROOT)), *session.posargs, env=OFFLINE)
+        results.append(f"runs/bench/{script.parent.parent.name}.json")
+        session.run("python", str(script.relative_to(ROOT)), "--json", results[-1], *session.posargs, env=OFFLINE)
+    session.run("python", "-m", "vitbench.bench", *results)
 
 
 @nox.session

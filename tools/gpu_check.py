@@ -28,13 +28,6 @@ TINY = dict(img_size=48, patch_size=4, embed_dim=16, depth=12, num_heads=2, num_
 FOCUS_SHARE = 0.22
 
 
-def _peak(model: torch.nn.Module, peak: float) -> torch.nn.Module:
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight[: 2 * blk.attn.attn_dim] *= peak
-    return model.eval()
-
-
 def build_models(geometry: dict, peak: float = 4.0, seed: int = 0) -> dict[str, torch.nn.Module]:
     """Dense ViT (peaked random weights), ATS rho 1 and Life-Regression rho 0.7 on copies of it, LF-ViT alike."""
     from timm.models.vision_transformer import VisionTransformer
@@ -42,21 +35,14 @@ def build_models(geometry: dict, peak: float = 4.0, seed: int = 0) -> dict[str, 
     import ats
     import liferegress
     from lfvit.model import LFVisionTransformer
+    from vitbench.bench import peaked
 
     torch.manual_seed(seed)
-    dense = _peak(VisionTransformer(**geometry), peak)
+    dense = peaked(VisionTransformer(**geometry), peak)
     torch.manual_seed(seed)
-    lf = _peak(LFVisionTransformer(**geometry), peak)
+    lf = peaked(LFVisionTransformer(**geometry), peak)
     return {"dense": dense, "ats": ats.apply(copy.deepcopy(dense), rho=1.0),
             "lfvit": lf, "liferegress": liferegress.apply(copy.deepcopy(dense), keep_rate=0.7)}
-
-
-def focus_eta(lfvit_model: torch.nn.Module, images: torch.Tensor, share: float = FOCUS_SHARE) -> float:
-    """An eta sending ``share`` of ``images`` to the focus stage (midway between two confidences)."""
-    with torch.inference_mode():
-        conf = lfvit_model(images).location.float().softmax(-1).amax(-1).sort().values
-    n = min(max(round(share * len(conf)), 1), len(conf) - 1)
-    return float((conf[n - 1] + conf[n]) / 2)
 
 
 def _callables(models: dict[str, torch.nn.Module], eta: float) -> dict[str, Callable]:
@@ -102,7 +88,9 @@ def run_methods(models: dict[str, torch.nn.Module], images: torch.Tensor, eta: f
 def agreement(models: dict[str, torch.nn.Module], images: torch.Tensor, device: str, ref_device: str = "cpu",
               dtype: str = "fp32", ref_dtype: str = "fp32") -> list[dict]:
     """Part (a): each method on ``device``/``dtype`` against ``ref_device``/``ref_dtype`` on the same images."""
-    eta = focus_eta(models["lfvit"], images)
+    from lfvit.model import eta_for_share
+
+    eta = eta_for_share(models["lfvit"], images, FOCUS_SHARE)
     ref = run_methods(models, images, eta, ref_device, ref_dtype)
     got = run_methods(models, images, eta, device, dtype)
     rows = []
@@ -135,6 +123,7 @@ def compiled(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
 def throughput(models: dict[str, torch.nn.Module], batch_sizes: list[int], dtypes: list[str], modes: list[str],
                device: str, repeats: int, img_size: int) -> list[dict]:
     """Part (b): :func:`vitbench.throughput.sweep` per dtype and mode; ``paper_speedup`` next to each ratio."""
+    from lfvit.model import eta_for_share
     from vitbench.throughput import sweep
 
     dev = torch.device(device)
@@ -142,7 +131,7 @@ def throughput(models: dict[str, torch.nn.Module], batch_sizes: list[int], dtype
     for mode in modes:
         ms = {n: m.to(dev) for n, m in (compiled(models) if mode == "compile" else models).items()}
         gen = torch.Generator().manual_seed(1)
-        eta = focus_eta(ms["lfvit"], torch.randn(64, 3, img_size, img_size, generator=gen).to(dev))
+        eta = eta_for_share(ms["lfvit"], torch.randn(64, 3, img_size, img_size, generator=gen).to(dev), FOCUS_SHARE)
         fns = _callables(ms, eta)
         for dtype in dtypes:
             for row in sweep(fns, lambda b: torch.randn(b, 3, img_size, img_size, device=dev), batch_sizes,

@@ -33,3 +33,12 @@ def test_sync_free_ops_are_not_counted_and_tolist_is_restored():
 def test_dense_vit_forward_has_no_sync():
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
     assert count_syncs(model, torch.randn(2, 3, 32, 32)) == {"total": 0}
+
+
+def test_compiled_functions_are_counted_as_their_eager_program():
+    from vitbench.syncs import count_syncs
+
+    fn = torch.compile(lambda x: x[x > 0].sum(), backend="eager")
+    assert count_syncs(fn, torch.randn(8)) == {"total": 1, "index": 1}
+    full = torch.compile(torch.nn.Linear(3, 3), fullgraph=True, backend="eager")
+    assert count_syncs(full, torch.randn(2, 3)) == {"total": 0}

@@ -3,17 +3,25 @@ import pytest
 from vitbench.syncs import count_syncs
 
 from vitbench.testing import compile_backends
-from lfvit.model import LFVisionTransformer
+from lfvit.model import LFVisionTransformer, eta_for_share
 
 
 def test_early_exit_has_one_host_sync(digits_model):
     x = torch.randn(6, 3, 112, 112, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        conf = digits_model(x).location.softmax(-1).amax(-1).sort().values
-    eta = float((conf[2] + conf[3]) / 2)  # half the images go on to the focus stage
+    eta = eta_for_share(digits_model, x, 0.5)  # half the images go on to the focus stage
     assert count_syncs(lambda t: digits_model.forward_early_exit(t, eta), x) == {"total": 1, "nonzero": 1}
     assert digits_model.last_record.exit_stage.sum() == 3
     assert count_syncs(digits_model, x) == {"total": 0}
+
+
+def test_eta_for_share_sends_that_share_to_focus(digits_model):
+    x = torch.randn(9, 3, 112, 112, generator=torch.Generator().manual_seed(3))
+    for share, reached in ((0.0, 0), (0.22, 2), (1.0, 9)):
+        with torch.no_grad():
+            digits_model.forward_early_exit(x, eta_for_share(digits_model, x, share))
+        assert digits_model.last_record.exit_stage.sum() == reached
+    with pytest.raises(ValueError):
+        eta_for_share(digits_model, x, 1.5)
 
 
 def tiny_lfvit():

@@ -1,14 +1,17 @@
-"""CPU speed benchmark, DeiT-S geometry (random weights), all timings interleaved in one process.
+"""CPU speed benchmark, DeiT-S geometry (random weights, peaked attention), all timings interleaved in one process.
 
-1. Inference: dense DeiT-S vs Life Regression in hard mode (keep rate 0.7 -> 140/100/72 tokens), and the released
-   code's pruned forward (``TimmVitAdapter``) when its checkout is given with ``--released PATH`` (it is imported
-   from there at run time, never copied; it needs timm 0.5.4's ``Block.drop_path``, aliased to ``drop_path1``).
-2. Training step (forward, backward, AdamW step; every parameter trainable): plain DeiT-S vs soft mode, plus soft
-   mode with torch's unfused key-bias gradient (timm ``Attention`` instead of ``LifeRegressionAttention``) to show
-   what the fused path saves.
+1. Inference (:mod:`vitbench.bench`, at every ``--batch-sizes``, default 1 and 32): dense DeiT-S (eager and
+   ``torch.compile``d) vs Life Regression in hard mode (keep rate 0.7 -> 140/100/72 tokens; ``--compile all`` adds it
+   compiled as one graph), and the released code's pruned forward (``TimmVitAdapter``) when its checkout is given
+   with ``--released PATH`` (it is imported from there at run time, never copied; it needs timm 0.5.4's
+   ``Block.drop_path``, aliased to ``drop_path1``).
+2. Training step (``--train-repeats N``; forward, backward, AdamW step; every parameter trainable; at the largest
+   batch size): plain DeiT-S vs soft mode, plus soft mode with torch's unfused key-bias gradient (timm ``Attention``
+   instead of ``LifeRegressionAttention``) to show what the fused path saves.
 
 Writes JSON (``--json``) and prints Markdown tables. Single-threaded by default (``--threads``), which is what is
-stable on a shared CPU box; the ratios, not the absolute img/s, are the result.
+stable on a shared CPU box; the ratios, not the absolute img/s, are the result. About 4 minutes on two shared cores
+with the defaults (mostly compiling dense DeiT-S once per batch size).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import os
+import statistics
 import sys
 import types
 from pathlib import Path
@@ -24,8 +28,9 @@ from pathlib import Path
 import timm
 import torch
 from timm.layers import Attention
-from vitbench.report import markdown_table, write_json
-from vitbench.syncs import count_syncs
+from vitbench import bench
+from vitbench.cli import run
+from vitbench.report import markdown_table
 from vitbench.throughput import compare
 
 import liferegress
@@ -33,19 +38,16 @@ from liferegress.flops import model_gmacs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="deit_small_patch16_224")
-    p.add_argument("--keep-rate", type=float, default=0.7)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; 1 by default because on a shared 2-core machine multi-threaded timings "
-                   "swing with the other jobs (0: torch's default)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=10, help="inference repeats per model")
-    p.add_argument("--train-repeats", type=int, default=5, help="training-step repeats per variant (0: skip)")
+    p = argparse.ArgumentParser(prog="bench_speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_small_patch16_224", help="timm ViT (default: deit_small_patch16_224)")
+    p.add_argument("--keep-rate", type=float, default=0.7, help="rho of the hard-mode schedule (default: 0.7)")
+    p.add_argument("--train-repeats", type=int, default=0,
+                   help="training-step repeats per variant at the largest batch size (default: 0, skipped)")
     p.add_argument("--released", default=os.environ.get("LIFEREGRESS_RELEASED"),
-                   help="checkout of github.com/cjwcommuny/life-regression (skipped when absent)")
-    p.add_argument("--json", default="runs/bench/liferegress_speed.json")
+                   help="checkout of github.com/cjwcommuny/life-regression (default: $LIFEREGRESS_RELEASED; "
+                   "that row is skipped when absent)")
+    bench.add_arguments(p, "runs/bench/liferegress.json")
     return p
 
 
@@ -96,33 +98,34 @@ def train_step(model: torch.nn.Module, targets: torch.Tensor):
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    dense = timm.create_model(args.model, pretrained=False).eval()
+def _main(args: argparse.Namespace) -> int:
+    if args.train_repeats < 0:
+        raise ValueError("--train-repeats must be >= 0")
+    cfg = bench.config(args)
+    torch.manual_seed(cfg.seed)
+    dense = bench.peaked(timm.create_model(args.model, pretrained=False), cfg.peak)
     ours = liferegress.apply(copy.deepcopy(dense), keep_rate=args.keep_rate).eval()
-    images = torch.randn(args.batch_size, 3, 224, 224)
-    gflops = {"dense": model_gmacs(dense), "liferegress": model_gmacs(ours)}
-
-    fns = {"dense": dense, "liferegress (hard)": ours}
+    ideal = model_gmacs(dense) / model_gmacs(ours)
+    compiled = bench.compile_dense(copy.deepcopy(ours)) if cfg.compile == "all" else None
+    dense_compiled = bench.compile_dense(dense) if cfg.compile != "none" else None
     released = released_model(args.released, args.model, args.keep_rate)
-    if released is not None:
-        fns["released code (pruning eval)"] = released
-    inference = compare(fns, images, baseline="dense", warmup=args.warmup, repeats=args.repeats)
-    for row in inference:
-        row["gflops"] = gflops["dense"] if row["name"] == "dense" else gflops["liferegress"]
-        row["flops_ratio"] = gflops["dense"] / row["gflops"]
-        row["syncs"] = count_syncs(fns[row["name"]], images)["total"]
-    by_name = {r["name"]: r for r in inference}
-    if released is not None:
-        ratio = by_name["liferegress (hard)"]["img_s"] / by_name["released code (pruning eval)"]["img_s"]
-        by_name["liferegress (hard)"]["vs_released"] = ratio
+    rows = []
+    for b in cfg.batch_sizes:
+        pool = bench.images(b, dense.patch_embed.img_size[0], cfg.seed)
+        batch_rows = bench.compare_methods(dense, {"liferegress (hard)": bench.Method(ours, ideal, compiled)}, pool,
+                                           b, cfg, dense_compiled,
+                                           None if released is None else {"released code (pruning eval)": released})
+        by_name = {r["name"]: r for r in batch_rows}
+        if released is not None:
+            ours_row, rel_row = by_name["liferegress (hard)"], by_name["released code (pruning eval)"]
+            ours_row["vs_released"] = statistics.median(
+                r / o for r, o in zip(rel_row["times_ms"], ours_row["times_ms"]))
+        rows += batch_rows
 
     training = []
     if args.train_repeats:
-        targets = torch.randint(0, dense.num_classes, (args.batch_size,))
+        images = bench.images(max(cfg.batch_sizes), dense.patch_embed.img_size[0], cfg.seed)[: max(cfg.batch_sizes)]
+        targets = torch.randint(0, dense.num_classes, (images.shape[0],))
         plain = copy.deepcopy(dense).train()
         soft = liferegress.apply(copy.deepcopy(dense), keep_rate=args.keep_rate, mode="soft").train()
         unfused = copy.deepcopy(soft)
@@ -130,20 +133,23 @@ def main(argv: list[str] | None = None) -> int:
             blk.attn.__class__ = Attention
         steps = {"plain": train_step(plain, targets), "soft (fused key-bias grad)": train_step(soft, targets),
                  "soft (torch's unfused key-bias grad)": train_step(unfused, targets)}
-        rows = compare(steps, images, baseline="plain", warmup=1, repeats=args.train_repeats, inference=False)
+        train_rows = compare(steps, images, baseline="plain", warmup=1, repeats=args.train_repeats, clock=cfg.clock,
+                             inference=False)
         training = [{"name": r["name"], "batch_size": r["batch_size"], "median_s": r["median_ms"] / 1e3,
-                     "min_s": r["min_ms"] / 1e3, "ratio_vs_plain": 1 / r["speedup"]} for r in rows]
+                     "min_s": r["min_ms"] / 1e3, "ratio_vs_plain": 1 / r["speedup"]} for r in train_rows]
 
-    print(markdown_table(inference, [c for c in ("name", "batch_size", "gflops", "flops_ratio", "median_ms", "img_s",
-                                                 "speedup", "vs_released", "syncs") if any(c in r for r in inference)],
-                         digits=3))
+    bench.report("liferegress", rows, cfg, training=training, released_available=released is not None,
+                 gflops={"dense": model_gmacs(dense), "liferegress": model_gmacs(ours)})
+    if released is not None:
+        print(markdown_table(rows, ["name", "batch_size", "speedup", "vs_released"], digits=3))
     if training:
         print()
         print(markdown_table(training, ["name", "batch_size", "median_s", "min_s", "ratio_vs_plain"], digits=3))
-    write_json(args.json, {"args": vars(args), "inference": inference, "training": training,
-                           "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
-                           "released_available": released is not None, "loadavg": os.getloadavg()})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

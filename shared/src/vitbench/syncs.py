@@ -101,7 +101,9 @@ def count_syncs(fn: Callable[[torch.Tensor], Any], inputs: torch.Tensor) -> dict
     """Host syncs of one inference call ``fn(inputs)``: ``{"total": n, op: count, ...}``.
 
     Runs under ``no_grad``, not ``inference_mode``: on CPU, ``inference_mode`` reads scalars (``.item()``, ``int(t)``)
-    without dispatching ``_local_scalar_dense``, which would hide them from the counter."""
-    with torch.no_grad(), SyncCounter() as counter:
+    without dispatching ``_local_scalar_dense``, which would hide them from the counter. ``torch.compile``d parts run
+    their Python code eagerly here (``set_stance("force_eager")``; dynamo cannot trace under a dispatch mode): the
+    count is the program's, which the compiled graphs do not change."""
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"), SyncCounter() as counter:
         fn(inputs)
     return {"total": counter.total, **dict(sorted(counter.by_op.items()))}

@@ -59,9 +59,9 @@ def compare(fns: Mapping[str, Callable[[torch.Tensor], Any]], inputs: torch.Tens
     """Time every ``fns[name](inputs)`` ``repeats`` times, interleaved, the order rotated by one each repeat (so no
     model always runs first or right after the same neighbour); rows of name, batch, median ms, img/s, ``speedup``
     (the median over repeats of the baseline's time / this model's time in that repeat; default baseline the first
-    entry) and ``speedup_spread`` ([min, max] of those per-repeat ratios). ``clock`` is ``"wall"``, ``"thread"`` or
-    a callable returning seconds (a fake clock in tests). ``inference=False`` keeps autograd on, for timing
-    training steps."""
+    entry), ``speedup_spread`` ([min, max] of those per-repeat ratios) and ``times_ms`` (every repeat, in order).
+    ``clock`` is ``"wall"``, ``"thread"`` or a callable returning seconds (a fake clock in tests).
+    ``inference=False`` keeps autograd on, for timing training steps."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     if callable(clock):
@@ -101,7 +101,7 @@ def compare(fns: Mapping[str, Callable[[torch.Tensor], Any]], inputs: torch.Tens
         rows.append({"name": name, "batch_size": t.batch_size, "median_ms": 1e3 * t.median_s,
                      "min_ms": 1e3 * t.min_s, "img_s": t.img_s, "speedup": statistics.median(ratios),
                      "speedup_spread": [min(ratios), max(ratios)], "device": str(device), "amp": amp,
-                     "clock": clock_name})
+                     "clock": clock_name, "times_ms": [1e3 * x for x in times[name]]})
     return rows
 
 

@@ -117,7 +117,7 @@ def select_cells(gca: torch.Tensor, window: torch.Tensor, region_size: int,
 
 def grid_side(num_cells: int) -> int:
     """Side g of a square g x g grid with ``num_cells`` cells."""
-    g = math.isqrt(num_cells)
+    g = round(num_cells**0.5)  # not math.isqrt: a compiled focus stage with dynamic shapes passes a SymInt
     if g * g != num_cells:
         raise ValueError(f"{num_cells} cells do not form a square grid")
     return g

@@ -256,6 +256,19 @@ def check_eta(eta: float) -> float:
     return float(eta)
 
 
+def eta_for_share(model: LFVisionTransformer, images: torch.Tensor, share: float) -> float:
+    """An eta sending ``round(share * len(images))`` of ``images`` to the focus stage: midway between two images'
+    localization confidences (no ties at the threshold), so the share does not depend on float noise."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share={share!r} must be in [0, 1]")
+    with torch.inference_mode():
+        conf = model(images).location.float().softmax(-1).amax(-1).sort().values
+    n = round(share * len(conf))
+    if n == 0:
+        return float(conf[0]) / 2
+    return 1.0 if n == len(conf) else float((conf[n - 1] + conf[n]) / 2)
+
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 EMBEDDED_WEIGHTS = WEIGHTS_DIR / "lfvit_vit_digits_patch8_112.safetensors"
 
