@@ -141,21 +141,15 @@ class ATSAttention(Attention):
         else:
             scores = sampling.significance_scores(*cand, n_cand)
         ks_list = [sampling.stage_k(nb, k_cfg) for nb in tokens.sizes]
-        official = "topk" not in cfg.variant and cfg.mode == "official"
-        if official:
-            points_list = [info.n_ref - 1 if kb == nb else kb - 1 for kb, nb in zip(ks_list, tokens.sizes)]
-        else:
-            points_list = [kb - 1 for kb in ks_list]
-        if tokens.uniform:  # one count for every image: the host's value, no device arithmetic
-            points = n.new_full(n.shape, points_list[0])
-        else:
-            ks = sampling.stage_k_tensor(n, k_cfg)
-            points = torch.where(ks == n, info.n_ref - 1, ks - 1) if official else ks - 1
+        ks = sampling.stage_k_tensor(n, k_cfg)
+        points, points_list = ks - 1, [kb - 1 for kb in ks_list]
         if "topk" in cfg.variant:
             sel, count = sampling.topk_select(scores, n_cand, points, points_list)
         elif cfg.mode == "paper":
             sel, count = sampling.paper_select(scores, n_cand, points, points_list)
         else:
+            points = torch.where(ks == n, info.n_ref - 1, points)
+            points_list = [info.n_ref - 1 if kb == nb else kb - 1 for kb, nb in zip(ks_list, tokens.sizes)]
             sel, count = sampling.official_select(scores, n_cand, points, points_list)
         if enforce:
             positions = torch.cat([sel.new_zeros(sel.shape[0], 1), torch.where(sel >= 0, sel + 1, -1)], 1)

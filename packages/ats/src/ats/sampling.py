@@ -177,24 +177,20 @@ def official_select(scores: Tensor, n: Tensor, points: Tensor,
     if scores.shape[1] == 0:
         return _nothing(scores)
     B, M = scores.shape
-    invalid = ~valid_mask(n, M)
-    sorted_scores, order = scores.masked_fill(invalid, float("inf")).sort(dim=-1, stable=True)
-    cdf = sorted_scores.masked_fill(invalid, 0.0).cumsum(-1)
+    valid = valid_mask(n, M)
+    sorted_scores, order = scores.masked_fill(~valid, float("inf")).sort(dim=-1, stable=True)
+    cdf = sorted_scores.masked_fill(~valid, 0.0).cumsum(-1)
     cmin = cdf.min(-1, keepdim=True).values
     cmax = cdf.max(-1, keepdim=True).values
     ncdf = (cdf - cmin) / ((cmax - cmin) / 1.0)
-    ys_start = ncdf.masked_fill(ncdf == 0, _SENTINEL_GAP).min(-1).values  # = ncdf + (ncdf == 0) * gap
+    ys_start = (ncdf + (ncdf == 0).float() * _SENTINEL_GAP).min(-1).values
     sizes = _host_points(points, points_list)
     width = max(sizes)
-    if len(set(sizes)) == 1:  # every image the same grid (always at batch 1)
-        ys = official_grid(ys_start, width)
-        grid_valid = (n > 0)[:, None].expand(B, width)
-    else:
-        ys = torch.zeros(B, width, device=scores.device)
-        for g in sorted(set(sizes)):  # one grid per distinct size, each image takes its own (elementwise, exact)
-            grid = F.pad(official_grid(ys_start, g), (0, width - g))
-            ys = torch.where((points == g)[:, None], grid, ys)
-        grid_valid = valid_mask(points, width) & (n > 0)[:, None]
+    ys = torch.zeros(B, width, device=scores.device)
+    for g in sorted(set(sizes)):  # one grid per distinct size, each image takes its own (elementwise, exact)
+        grid = F.pad(official_grid(ys_start, g), (0, width - g))
+        ys = torch.where((points == g)[:, None], grid, ys)
+    grid_valid = valid_mask(points, width) & (n > 0)[:, None]
     picks = nearest_index(ncdf, ys, n).masked_fill((n == 1)[:, None], 0)  # one candidate: 0/0 CDF
     kept, count = unique_sorted(picks, grid_valid)
     # get_unique_indices pads its shifted copy with the value 1, so a largest pick equal to 1 is dropped.

@@ -73,8 +73,6 @@ class TokenSets:
     def rows_of(self, positions: Tensor, count: Tensor, sizes: Sequence[int]) -> Tensor:
         """Flat row indices (into ``x.flatten(0, -2)``) of ``positions[b, :count[b]]`` for every image
         (``sizes``: ``count`` as Python ints)."""
-        if self.uniform and all(s == positions.shape[1] for s in sizes):  # no padding in or out (batch 1)
-            return (torch.arange(self.batch, device=positions.device)[:, None] * self.width + positions).flatten()
         image, slot = ragged_index(count, sum(sizes))
         start = torch.arange(self.batch, device=positions.device) * self.width if self.uniform else self.offsets
         return start.index_select(0, image) + positions[image, slot]
