@@ -8,8 +8,8 @@ shipped fine-tuned weights at the configurations they were trained for: blocks 3
 blocks 7..11 at rho 1 / 0.87 / 0.72. ``--finetuned PATH`` evaluates other fine-tuned weights next to the given
 ones. ``--rho`` / ``--k`` give another sweep (shipped fine-tuned weights trained at the same ``--stages`` join it),
 ``--preset`` a paper table with its reported numbers, ``--flops-only`` the data-free upper bound (exact for
-single-stage ATS at an absolute K). Video models and data (``--model xvit_digits_patch8_64 --data
-moving-digits``; ``--data videofolder:PATH`` with a Kinetics model and ``--checkpoint``) run on 1 x 3 views
+single-stage ATS at an absolute K). Video data (``--data moving-digits``: the embedded X-ViT;
+``--data videofolder:PATH`` with a Kinetics ``--model`` and ``--checkpoint``) runs on 1 x 3 views
 (:mod:`ats.video_eval`).
 """
 
