@@ -5,8 +5,8 @@ softmax is averaged over them (:func:`vitbench.video.views_forward`) and a clip'
 views of the counts :func:`ats.video_flops.recorded_gmacs` makes from the tokens ATS kept. The flags are the
 image path's (``--rho`` / ``--k``, ``--stages``, ``--mode``, ``--checkpoint``, ``--finetuned``, ``--limit``,
 ``--no-throughput``, ...); ``--batch-size`` and ``--throughput-batch`` count clips. Video data without
-``--model`` selects the embedded ``xvit_digits_patch8_64``; without ``--checkpoint`` it runs on its shipped weights, with the shipped ATS fine-tuned weights as a
-second series.
+``--model`` selects the embedded ``xvit_digits_patch8_64``; without ``--checkpoint`` it runs on its shipped
+weights, with the shipped ATS fine-tuned weights as a second series.
 """
 
 from __future__ import annotations
