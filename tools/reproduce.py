@@ -265,7 +265,7 @@ def report(res: dict, points: dict, timing: list[dict], figures: list[str], env:
         "A token is on the digit when its patch centre lies in the box; LF-ViT's hit uses the box centre's coarse "
         "cell.",
         "",
-        "### Commands and wall time (the same process ran all three)",
+        "### Commands and wall time (one process ran them all)",
         "",
     ]
     lines += [f"- `{res[n]['command']}`: {res[n]['wall_s']:.0f} s" for n in ("ats", "ats_late", "lfvit", "liferegress")]
