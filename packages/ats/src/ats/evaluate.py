@@ -59,9 +59,13 @@ class Run:
         name = f"{self.series} {tag}".strip()
         return f"{name} @ {_stage_text(self.stages)}" if self.placement_in_series else name
 
+    @property
+    def size(self) -> dict:
+        """``{"rho": k}`` or ``{"k": k}`` (a value above 1 is an absolute K), as ``apply`` takes it."""
+        return {"rho" if self.k <= 1 else "k": self.k}
+
     def params(self) -> dict:
-        return {"stages": list(self.stages), ("rho" if self.k <= 1 else "k"): self.k, "mode": self.mode,
-                "variant": list(self.variant)}
+        return {"stages": list(self.stages), **self.size, "mode": self.mode, "variant": list(self.variant)}
 
 
 def _paper(top1, gflops):
@@ -219,15 +223,28 @@ def _embedded(cfg: ev.EvalConfig) -> bool:
     return cfg.model == ev.EvalConfig.model and cfg.checkpoint is None and not cfg.flops_only
 
 
+def given_finetuned(opts: ATSOptions) -> Path | None:
+    """``--finetuned PATH``, checked to exist (None when not given)."""
+    if not opts.finetuned:
+        return None
+    path = Path(opts.finetuned)
+    if not path.is_file():
+        raise FileNotFoundError(f"--finetuned {path} not found")
+    return path
+
+
+def figure_slug(label: str) -> str:
+    """A row label as a file-name part: ``ATS fine-tuned @ 7-11 rho 1`` -> ``ATS_fine-tuned_at_7-11_rho_1``."""
+    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in label.replace(" @ ", " at "))
+
+
 def finetuned_plans(cfg: ev.EvalConfig, opts: ATSOptions) -> list[tuple[Path, tuple[Run, ...]]]:
     """The fine-tuned weights to evaluate and the runs for each: ``--finetuned`` at the requested runs; on the
     embedded default, each shipped file at its own runs (no arguments) or at the requested runs when it was
     trained at the requested ``--stages``."""
-    if opts.finetuned:
-        path = Path(opts.finetuned)
-        if not path.is_file():
-            raise FileNotFoundError(f"--finetuned {path} not found")
-        return [(path, opts.runs())]
+    given = given_finetuned(opts)
+    if given is not None:
+        return [(given, opts.runs())]
     if not _embedded(cfg) or opts.preset:
         return []
     plans = []
@@ -242,9 +259,8 @@ def finetuned_plans(cfg: ev.EvalConfig, opts: ATSOptions) -> list[tuple[Path, tu
 
 
 def _patched(model, run: Run, seed: int):
-    size = {"rho": run.k} if run.k <= 1 else {"k": run.k}
     return patch.apply(copy.deepcopy(model), stages=run.stages, mode=run.mode, variant=run.variant, seed=seed,
-                       **size).eval()
+                       **run.size).eval()
 
 
 def _check_runs(runs, geom: ViTGeometry, name: str) -> None:
@@ -313,7 +329,7 @@ def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg) -> None
         if on_object:
             row["extra"].update(on_object=100.0 * float(torch.cat(on_object).mean()),
                                 on_object_random=100.0 * float(torch.cat(at_random).mean()))
-        slug = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in s.label.replace(" @ ", " at "))
+        slug = figure_slug(s.label)
         title = f"{cfg.model} + {s.label}, {cfg.data} ({row['images']} images)"
         row["figures"]["histogram"] = str(figures.token_histograms(torch.cat(counts), stages,
                                                                    out_dir / f"hist_{slug}.png", title))

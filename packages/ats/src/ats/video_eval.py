@@ -20,7 +20,7 @@ from vitbench import evaluation as ev
 from vitbench.video import is_video, views_forward
 
 from . import video, video_ats
-from .evaluate import MULTI, ATSOptions, Run, _stage_text
+from .evaluate import MULTI, ATSOptions, Run, _stage_text, figure_slug, given_finetuned
 from .patch import schedule
 from .video_flops import VIEWS, VideoGeometry, clip_gmacs, recorded_gmacs
 
@@ -95,11 +95,9 @@ def runs(opts: ATSOptions, model: video.VideoTransformer, paper: tuple | None) -
 
 
 def finetuned_path(cfg: ev.EvalConfig, opts: ATSOptions) -> Path | None:
-    if opts.finetuned:
-        path = Path(opts.finetuned)
-        if not path.is_file():
-            raise FileNotFoundError(f"--finetuned {path} not found")
-        return path
+    given = given_finetuned(opts)
+    if given is not None:
+        return given
     if cfg.model == EMBEDDED_MODEL and cfg.checkpoint is None and not cfg.flops_only:
         if FINETUNED_WEIGHTS.is_file():
             return FINETUNED_WEIGHTS
@@ -123,9 +121,8 @@ def build_settings(cfg, model, finetuned, ats_runs, paper, loader) -> list[ev.Se
     bases = [("", model)] + ([("fine-tuned", finetuned)] if finetuned is not None else [])
     for tag, base in bases:
         for r in ats_runs:
-            series = f"ATS {tag}" if tag else "ATS off-the-shelf" if finetuned is not None else "ATS"
-            size = {"rho": r.k} if r.k <= 1 else {"k": r.k}
-            m = video_ats.apply(copy.deepcopy(base), stages=r.stages, mode=r.mode, **size).eval()
+            m = video_ats.apply(copy.deepcopy(base), stages=r.stages, mode=r.mode, **r.size).eval()
+            series = r.series_for(tag or ("off-the-shelf" if finetuned is not None else ""))
             s = ev.Setting("ats", series, r.point, {**r.params(), "views": VIEWS, "weights": tag or "given"}, m,
                            paper=dict(r.paper_finetuned) if tag else {}, timed=_fold(m))
             if loader is not None:
@@ -155,7 +152,7 @@ def _attach_probe(s: ev.Setting, cfg: ev.EvalConfig) -> None:
         row["extra"].update({"tokens_out_mean": c.mean(0).tolist(), "tokens_out_min": c.amin(0).int().tolist(),
                              "tokens_out_max": c.amax(0).int().tolist(),
                              "kept_per_frame_mean": f.mean(0).tolist()})
-        slug = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in s.label)
+        slug = figure_slug(s.label)
         title = f"{cfg.model} + {s.label}, {cfg.data} ({row['images']} clips x {VIEWS} views)"
         row["figures"]["frames"] = str(kept_over_frames(f, stages, model.grid[0] * model.grid[1],
                                                         out_dir / f"frames_{slug}.png", title))
