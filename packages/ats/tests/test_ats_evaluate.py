@@ -62,6 +62,31 @@ def test_sweep_with_finetuned_weights_in_one_run(tmp_path, ckpt):
     assert sorted(p.name for p in (tmp_path / "eval").glob("hist_*")) == ["hist_ATS_rho_0.5.png"]
 
 
+def test_shared_blocks_run_each_dense_block_once_per_batch_and_weights():
+    from ats.patch import dense_hidden
+    from vitbench.testing import tiny_vit
+
+    model, other = tiny_vit(), tiny_vit()
+    calls = []
+    for name, m in (("model", model), ("other", other)):
+        for i, blk in enumerate(m.blocks):
+            blk.register_forward_hook(lambda *_, key=(name, i): calls.append(key))
+    x, index = torch.randn(2, 3, 56, 56), torch.tensor([0, 1])
+    shared = evaluate.SharedBlocks({"": {3, 7}, "ft": {3}})
+    with torch.inference_mode():
+        full = shared.hidden("", model, x, index, 12)  # the dense row: keeps the states after blocks 3 and 7
+        assert torch.equal(shared.hidden("", model, x, index, 3), dense_hidden(model, x, 3))
+        assert torch.equal(shared.hidden("", model, x, index, 7), dense_hidden(model, x, 7))
+        assert torch.equal(full, dense_hidden(model, x, 12))
+        shared.hidden("ft", other, x, index, 3)
+        shared.hidden("ft", other, x, index, 3)
+        shared.hidden("", model, x, torch.tensor([2, 3]), 3)  # a new batch starts afresh
+    assert calls[:12] == [("model", i) for i in range(12)]
+    assert calls[12:34] == [("model", i) for i in range(3)] + [("model", i) for i in range(7)] + [
+        ("model", i) for i in range(12)]  # the direct dense_hidden calls above
+    assert calls[34:] == [("other", i) for i in range(3)] + [("model", i) for i in range(3)]
+
+
 def test_no_finetuned_weights_says_so(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(evaluate, "WEIGHTS", tmp_path)
     assert evaluate.finetuned_plans(EvalConfig(), evaluate.ATSOptions()) == []

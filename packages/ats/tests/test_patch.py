@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import ats
-from ats import sampling
+from ats import patch, sampling
 from vitbench.testing import tiny_vit
 
 CONFIGS = [
@@ -172,3 +174,22 @@ def test_extreme_pruning_down_to_the_cls(images, mode):
     assert torch.isfinite(logits).all()
     assert n_out[:, -1].min() == (1 if mode == "official" else 2)
     assert all(k[0] == 0 for k in model.ats_info.kept_indices(11))
+
+
+@pytest.mark.parametrize("start", [0, 2, 3])
+def test_resuming_from_dense_hidden_states_equals_the_full_forward(images, start):
+    """Skipping the dense blocks before the first ATS stage with their hidden states (possibly computed on the
+    unpatched model) gives the same logits, kept tokens and token counts."""
+    dense = tiny_vit()
+    model = ats.apply(copy.deepcopy(dense), rho=0.8)
+    ref = run(model, images)
+    ref_info = (model.ats_info.token_counts(), {b: model.ats_info.kept[b].clone() for b in range(3, 12)})
+    with torch.inference_mode():
+        hidden = patch.dense_hidden(dense, images, start)
+        out = model.forward_head(model.forward_features(images, hidden=hidden, start=start))
+    assert torch.equal(out, ref)
+    counts, kept = ref_info
+    assert all(torch.equal(a, b) for a, b in zip(model.ats_info.token_counts(), counts))
+    assert all(torch.equal(model.ats_info.kept[b], kept[b]) for b in kept)
+    with pytest.raises(ValueError, match="before the first ATS stage"):
+        model.forward_features(images, hidden=patch.dense_hidden(dense, images, 4), start=4)

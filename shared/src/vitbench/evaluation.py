@@ -357,30 +357,33 @@ def flops_rows(settings: Sequence[Setting]) -> list[dict]:
 
 def evaluate(cfg: EvalConfig, settings: Sequence[Setting], loader, device: torch.device,
              out_dir: Path) -> list[dict]:
-    """One labelled pass per setting, then one timing run of them all; rows in the schema, dense row first."""
+    """One labelled pass over the data in which every batch goes through every setting (the images are loaded
+    and decoded once, whatever the number of settings), then one timing run of them all; rows in the schema,
+    dense row first."""
     from tqdm.auto import tqdm
 
-    rows = []
-    for i, s in enumerate(settings):
-        row = empty_row(s)
-        rows.append(row)
-        if not s.evaluate:
-            continue
-        status(f"[{i + 1}/{len(settings)}] evaluating {s.label} on {len(loader.dataset)} images")
-        correct1 = correct5 = n = 0
-        gflops = []
-        s.model.to(device)
+    rows = [empty_row(s) for s in settings]
+    active = [(s, row, {"correct1": 0, "correct5": 0, "n": 0, "gflops": []})
+              for s, row in zip(settings, rows) if s.evaluate]
+    if active:
+        status(f"evaluating {len(active)} setting(s) on {len(loader.dataset)} images: "
+               + ", ".join(s.label for s, _, _ in active))
+        for s, _, _ in active:
+            s.model.to(device)
         with torch.inference_mode(), autocast(device, cfg.amp):
-            for images, labels, index in tqdm(loader, desc=s.label, leave=False, file=sys.stderr):
+            for images, labels, index in tqdm(loader, desc="batches", leave=False, file=sys.stderr):
                 images, labels = images.to(device), labels.to(device)
-                logits, g = s.run(images, labels, index)
-                top = logits.topk(min(5, logits.shape[-1]), -1).indices
-                correct1 += int((top[:, 0] == labels).sum())
-                correct5 += int((top == labels[:, None]).any(-1).sum())
-                n += len(labels)
-                gflops.append(torch.as_tensor(g, dtype=torch.float64).expand(len(labels)).cpu())
-        row.update(top1=100.0 * correct1 / n, top5=100.0 * correct5 / n, images=n,
-                   gflops=float(torch.cat(gflops).mean()))
+                for s, _, acc in active:
+                    logits, g = s.run(images, labels, index)
+                    top = logits.topk(min(5, logits.shape[-1]), -1).indices
+                    acc["correct1"] += int((top[:, 0] == labels).sum())
+                    acc["correct5"] += int((top == labels[:, None]).any(-1).sum())
+                    acc["n"] += len(labels)
+                    acc["gflops"].append(torch.as_tensor(g, dtype=torch.float64).expand(len(labels)).cpu())
+    for s, row, acc in active:
+        n = acc["n"]
+        row.update(top1=100.0 * acc["correct1"] / n, top5=100.0 * acc["correct5"] / n, images=n,
+                   gflops=float(torch.cat(acc["gflops"]).mean()))
         if s.finish:
             s.finish(row, out_dir)
     _fill_ratios(rows)

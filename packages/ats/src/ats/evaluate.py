@@ -10,7 +10,8 @@ ones. ``--rho`` / ``--k`` give another sweep (shipped fine-tuned weights trained
 ``--preset`` a paper table with its reported numbers, ``--flops-only`` the data-free upper bound (exact for
 single-stage ATS at an absolute K). Video data (``--data moving-digits``: the embedded X-ViT;
 ``--data videofolder:PATH`` with a Kinetics ``--model`` and ``--checkpoint``) runs on 1 x 3 views
-(:mod:`ats.video_eval`).
+(:mod:`ats.video_eval`). Rows on the same weights run the dense blocks before their first ATS stage once per batch
+(:class:`SharedBlocks`); the timing run times every row's whole forward.
 """
 
 from __future__ import annotations
@@ -282,8 +283,11 @@ def build_settings(cfg, opts, model, finetuned, loader, spec) -> list[ev.Setting
     for _, _, runs, _ in plans:
         _check_runs(runs, geom, cfg.model)
     dense_g = dense_gmacs(geom)
+    shared = SharedBlocks({name or "": {min(run.stages) for run in runs} for _, _, runs, name in plans})
     settings = [ev.Setting("dense", "dense", "", {}, model, gflops=dense_g, paper=DENSE_PAPER,
-                           run=lambda x, y, i: (model(x), torch.tensor(dense_g)))]
+                           run=lambda x, y, i: (model.forward_head(model.norm(shared.hidden("", model, x, i,
+                                                                                             geom.depth))),
+                                                torch.tensor(dense_g)))]
     for tag, base, runs, name in plans:
         for run in runs:
             paper = dict(run.paper_finetuned if tag else run.paper)
@@ -295,21 +299,49 @@ def build_settings(cfg, opts, model, finetuned, loader, spec) -> list[ev.Setting
             s = ev.Setting("ats", run.series_for(tag or ("off-the-shelf" if finetuned else "")), run.point, params,
                            m, gflops=bound, paper=paper, extra={"gflops_upper_bound": bound})
             if loader is not None:
-                _attach_probe(s, geom, set(cfg.visualize), loader, spec, figures, cfg)
+                _attach_probe(s, geom, set(cfg.visualize), loader, spec, figures, cfg, shared, name or "")
             settings.append(s)
     return settings
 
 
-def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg) -> None:
+class SharedBlocks:
+    """Per batch, the hidden states after the dense blocks that precede a first ATS stage, kept per weights (the
+    name of a fine-tuned file, "" for the evaluated model): the dense row and every ATS row on the same weights run
+    those blocks once per batch, so a rho sweep costs its ATS blocks only. Holds one batch; ``depths[weights]`` are
+    the block counts some row resumes from."""
+
+    def __init__(self, depths: dict[str, set[int]]):
+        self.depths, self.index, self.store = depths, None, {}
+
+    def hidden(self, weights: str, model: torch.nn.Module, x: torch.Tensor, index: torch.Tensor,
+               stop: int) -> torch.Tensor:
+        """Output of the first ``stop`` blocks of ``model`` (carrying ``weights``) on the batch ``x`` (dataset
+        ``index``), computed from the deepest kept state and keeping those at ``depths[weights]``."""
+        if self.index is None or not torch.equal(self.index, index):
+            self.index, self.store = index, {}
+        kept, wanted = self.store.setdefault(weights, {}), self.depths.get(weights, set())
+        start = max((d for d in kept if d <= stop), default=0)
+        h = kept.get(start)
+        for d in sorted({d for d in wanted if start < d < stop} | {stop}):
+            h, start = patch.dense_hidden(model, x, d, h, start), d
+            if d in wanted:
+                kept[d] = h
+        return h
+
+
+def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg, shared: SharedBlocks,
+                  weights: str) -> None:
     """The per-batch hook (logits, per-image GMACs, kept-token counts, kept tokens of the drawn images, share of
     the last stage's tokens on the digit box) and the figures after the pass."""
     from vitbench.localization import on_box_share, random_share
 
     model, stages = s.model, s.model.ats_info.config.stages
+    first = min(stages)
     counts, kept, on_object, at_random = [], {}, [], []
 
     def run(images, labels, index):
-        logits = model(images)
+        h = shared.hidden(weights, model, images, index, first)
+        logits = model.forward_head(model.forward_features(images, hidden=h, start=first))
         info = model.ats_info
         counts.append(info.token_counts()[1].cpu())
         for j, i in enumerate(index.tolist()):

@@ -215,18 +215,44 @@ class ATSVisionTransformer(VisionTransformer):
 
     ats_info: ATSInfo
 
-    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, *,
+                         hidden: Tensor | None = None, start: int = 0) -> Tensor:
+        """timm's ``forward_features`` on token sets. ``hidden``: the output of the first ``start`` blocks for these
+        images (``start`` = 0: the embedding; the blocks before the first ATS stage run dense, see
+        :func:`dense_hidden`), from which the forward resumes; it lets configurations of the same weights share
+        those blocks."""
         if attn_mask is not None or is_causal:
             raise ValueError("ATS models do not take an attention mask")
         if self.grad_checkpointing and self.training:
             raise ValueError("gradient checkpointing is not supported with ATS")
+        if start > min(self.ats_info.config.stages, default=len(self.blocks)) or (hidden is None and start):
+            raise ValueError("hidden states can only skip the dense blocks before the first ATS stage")
         grid = self.patch_embed.dynamic_feat_size(x.shape[-2:]) if self.dynamic_img_size else self.patch_embed.grid_size
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        x = embed(self, x) if hidden is None else hidden
         self.ats_info.reset(x.shape[1], tuple(grid))
         tokens = TokenSets.full(x)
+        self.ats_info.tokens_in += [tokens.lengths] * start
+        self.ats_info.tokens_out += [tokens.lengths] * start
         for i, blk in enumerate(self.blocks):
-            tokens = blk.forward_tokens(tokens, self.ats_info, i)
+            if i >= start:
+                tokens = blk.forward_tokens(tokens, self.ats_info, i)
         return self.norm(tokens.padded())
+
+
+def embed(model: VisionTransformer, x: Tensor) -> Tensor:
+    """timm's token embedding (patches, CLS, positions, pre-norm): the input of block 0."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+
+def dense_hidden(model: VisionTransformer, x: Tensor, stop: int, hidden: Tensor | None = None,
+                 start: int = 0) -> Tensor:
+    """Output of blocks ``start..stop-1`` run dense (timm's ``Block.forward``) on ``hidden``, the output of the first
+    ``start`` blocks for ``x`` (default: the embedding of ``x``); ``model`` is dense or ATS-patched (its blocks
+    ``start..stop-1`` then precede its first ATS stage)."""
+    h = embed(model, x) if hidden is None else hidden
+    for blk in model.blocks[start:stop]:
+        h = blk(h)
+    return h
 
 
 def compile_dense(model: ATSVisionTransformer, **options) -> ATSVisionTransformer:
