@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import timm
 import torch
@@ -40,6 +42,15 @@ def test_checkpoint_layouts_round_trip(tmp_path, layout):
     load_checkpoint(dst, path)
     for k, v in dst.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+def test_saved_weights_get_the_usual_file_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_weights(_tiny(), tmp_path / "w.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_wrong_checkpoint_names_the_keys(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 import timm
@@ -166,5 +167,8 @@ def save_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | 
              for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # safetensors creates the file owner-only; give it the usual permissions
     tmp.replace(path)
     return path
