@@ -1,3 +1,5 @@
+from functools import partial
+
 import pytest
 import torch
 
@@ -42,7 +44,7 @@ def test_official_select_matches_released_semantics_per_image(peak):
         s[b, n[b]:] = 0
         s[b] /= s[b].sum()
     points = torch.tensor([196, 196, 60, 107, 7])
-    kept, count = sampling.official_select(s, n, points)
+    kept, count = sampling.official_select(s, n, points, sampling.linspace_rows(196))
     for b in range(B):
         ref = released_semantics(s[b, : n[b]], int(points[b]))
         assert torch.equal(kept[b, : count[b]], ref)
@@ -52,7 +54,7 @@ def test_official_select_matches_released_semantics_per_image(peak):
 def test_official_select_properties():
     scores = random_scores(4, 196, 3.0, seed=3)
     n = torch.full((4,), 196)
-    kept, count = sampling.official_select(scores, n, torch.full((4,), 196))
+    kept, count = sampling.official_select(scores, n, torch.full((4,), 196), sampling.linspace_rows(196))
     order = scores.argsort(-1)
     for b in range(4):
         k = kept[b, : count[b]]
@@ -66,7 +68,8 @@ def test_official_select_properties():
 
 def test_official_select_three_token_quirk():
     """The released dedup drops a largest pick equal to 1: with two candidates only the CLS survives."""
-    kept, count = sampling.official_select(torch.tensor([[0.3, 0.7]]), torch.tensor([2]), torch.tensor([196]))
+    kept, count = sampling.official_select(torch.tensor([[0.3, 0.7]]), torch.tensor([2]), torch.tensor([196]),
+                                           sampling.linspace_rows(196))
     assert count.item() == 0
 
 
@@ -100,7 +103,7 @@ def test_paper_select_balanced_scores_keep_k():
     """Uniform scores: every one of the G samples hits a different token (K' = K)."""
     scores = torch.full((1, 100), 0.01)
     kept, count = sampling.paper_select(scores, torch.tensor([100]), torch.tensor([50]))
-    assert count.item() == 50 and kept[0].unique().numel() == 50
+    assert count.item() == 50 and kept[0, :50].unique().numel() == 50 and (kept[0, 50:] == -1).all()
 
 
 def test_topk_select_equals_plain_topk():
@@ -142,16 +145,46 @@ def test_cls_attention_eps_softmax():
     assert (masked[..., 3:] == 0).all() and torch.allclose(masked.sum(-1), torch.ones(1, 2))
 
 
-def test_official_grid_endpoints():
-    ys = sampling.official_grid(torch.tensor([0.01, 0.2]), 196)
-    assert torch.allclose(ys[:, 0], torch.tensor([0.01, 0.2]))
-    assert torch.allclose(ys[:, -1], torch.ones(2))
-    assert (ys.diff(dim=-1) > 0).all()
+def test_official_grid_endpoints_and_per_image_sizes():
+    start, points = torch.tensor([0.01, 0.2, 0.05]), torch.tensor([196, 196, 60])
+    ys = sampling.official_grid(start, points, sampling.linspace_rows(196))
+    assert torch.allclose(ys[:2, 0], start[:2]) and torch.allclose(ys[:2, -1], torch.ones(2))
+    assert (ys[:2].diff(dim=-1) > 0).all()
+    for b, g in enumerate(points.tolist()):  # the released create_ys of each image's own size, bitwise
+        n = g + 1
+        ref = start[b] + ((torch.linspace(0, 1.0, steps=g) * (n - 2)) - start[b] * torch.arange(g).float()) / (n - 2)
+        assert torch.equal(ys[b, :g], ref)
+
+
+def test_linspace_rows_equal_linspace():
+    rows = sampling.linspace_rows(30)
+    assert rows.shape == (31, 30) and (rows[0] == 0).all()
+    for g in (1, 2, 7, 30):
+        assert torch.equal(rows[g, :g], torch.linspace(0, 1.0, steps=g)) and (rows[g, g:] == 0).all()
 
 
 def test_selection_is_deterministic():
     scores = random_scores(4, 196, 2.0, seed=9)
     n, points = torch.full((4,), 196), torch.full((4,), 150)
-    for fn in (sampling.official_select, sampling.paper_select, sampling.topk_select):
+    lin = sampling.linspace_rows(196)
+    for fn in (partial(sampling.official_select, lin=lin), sampling.paper_select, sampling.topk_select):
         a, b = fn(scores, n, points), fn(scores.clone(), n, points)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rows_of_equal_and_ragged_counts(packed):
+    """Flat rows of the kept positions, for equal counts (shortcut) and ragged counts, uniform and packed input."""
+    from ats.tokens import TokenSets
+
+    lengths = [5, 3, 4] if packed else [5, 5, 5]
+    x = torch.arange(sum(lengths)).float()[:, None] if packed else torch.arange(15).float().view(3, 5, 1)
+    ragged = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, -1, -1], [0, 1, 2, 3, -1]])
+    origin = ragged if packed else torch.arange(5).expand(3, 5)
+    tokens = TokenSets(x, torch.tensor(lengths), origin, lengths)
+    starts = [0, 5, 8] if packed else [0, 5, 10]
+    for positions, sizes in ((torch.tensor([[0, 2], [0, 1], [0, 3]]), [2, 2, 2]),
+                             (torch.tensor([[0, 4, 2], [0, -1, -1], [0, 3, -1]]), [3, 1, 2])):
+        rows = tokens.rows_of(positions, torch.tensor(sizes), sizes)
+        ref = [starts[b] + int(p) for b in range(3) for p in positions[b, : sizes[b]]]
+        assert rows.tolist() == ref

@@ -20,13 +20,14 @@ def test_single_stage_has_one_host_sync(images):
 
 
 @pytest.mark.parametrize("backend", compile_backends())
-def test_compiled_dense_parts_equal_eager(images, backend):
-    """Compiled dense parts (dynamic token counts), sampling eager: same tokens, same logits."""
+def test_compiled_equals_eager(images, backend):
+    """Blocks before the first stage and every stage's sampling compiled (dynamic token counts): same tokens, same
+    logits."""
     model = ats.apply(tiny_vit(depth=3), stages=[1, 2], rho=0.72)
     with torch.no_grad():
         ref = model(images)
         ref_kept = [model.ats_info.kept[b].clone() for b in (1, 2)]
-        ats.patch.compile_dense(model, backend=backend)
+        ats.patch.compile_ats(model, backend=backend)
         out = model(images)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert all(torch.equal(model.ats_info.kept[b], k) for b, k in zip((1, 2), ref_kept))

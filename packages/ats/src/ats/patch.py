@@ -122,9 +122,20 @@ class ATSAttention(Attention):
     def sample(self, h: Tensor, tokens: TokenSets, k_cfg: float, info: ATSInfo, block: int):
         """The ATS step (Sec. 3): score, sample, ``O = A_s V``. Returns (attention rows, positions, K'+1, the
         same counts as Python ints). The counts are read to the host once: the stage's only host sync."""
-        cfg = info.config
         q, k, v, qkv = self.heads(h, tokens)
-        n = tokens.lengths
+        lin = sampling.linspace_rows(info.n_ref - 1, h.device) if info.config.mode == "official" else None
+        positions, count = self.select(q, k, v, tokens.lengths, k_cfg, info.n_ref, lin, info.config, block)
+        sizes = count.tolist()
+        positions = positions[:, : max(sizes)]
+        o = self.attend(self.queries(qkv, positions), k, v, tokens.key_mask())
+        return o, positions, count, sizes
+
+    def select(self, q: Tensor, k: Tensor, v: Tensor, n: Tensor, k_cfg: float, n_ref: int, lin: Tensor | None,
+               cfg: ATSConfig, block: int) -> tuple[Tensor, Tensor]:
+        """Score (Eq. 3) and sample (Eqs. 4-6) the tokens of every image: ``q, k, v`` ``[B, H, Nmax, d]``, ``n``
+        the token counts, ``lin`` the official grid table (:func:`sampling.linspace_rows`). Returns the kept
+        positions (CLS first when enforced; ``[B, W]``, -1 padded, ``W`` fixed by the shapes) and K'+1: a pure
+        tensor function without host syncs (:func:`compile_ats` compiles it)."""
         attn = self.score_rows(q, k, n, cfg, block)  # [B, H, N]
         enforce = "cls_not_enforced" not in cfg.variant
         first = 1 if enforce else 0
@@ -140,27 +151,20 @@ class ATSAttention(Attention):
             scores = sampling.significance_scores_per_head(*cand, n_cand)
         else:
             scores = sampling.significance_scores(*cand, n_cand)
-        ks_list = [sampling.stage_k(nb, k_cfg) for nb in tokens.sizes]
         ks = sampling.stage_k_tensor(n, k_cfg)
-        points, points_list = ks - 1, [kb - 1 for kb in ks_list]
+        points = ks - 1
         if "topk" in cfg.variant:
-            sel, count = sampling.topk_select(scores, n_cand, points, points_list)
+            sel, count = sampling.topk_select(scores, n_cand, points)
         elif cfg.mode == "paper":
-            sel, count = sampling.paper_select(scores, n_cand, points, points_list)
+            sel, count = sampling.paper_select(scores, n_cand, points)
         else:
-            points = torch.where(ks == n, info.n_ref - 1, points)
-            points_list = [info.n_ref - 1 if kb == nb else kb - 1 for kb, nb in zip(ks_list, tokens.sizes)]
-            sel, count = sampling.official_select(scores, n_cand, points, points_list)
+            points = torch.where(ks == n, n_ref - 1, points)
+            sel, count = sampling.official_select(scores, n_cand, points, lin)
         if enforce:
             positions = torch.cat([sel.new_zeros(sel.shape[0], 1), torch.where(sel >= 0, sel + 1, -1)], 1)
-            count = count + 1
-        else:  # the CLS competes; if it survives it goes first (the classifier reads token 0)
-            rank = torch.where(sel < 0, 2, torch.where(sel == 0, 0, 1))
-            positions = sel.gather(1, rank.sort(dim=-1, stable=True).indices)
-        sizes = count.tolist()
-        positions = positions[:, : max(sizes)]
-        o = self.attend(self.queries(qkv, positions), k, v, tokens.key_mask())
-        return o, positions, count, sizes
+            return positions, count + 1
+        rank = torch.where(sel < 0, 2, torch.where(sel == 0, 0, 1))  # the CLS competes; if kept it goes first
+        return sel.gather(1, rank.sort(dim=-1, stable=True).indices), count
 
     def score_rows(self, q: Tensor, k: Tensor, n: Tensor, cfg: ATSConfig, block: int) -> Tensor:
         """Attention weights that score the tokens, ``[B, H, N]``: the CLS row (Sec. 3.1) or an ablation."""
@@ -255,21 +259,22 @@ def dense_hidden(model: VisionTransformer, x: Tensor, stop: int, hidden: Tensor 
     return h
 
 
-def compile_dense(model: ATSVisionTransformer, **options) -> ATSVisionTransformer:
-    """``torch.compile`` (in place, ``state_dict`` keys unchanged) the dense parts of every block of an ATS model.
+def compile_ats(model: ATSVisionTransformer, **options) -> ATSVisionTransformer:
+    """``torch.compile`` (in place, ``state_dict`` keys unchanged) the parts of an ATS model that gain from it.
 
-    Whole blocks run compiled while every image still has all its tokens; after that the LayerNorms, the qkv and
-    output projections and the MLP are compiled with dynamic token counts (``dynamic=True``, one graph for every
-    count). The sampling itself stays eager: its output shapes are the per-image counts read once per stage, so a
-    whole-model ``torch.compile`` breaks its graph at each of those reads and recompiles for each new set of
-    counts. ``options`` go to ``torch.compile`` (e.g. ``mode``, ``backend``)."""
+    Whole blocks run compiled while every image still has all its tokens, and each stage's scoring and sampling
+    (:meth:`ATSAttention.select`, some 200 small ops eager) is one graph with dynamic token counts
+    (``dynamic=True``: one graph for every count). The layers after a stage's host read stay eager: compiled with
+    dynamic counts they were no faster on CPU (the matrix products are the same library calls, and each compiled
+    call costs a guard check). A whole-model ``torch.compile`` breaks its graph at each of those reads (their values
+    are output shapes) and recompiles for each new set of counts. ``options`` go to ``torch.compile`` (e.g.
+    ``mode``, ``backend``)."""
     if not isinstance(model, ATSVisionTransformer):
-        raise TypeError("compile_dense needs a model patched with ats.apply")
+        raise TypeError("compile_ats needs a model patched with ats.apply")
     options = {"dynamic": True, **options}
     for blk in model.blocks:
         blk.compile(**options)
-        for part in (blk.norm1, blk.attn.qkv, blk.attn.proj, blk.norm2, blk.mlp):
-            part.compile(**options)
+        blk.attn.select = torch.compile(blk.attn.select, **options)
     return model
 
 

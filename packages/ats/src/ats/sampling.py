@@ -15,10 +15,9 @@ Two selection modes:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 OFFICIAL_EPS = 1e-6  # softmax_with_policy, transformer_block.py:255
@@ -92,16 +91,29 @@ def significance_scores_per_head(attn: Tensor, v_norm: Tensor, n: Tensor) -> Ten
     return s / s.sum(-1, keepdim=True)
 
 
-def official_grid(ys_start: Tensor, points: int) -> Tensor:
-    """``create_ys`` of the released code: ``points`` values from ``ys_start`` to 1 (ats_block.py:54-84).
+@functools.lru_cache(maxsize=16)
+def linspace_rows(width: int, device: torch.device | str | None = None) -> Tensor:
+    """``[width + 1, width]`` table whose row ``g`` holds ``torch.linspace(0, 1, g)`` (zero padded), so that a batch
+    of images with different grid sizes takes its grids with one gather, bitwise equal to ``torch.linspace``.
+    Cached per width and device (do not modify it)."""
+    with torch.inference_mode(False), torch.no_grad():
+        rows = torch.zeros(width + 1, width, device=device)
+        for g in range(1, width + 1):
+            rows[g, :g] = torch.linspace(0, 1.0, steps=g, device=device)
+    return rows
 
-    ``ys_start`` is ``[B]``; returns ``[B, points]`` with the same float operations as the released code.
+
+def official_grid(ys_start: Tensor, points: Tensor, lin: Tensor) -> Tensor:
+    """``create_ys`` of the released code: ``points[b]`` values from ``ys_start[b]`` to 1 (ats_block.py:54-84).
+
+    ``ys_start`` and ``points`` are ``[B]``, ``lin`` a :func:`linspace_rows` table; returns ``[B, W]`` (``W`` =
+    ``lin``'s width, garbage beyond ``points[b]``) with the released code's float operations in float32.
     """
-    n = points + 1
-    ys = torch.linspace(0, 1.0, steps=points, device=ys_start.device).unsqueeze(0)
-    steps = torch.arange(0, points, device=ys_start.device, dtype=ys.dtype).unsqueeze(0)
-    start = ys_start[:, None]
-    return start + (((ys * (n - 2)) - start * steps) / (n - 2))
+    width = lin.shape[1]
+    ys = lin.index_select(0, points)
+    steps = torch.arange(0, width, device=ys_start.device, dtype=ys.dtype).unsqueeze(0)
+    start, d = ys_start[:, None], (points - 1).to(ys.dtype)[:, None]  # n - 2 with n = points + 1
+    return start + (((ys * d) - start * steps) / d)
 
 
 def paper_grid(points: Tensor, width: int) -> Tensor:
@@ -160,23 +172,18 @@ def _nothing(scores: Tensor) -> tuple[Tensor, Tensor]:
                                                                                     device=scores.device)
 
 
-def _host_points(points: Tensor, points_list: Sequence[int] | None) -> list[int]:
-    return points.tolist() if points_list is None else list(points_list)
-
-
-def official_select(scores: Tensor, n: Tensor, points: Tensor,
-                    points_list: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+def official_select(scores: Tensor, n: Tensor, points: Tensor, lin: Tensor) -> tuple[Tensor, Tensor]:
     """Released-code inverse transform sampling (ats_block.py:115-196) for each image.
 
     ``scores`` ``[B, M]`` normalised significance scores of the candidates (CLS excluded), ``n`` the number
-    of candidates per image, ``points`` the grid size per image (``n_ref - 1`` when K = N, else ``K - 1``);
-    ``points_list``, the same sizes as Python ints, spares the host read of ``points``.
-    Returns the kept candidate indices in ascending-score order (``[B, G]`` padded with -1, ``G`` the largest
-    grid) and K'. Runs without a host sync when ``points_list`` is given.
+    of candidates per image, ``points`` the grid size per image (``n_ref - 1`` when K = N, else ``K - 1``),
+    ``lin`` a :func:`linspace_rows` table at least as wide as the largest grid (``n_ref - 1`` covers every case).
+    Returns the kept candidate indices in ascending-score order (``[B, W]`` padded with -1, ``W`` = ``lin``'s
+    width) and K'. No host sync: every shape follows from the inputs' shapes.
     """
     if scores.shape[1] == 0:
         return _nothing(scores)
-    B, M = scores.shape
+    M = scores.shape[1]
     valid = valid_mask(n, M)
     sorted_scores, order = scores.masked_fill(~valid, float("inf")).sort(dim=-1, stable=True)
     cdf = sorted_scores.masked_fill(~valid, 0.0).cumsum(-1)
@@ -184,13 +191,8 @@ def official_select(scores: Tensor, n: Tensor, points: Tensor,
     cmax = cdf.max(-1, keepdim=True).values
     ncdf = (cdf - cmin) / ((cmax - cmin) / 1.0)
     ys_start = (ncdf + (ncdf == 0).float() * _SENTINEL_GAP).min(-1).values
-    sizes = _host_points(points, points_list)
-    width = max(sizes)
-    ys = torch.zeros(B, width, device=scores.device)
-    for g in sorted(set(sizes)):  # one grid per distinct size, each image takes its own (elementwise, exact)
-        grid = F.pad(official_grid(ys_start, g), (0, width - g))
-        ys = torch.where((points == g)[:, None], grid, ys)
-    grid_valid = valid_mask(points, width) & (n > 0)[:, None]
+    ys = official_grid(ys_start, points, lin)
+    grid_valid = valid_mask(points, ys.shape[1]) & (n > 0)[:, None]
     picks = nearest_index(ncdf, ys, n).masked_fill((n == 1)[:, None], 0)  # one candidate: 0/0 CDF
     kept, count = unique_sorted(picks, grid_valid)
     # get_unique_indices pads its shifted copy with the value 1, so a largest pick equal to 1 is dropped.
@@ -200,31 +202,27 @@ def official_select(scores: Tensor, n: Tensor, points: Tensor,
     return order.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -1), count
 
 
-def paper_select(scores: Tensor, n: Tensor, points: Tensor,
-                 points_list: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+def paper_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
     """Paper inverse transform sampling (Eqs. 4-5): ``CDF_i = sum_{j<=i} S_j`` in token order, samples
     ``k_i = (2i-1)/(2G)``, token ``Psi(k) = min{i : CDF_i >= k}``, duplicates removed.
 
-    Returns the kept candidate indices in token order (``[B, G]`` padded with -1) and K'; ``points_list`` as in
-    :func:`official_select`.
+    ``points`` (G per image) must not exceed ``M``. Returns the kept candidate indices in token order (``[B, M]``
+    padded with -1) and K'.
     """
     if scores.shape[1] == 0:
         return _nothing(scores)
-    B, M = scores.shape
+    M = scores.shape[1]
     cdf = scores.masked_fill(~valid_mask(n, M), 0.0).cumsum(-1)
-    width = max(_host_points(points, points_list))
-    ks = paper_grid(points, width)
+    ks = paper_grid(points, M)
     picks = torch.minimum(torch.searchsorted(cdf, ks), (n - 1).clamp(min=0)[:, None])
-    return unique_sorted(picks, valid_mask(points, width) & (n > 0)[:, None])
+    return unique_sorted(picks, valid_mask(points, M) & (n > 0)[:, None])
 
 
-def topk_select(scores: Tensor, n: Tensor, points: Tensor,
-                points_list: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """Top-K ablation (Sec. 4.1): the ``min(points, n)`` highest-scoring candidates, highest first."""
+def topk_select(scores: Tensor, n: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+    """Top-K ablation (Sec. 4.1): the ``min(points, n)`` highest-scoring candidates, highest first (``[B, M]``)."""
     if scores.shape[1] == 0:
         return _nothing(scores)
-    B, M = scores.shape
+    M = scores.shape[1]
     count = torch.minimum(points, n)
-    width = min(max(_host_points(points, points_list)), M)
-    idx = scores.masked_fill(~valid_mask(n, M), float("-inf")).topk(width, -1).indices
-    return idx.masked_fill(~valid_mask(count, width), -1), count
+    idx = scores.masked_fill(~valid_mask(n, M), float("-inf")).topk(M, -1).indices
+    return idx.masked_fill(~valid_mask(count, M), -1), count

@@ -73,8 +73,10 @@ class TokenSets:
     def rows_of(self, positions: Tensor, count: Tensor, sizes: Sequence[int]) -> Tensor:
         """Flat row indices (into ``x.flatten(0, -2)``) of ``positions[b, :count[b]]`` for every image
         (``sizes``: ``count`` as Python ints)."""
-        image, slot = ragged_index(count, sum(sizes))
         start = torch.arange(self.batch, device=positions.device) * self.width if self.uniform else self.offsets
+        if all(s == positions.shape[1] for s in sizes):  # equal counts (always at batch 1): no ragged map
+            return (start[:, None] + positions).flatten()
+        image, slot = ragged_index(count, sum(sizes))
         return start.index_select(0, image) + positions[image, slot]
 
     def select(self, x_rows: Tensor, positions: Tensor, count: Tensor, sizes: Sequence[int]) -> TokenSets:
