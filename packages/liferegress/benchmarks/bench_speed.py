@@ -33,7 +33,7 @@ from timm.layers import Attention
 from vitbench import bench
 from vitbench.cli import run
 from vitbench.report import markdown_table
-from vitbench.throughput import compare
+from vitbench.throughput import compare, repeat_ratios
 
 import liferegress
 from liferegress.flops import model_gmacs
@@ -125,8 +125,7 @@ def _main(args: argparse.Namespace) -> int:
             if name not in by_name:
                 continue
             for ours_row in (r for n, r in by_name.items() if n.startswith("liferegress (hard)")):
-                ours_row[key] = statistics.median(
-                    r / o for r, o in zip(by_name[name]["times_ms"], ours_row["times_ms"]))
+                ours_row[key] = statistics.median(repeat_ratios(by_name[name]["times_ms"], ours_row["times_ms"]))
         rows += batch_rows
 
     training = []

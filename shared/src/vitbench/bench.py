@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .syncs import count_syncs
-from .throughput import CLOCKS, compare
+from .throughput import CLOCKS, compare, repeat_ratios
 
 MIN_IMAGES = 9  # at batch 1, nine forwards (LF-ViT: 2 of 9 = 22 % reach the focus stage)
 COMPILE_CHOICES = ("none", "dense", "all")
@@ -157,8 +157,7 @@ def compare_methods(dense: Callable[[torch.Tensor], Any], methods: dict[str, Met
         row["compiled"] = row["name"].endswith("(compiled)")
         row["syncs"] = count_syncs(fns[row["name"]], pool[:batch_size])["total"]
         if dense_compiled is not None:
-            row["speedup_vs_compiled"] = statistics.median(
-                c / t for c, t in zip(times["dense (compiled)"], row["times_ms"]))
+            row["speedup_vs_compiled"] = statistics.median(repeat_ratios(times["dense (compiled)"], row["times_ms"]))
         if row["name"] in ideal:
             row["ideal_speedup"] = ideal[row["name"]]
             row["fraction_of_ideal"] = row["speedup"] / ideal[row["name"]]

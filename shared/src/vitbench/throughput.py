@@ -53,6 +53,12 @@ def _context(device: torch.device, amp: bool):
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
+def repeat_ratios(reference: Sequence[float], times: Sequence[float]) -> list[float]:
+    """``reference[r] / times[r]`` for every repeat ``r`` of one interleaved run (how many times faster ``times`` is);
+    the median of these is the speed-up :func:`compare` reports."""
+    return [ref / t for ref, t in zip(reference, times)]
+
+
 def compare(fns: Mapping[str, Callable[[torch.Tensor], Any]], inputs: torch.Tensor, baseline: str | None = None,
             warmup: int = 3, repeats: int = 10, amp: bool = False, clock: str | Callable[[], float] = "wall",
             inference: bool = True) -> list[dict]:
@@ -97,7 +103,7 @@ def compare(fns: Mapping[str, Callable[[torch.Tensor], Any]], inputs: torch.Tens
     rows = []
     for name in names:
         t = Timing(name, inputs.shape[0], statistics.median(times[name]), min(times[name]), repeats)
-        ratios = [b / x for b, x in zip(base, times[name])]
+        ratios = repeat_ratios(base, times[name])
         rows.append({"name": name, "batch_size": t.batch_size, "median_ms": 1e3 * t.median_s,
                      "min_ms": 1e3 * t.min_s, "img_s": t.img_s, "speedup": statistics.median(ratios),
                      "speedup_spread": [min(ratios), max(ratios)], "device": str(device), "amp": amp,
