@@ -63,3 +63,29 @@ def test_summary_is_one_table_of_every_file(tmp_path, capsys):
     (tmp_path / "c.json").write_text("{}")
     assert bench.main([str(tmp_path / "c.json")]) == 2
     assert "not a benchmark result" in capsys.readouterr().err
+
+
+def test_speedups_over_a_released_row(fake_clock):
+    cfg = bench.BenchConfig(warmup=0, repeats=3, clock="wall")
+    pool = torch.zeros(bench.pool_size(1), 3)
+    methods = {"m": bench.Method(fake_clock(1.0), ideal=5.0), "other": bench.Method(fake_clock(2.0), ideal=2.0)}
+    rows = bench.compare_methods(fake_clock(4.0), methods, pool, 1, cfg, extra={"released": fake_clock(3.0)})
+    bench.speedups_over(rows, "released", "vs_released", "m")
+    by = {r["name"]: r for r in rows}
+    assert by["m"]["vs_released"] == pytest.approx(3.0)
+    assert all("vs_released" not in by[n] for n in ("dense", "other", "released"))
+    bench.speedups_over(rows, "not timed", "vs_missing", "m")
+    assert "vs_missing" not in by["m"]
+
+
+def test_released_argument_and_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("X_RELEASED", str(tmp_path))
+    p = argparse.ArgumentParser()
+    bench.add_released_argument(p, "github.com/x/y", "X_RELEASED")
+    assert p.parse_args([]).released == str(tmp_path)
+    assert bench.released_path(None, "a/b.py") is None
+    with pytest.raises(ValueError, match="no a/b.py there"):
+        bench.released_path(str(tmp_path), "a/b.py")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b.py").write_text("")
+    assert bench.released_path(str(tmp_path), "a/b.py") == tmp_path

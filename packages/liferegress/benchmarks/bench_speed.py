@@ -21,11 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
-import statistics
 import sys
 import types
-from pathlib import Path
 
 import timm
 import torch
@@ -33,7 +30,7 @@ from timm.layers import Attention
 from vitbench import bench
 from vitbench.cli import run
 from vitbench.report import markdown_table
-from vitbench.throughput import compare, repeat_ratios
+from vitbench.throughput import compare
 
 import liferegress
 from liferegress.flops import model_gmacs
@@ -46,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-rate", type=float, default=0.7, help="rho of the hard-mode schedule (default: 0.7)")
     p.add_argument("--train-repeats", type=int, default=0,
                    help="training-step repeats per variant at the largest batch size (default: 0, skipped)")
-    p.add_argument("--released", default=os.environ.get("LIFEREGRESS_RELEASED"),
-                   help="checkout of github.com/cjwcommuny/life-regression (default: $LIFEREGRESS_RELEASED; "
-                   "that row is skipped when absent)")
+    bench.add_released_argument(p, "github.com/cjwcommuny/life-regression", "LIFEREGRESS_RELEASED")
     bench.add_arguments(p, "runs/bench/liferegress.json")
     return p
 
@@ -72,8 +67,9 @@ def _stub_modules() -> None:
 
 
 def released_model(path: str | None, model: str, keep_rate: float) -> torch.nn.Module | None:
-    """The released ``TimmVitAdapter`` in pruning-eval mode, or ``None`` when no checkout is given or found."""
-    if path is None or not (Path(path) / "tv" / "models" / "timm_vit_adapter.py").is_file():
+    """The released ``TimmVitAdapter`` in pruning-eval mode, or ``None`` when no checkout is given."""
+    path = bench.released_path(path, "tv/models/timm_vit_adapter.py")
+    if path is None:
         return None
     _stub_modules()
     sys.path.insert(0, str(path))
@@ -119,13 +115,9 @@ def _main(args: argparse.Namespace) -> int:
         pool = bench.images(b, dense.patch_embed.img_size[0], cfg.seed)
         batch_rows = bench.compare_methods(dense, {"liferegress (hard)": bench.Method(ours, ideal, compiled)}, pool,
                                            b, cfg, dense_compiled, extra)
-        by_name = {r["name"]: r for r in batch_rows}
         for key, name in (("vs_released", "released code (pruning eval)"),
                           ("vs_released_compiled", "released code (pruning eval) (compiled)")):
-            if name not in by_name:
-                continue
-            for ours_row in (r for n, r in by_name.items() if n.startswith("liferegress (hard)")):
-                ours_row[key] = statistics.median(repeat_ratios(by_name[name]["times_ms"], ours_row["times_ms"]))
+            bench.speedups_over(batch_rows, name, key, "liferegress (hard)")
         rows += batch_rows
 
     training = []
@@ -146,8 +138,6 @@ def _main(args: argparse.Namespace) -> int:
 
     bench.report("liferegress", rows, cfg, training=training, released_available=released is not None,
                  gflops={"dense": model_gmacs(dense), "liferegress": model_gmacs(ours)})
-    if released is not None:
-        print(markdown_table(rows, ["name", "batch_size", "speedup", "vs_released", "vs_released_compiled"], digits=3))
     if training:
         print()
         print(markdown_table(training, ["name", "batch_size", "median_s", "min_s", "ratio_vs_plain"], digits=3))

@@ -35,7 +35,7 @@ from .throughput import CLOCKS, compare, repeat_ratios
 MIN_IMAGES = 9  # at batch 1, nine forwards (LF-ViT: 2 of 9 = 22 % reach the focus stage)
 COMPILE_CHOICES = ("none", "dense", "all")
 COLUMNS = ["name", "batch_size", "ms_per_image", "speedup", "speedup_vs_compiled", "ideal_speedup", "fraction_of_ideal",
-           "fraction_of_ideal_vs_compiled", "syncs"]
+           "fraction_of_ideal_vs_compiled", "syncs", "vs_released", "vs_released_per_image", "vs_released_compiled"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,33 @@ def compare_methods(dense: Callable[[torch.Tensor], Any], methods: dict[str, Met
             if dense_compiled is not None:
                 row["fraction_of_ideal_vs_compiled"] = row["speedup_vs_compiled"] / ideal[row["name"]]
     return rows
+
+
+def add_released_argument(parser: argparse.ArgumentParser, repository: str, env: str) -> None:
+    """``--released PATH``: a checkout of the released code, timed beside the methods (default ``$env``)."""
+    parser.add_argument("--released", default=os.environ.get(env),
+                        help=f"checkout of {repository}, imported from there at run time and timed on the same "
+                        f"weights (default: ${env}; without it that row is skipped)")
+
+
+def released_path(path: str | None, marker: str) -> Path | None:
+    """The ``--released`` checkout, ``None`` when none is given; ``ValueError`` when ``path/marker`` is missing."""
+    if path is None:
+        return None
+    if not (Path(path) / marker).is_file():
+        raise ValueError(f"--released {path}: no {marker} there (give a checkout of the released repository)")
+    return Path(path)
+
+
+def speedups_over(rows: list[dict], reference: str, key: str, prefix: str) -> None:
+    """Set ``row[key]``, the median per-repeat speed-up over the row ``reference``, on every row whose name starts
+    with ``prefix`` (in place; rows of one :func:`compare_methods` call; nothing when ``reference`` was not timed)."""
+    ref = next((r for r in rows if r["name"] == reference), None)
+    if ref is None:
+        return
+    for row in rows:
+        if row["name"].startswith(prefix):
+            row[key] = statistics.median(repeat_ratios(ref["times_ms"], row["times_ms"]))
 
 
 def environment(cfg: BenchConfig) -> dict:
