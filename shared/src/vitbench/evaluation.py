@@ -493,9 +493,10 @@ def clear_figures(out_dir: Path, patterns: Sequence[str]) -> None:
 
 def run(cfg: EvalConfig, options: Any, model: torch.nn.Module,
         make_settings: Callable[[Any, InputSpec | None], list[Setting]],
-        figure_patterns: Sequence[str] = (), sweep_title: str | None = None) -> dict:
+        figure_patterns: Sequence[str] = (), sweep_title: str | None = None, sweep_unit: str = "image") -> dict:
     """The whole ``*-eval`` flow after parsing: outputs checked, ``--flops-only`` rows or the data, the settings'
-    passes, one timing run, the accuracy-vs-GFLOPs figure (when ``sweep_title``), results written.
+    passes, one timing run, the accuracy-vs-GFLOPs figure (when ``sweep_title``; GFLOPs per ``sweep_unit``),
+    results written.
 
     ``make_settings(loader, input_spec)`` builds the method's settings, dense first (``loader`` and
     ``input_spec`` are None for ``--flops-only``)."""
@@ -510,6 +511,6 @@ def run(cfg: EvalConfig, options: Any, model: torch.nn.Module,
     if sweep_title and sum(r["top1"] is not None for r in rows) > 2:
         from .figures import accuracy_vs_gflops
 
-        path = accuracy_vs_gflops(rows, out_dir / "accuracy_vs_gflops.png", sweep_title)
+        path = accuracy_vs_gflops(rows, out_dir / "accuracy_vs_gflops.png", sweep_title, sweep_unit)
         rows[0]["figures"]["accuracy_vs_gflops"] = str(path)
     return write_results(cfg, options, rows, device, out_dir, loader.dataset)

@@ -19,8 +19,9 @@ def save(fig, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def accuracy_vs_gflops(rows: list[dict], path: Path, title: str) -> Path:
-    """Top-1 vs mean GFLOPs per image: one curve per ``series``, each point labelled with its ``point`` (e.g.
+def accuracy_vs_gflops(rows: list[dict], path: Path, title: str, unit: str = "image") -> Path:
+    """Top-1 vs mean GFLOPs per ``unit`` (image, or clip for video): one curve per ``series``, each point labelled
+    with its ``point`` (e.g.
     ``rho 0.87``), the dense model as a star (the paper's numbers are in the results table, not
     here: they are for another model and data set)."""
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
@@ -37,7 +38,7 @@ def accuracy_vs_gflops(rows: list[dict], path: Path, title: str) -> Path:
             if p["point"]:
                 ax.annotate(p["point"], (p["gflops"], p["top1"]), textcoords="offset points", xytext=(4, 4),
                             fontsize=7)
-    ax.set_xlabel("GFLOPs per image (mean, 1 multiply-add = 1 FLOP)")
+    ax.set_xlabel(f"GFLOPs per {unit} (mean, 1 multiply-add = 1 FLOP)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

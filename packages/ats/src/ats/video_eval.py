@@ -201,5 +201,5 @@ def body(cfg: ev.EvalConfig, opts: ATSOptions) -> int:
     title = (f"ATS on {cfg.model} (blocks {_stage_text(ats_runs[0].stages)}), {cfg.data}, 1 x {VIEWS} views: "
              "top-1 vs GFLOPs per clip")
     ev.run(cfg, opts, model, lambda loader, spec: build_settings(cfg, model, finetuned, ats_runs, paper, loader),
-           figure_patterns=("frames_*.png",), sweep_title=title)
+           figure_patterns=("frames_*.png",), sweep_title=title, sweep_unit="clip")
     return 0
