@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from . import patch, sampling
+from .evaluate import SHIPPED
 
-FINETUNED_WEIGHTS = Path(__file__).parent / "weights" / "vit_digits_patch8_112_ats.safetensors"
+FINETUNED_WEIGHTS = SHIPPED[0].path  # fine-tuned at the released placement, blocks 3..11
 
 
 # ----------------------------------------------------------------------------------------------- pure functions
