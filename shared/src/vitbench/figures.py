@@ -21,9 +21,8 @@ def save(fig, path: Path, dpi: int = 110) -> Path:
 
 def accuracy_vs_gflops(rows: list[dict], path: Path, title: str, unit: str = "image") -> Path:
     """Top-1 vs mean GFLOPs per ``unit`` (image, or clip for video): one curve per ``series``, each point labelled
-    with its ``point`` (e.g.
-    ``rho 0.87``), the dense model as a star (the paper's numbers are in the results table, not
-    here: they are for another model and data set)."""
+    with its ``point`` (e.g. ``rho 0.87``), the dense model as a star (the paper's numbers are in the results table,
+    not here: they are for another model and data set)."""
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     series: dict[str, list[dict]] = {}
     for row in rows:
