@@ -33,6 +33,23 @@ def test_compiled_equals_eager(images, backend):
     assert all(torch.equal(model.ats_info.kept[b], k) for b, k in zip((1, 2), ref_kept))
 
 
+@pytest.mark.parametrize("mode", ["official", "paper"])
+def test_selection_runs_in_fp32_under_autocast(mode):
+    """Under bf16 autocast the scoring and sampling see fp32 copies of bf16 q, k, v: the picks of the fp32 selection
+    on the same inputs (with these inputs a bf16 score row moves them in both modes)."""
+    model = ats.apply(tiny_vit(), rho=0.72, mode=mode)
+    attn, info = model.blocks[3].attn, model.ats_info
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 4, attn.num_heads, 65, attn.head_dim, generator=gen).bfloat16().unbind(0)
+    n = torch.tensor([65, 40, 65, 12])
+    lin = ats.sampling.linspace_rows(64) if mode == "official" else None
+    args = (n, 0.72, 65, lin, info.config, 3)
+    ref = attn.select(q.float(), k.float(), v.float(), *args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn.select(q, k, v, *args)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
 def test_bf16_autocast_is_finite_and_agrees(images):
     model = ats.apply(tiny_vit(), rho=0.87)
     with torch.no_grad():

@@ -130,12 +130,13 @@ class ATSAttention(Attention):
         o = self.attend(self.queries(qkv, positions), k, v, tokens.key_mask())
         return o, positions, count, sizes
 
+    @sampling.in_fp32
     def select(self, q: Tensor, k: Tensor, v: Tensor, n: Tensor, k_cfg: float, n_ref: int, lin: Tensor | None,
                cfg: ATSConfig, block: int) -> tuple[Tensor, Tensor]:
         """Score (Eq. 3) and sample (Eqs. 4-6) the tokens of every image: ``q, k, v`` ``[B, H, Nmax, d]``, ``n``
         the token counts, ``lin`` the official grid table (:func:`sampling.linspace_rows`). Returns the kept
         positions (CLS first when enforced; ``[B, W]``, -1 padded, ``W`` fixed by the shapes) and K'+1: a pure
-        tensor function without host syncs (:func:`compile_ats` compiles it)."""
+        tensor function without host syncs (:func:`compile_ats` compiles it), in fp32 also under autocast."""
         attn = self.score_rows(q, k, n, cfg, block)  # [B, H, N]
         enforce = "cls_not_enforced" not in cfg.variant
         first = 1 if enforce else 0

@@ -16,12 +16,29 @@ Two selection modes:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 OFFICIAL_EPS = 1e-6  # softmax_with_policy, transformer_block.py:255
 _SENTINEL_GAP = 1e8  # create_ys: ignore ncdf == 0 when looking for ys_start (ats_block.py:72)
+
+
+def in_fp32(select: Callable) -> Callable:
+    """Run ``select`` (a scoring-and-sampling step) with autocast off and its floating-point tensor arguments in
+    float32. Under bf16 autocast the score row would be a bf16 product, and bf16 scores flip the nearest-CDF picks
+    of inverse transform sampling; in fp32 runs the casts are no-ops, so results are unchanged."""
+
+    @functools.wraps(select)
+    def run(*args, **kwargs):
+        device = next(a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
+        args = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+        kwargs = {k: v.float() if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+        with torch.autocast(device, enabled=False):
+            return select(*args, **kwargs)
+
+    return run
 
 
 def stage_k(n_tokens: int, k: float) -> int:

@@ -53,10 +53,12 @@ class VideoATSInfo(ATSInfo):
         return self.alive[block + 1].sum(-1)
 
 
+@sampling.in_fp32
 def select_tokens(q: Tensor, k: Tensor, v: Tensor, alive: Tensor, *, info: VideoATSInfo, block: int,
                   scale: float) -> Tensor:
     """The ATS step on a clip's frame-wise attention (``q, k, v`` ``[B, T, H, 1 + S, d]``, CLS first): score every
-    alive patch of the clip, sample with one K per clip, return the new ``[B, T, S]`` alive mask."""
+    alive patch of the clip, sample with one K per clip, return the new ``[B, T, S]`` alive mask (in fp32 also
+    under autocast)."""
     cfg = info.config
     B, T, H, N1, d = k.shape
     S = N1 - 1
