@@ -60,6 +60,7 @@ def test_summary_is_one_table_of_every_file(tmp_path, capsys):
     assert bench.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + 4 and table[-1].startswith("| b | b | 1 |")
+    assert table[0] == "| benchmark | name | batch_size | speedup |"  # only the columns some row has
     (tmp_path / "c.json").write_text("{}")
     assert bench.main([str(tmp_path / "c.json")]) == 2
     assert "not a benchmark result" in capsys.readouterr().err

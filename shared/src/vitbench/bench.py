@@ -227,7 +227,7 @@ def summary(paths: Sequence[str | os.PathLike]) -> str:
         if "benchmark" not in data:
             raise ValueError(f"{path}: not a benchmark result (no 'benchmark' key)")
         rows += [{"benchmark": data["benchmark"], **r} for r in data["rows"]]
-    return markdown_table(rows, ["benchmark", *COLUMNS], digits=3)
+    return markdown_table(rows, ["benchmark", *(c for c in COLUMNS if any(c in r for r in rows))], digits=3)
 
 
 def main(argv: list[str] | None = None) -> int:
