@@ -9,9 +9,8 @@ compiled between its host syncs (``ats.patch.compile_ats``). ``--released PATH``
 3..11 with ``NUM_TOKENS`` 197, i.e. K = N, rho 1) on the same weights, run on the whole batch as it is run, and at
 batch sizes above 1 also one image at a time (its padded batch couples the images; ours is batch-invariant, so the
 per-image row is the like-for-like one); ``vs_released`` / ``vs_released_per_image`` give ours (rho 1) over it. No
-weights or data are needed. About 4 minutes on two
-shared cores with the defaults (most of it compiling dense DeiT-S once per batch size); writes JSON (``--json``)
-and prints a Markdown table.
+weights or data are needed. About 4 minutes on two shared cores with the defaults (most of it compiling dense DeiT-S
+once per batch size); writes JSON (``--json``) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -129,6 +128,7 @@ def released_model(path: str | None, dense: torch.nn.Module) -> torch.nn.Module 
 
 
 def released_path(path: str | None) -> Path | None:
+    """The checked ``--released`` checkout (``None`` without one)."""
     return bench.released_path(path, RELEASED_VIT)
 
 
