@@ -168,7 +168,7 @@ def compare_methods(dense: Callable[[torch.Tensor], Any], methods: dict[str, Met
 
 def add_released_argument(parser: argparse.ArgumentParser, repository: str, env: str) -> None:
     """``--released PATH``: a checkout of the released code, timed beside the methods (default ``$env``)."""
-    parser.add_argument("--released", default=os.environ.get(env),
+    parser.add_argument("--released", default=os.environ.get(env), metavar="PATH",
                         help=f"checkout of {repository}, imported from there at run time and timed on the same "
                         f"weights (default: ${env}; without it that row is skipped)")
 
