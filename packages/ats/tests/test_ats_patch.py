@@ -42,13 +42,17 @@ def test_no_stage_equals_timm(images, fused):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_batch_invariance(images, cfg):
     """Each image's kept tokens and logits equal running that image alone."""
-    model = ats.apply(tiny_vit(), **cfg)
-    logits = run(model, images)
+    assert_each_alone_equals_batch(ats.apply(tiny_vit(), **cfg), images)
+
+
+def assert_each_alone_equals_batch(model, inputs):
+    """Every input run alone gives the logits (to 1e-5), kept tokens and token counts it gets in the batch."""
+    logits = run(model, inputs)
     info = model.ats_info
     kept = {b: info.kept_indices(b) for b in info.config.stages}
     counts = info.token_counts()[1]
-    for i in range(images.shape[0]):
-        torch.testing.assert_close(run(model, images[i : i + 1]), logits[i : i + 1], atol=1e-5, rtol=1e-5)
+    for i in range(inputs.shape[0]):
+        torch.testing.assert_close(run(model, inputs[i : i + 1]), logits[i : i + 1], atol=1e-5, rtol=1e-5)
         for b in info.config.stages:
             assert torch.equal(info.kept_indices(b)[0], kept[b][i])
         assert torch.equal(info.token_counts()[1][0], counts[i])

@@ -3,6 +3,7 @@ import torch
 
 from ats import sampling, video_ats
 from ats.video_flops import VideoGeometry, clip_gmacs, recorded_gmacs
+from test_ats_patch import assert_each_alone_equals_batch, run
 from test_video import tiny
 
 CONFIGS = [
@@ -24,11 +25,6 @@ def patched(cfg, peak=4.0):
     return video_ats.apply(model, **cfg)
 
 
-def run(model, x):
-    with torch.inference_mode():
-        return model(x)
-
-
 @pytest.fixture
 def clips():
     torch.manual_seed(1)
@@ -37,16 +33,7 @@ def clips():
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 def test_clip_alone_equals_clip_in_batch(cfg, clips):
-    model = patched(cfg)
-    logits = run(model, clips)
-    info = model.ats_info
-    kept = {b: info.kept_indices(b) for b in info.config.stages}
-    counts = info.token_counts()[1]
-    for i in range(clips.shape[0]):
-        torch.testing.assert_close(run(model, clips[i : i + 1]), logits[i : i + 1], atol=1e-5, rtol=1e-5)
-        for b in info.config.stages:
-            assert torch.equal(info.kept_indices(b)[0], kept[b][i])
-        assert torch.equal(info.token_counts()[1][0], counts[i])
+    assert_each_alone_equals_batch(patched(cfg), clips)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)

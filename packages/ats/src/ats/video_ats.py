@@ -89,8 +89,7 @@ def select_tokens(q: Tensor, k: Tensor, v: Tensor, alive: Tensor, *, info: Video
     else:
         scores = sampling.significance_scores(attn_c, v_norm.gather(1, at), n_cand)
         points = torch.where(ks == n_tokens, info.n_ref - 1, ks - 1)
-        sel, count = sampling.official_select(scores, n_cand, points,
-                                                  sampling.linspace_rows(info.n_ref - 1, k.device))
+        sel, count = sampling.official_select(scores, n_cand, points, sampling.linspace_rows(info.n_ref - 1, k.device))
     kept = cand.gather(1, sel.clamp(min=0)).masked_fill(sel < 0, -1)
     new_alive = torch.zeros(B, T * S + 1, dtype=torch.bool, device=k.device)
     new_alive.scatter_(1, torch.where(kept >= 0, kept, T * S), True)
