@@ -6,7 +6,8 @@
 (b) Throughput over batch {1, 64, 256, 1024} x {fp32, bf16} x {eager, compile}, DeiT-S geometry with peaked random
     weights, dense and the three methods side by side (vitbench.throughput.sweep), ratios next to the papers' (ATS
     1.39x, LF-ViT 2.03x, Life-Regression 1.40x), host syncs per forward, CUDA-event time and peak memory.
-(c) Everything as JSON (``--json``).
+(c) Everything as JSON (``--json``), rewritten after part (a) and after every sweep (``"complete": false`` until the
+    end), with each sweep's table printed as it finishes.
 
     python tools/gpu_check.py --json runs/gpu_check.json
 
@@ -121,8 +122,10 @@ def compiled(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
 
 
 def throughput(models: dict[str, torch.nn.Module], batch_sizes: list[int], dtypes: list[str], modes: list[str],
-               device: str, repeats: int, img_size: int) -> list[dict]:
-    """Part (b): :func:`vitbench.throughput.sweep` per dtype and mode; ``paper_speedup`` next to each ratio."""
+               device: str, repeats: int, img_size: int,
+               progress: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Part (b): :func:`vitbench.throughput.sweep` per dtype and mode; ``paper_speedup`` next to each ratio.
+    ``progress`` gets the rows so far after every (mode, dtype) sweep."""
     from lfvit.model import eta_for_share
     from vitbench.throughput import sweep
 
@@ -138,6 +141,8 @@ def throughput(models: dict[str, torch.nn.Module], batch_sizes: list[int], dtype
                              baseline="dense", dtype=dtype, warmup=2, repeats=repeats):
                 row.update(mode=mode, paper_speedup=PAPER_SPEEDUP.get(row["name"]))
                 rows.append(row)
+            if progress is not None:
+                progress(rows)
     return rows
 
 
@@ -167,13 +172,23 @@ def _main(args: argparse.Namespace) -> int:
     checks = agreement(models, images, "cuda") + agreement(models, images, "cuda", dtype="bf16")
     print(markdown_table(checks, ["method", "dtype", "top1_agreement", "logits_max_diff", "identical_selection",
                                   "lives_max_diff"], digits=4))
-    rows = throughput(models, args.batch_sizes, ["fp32", "bf16"], ["eager"] + ([] if args.no_compile else
-                                                                               ["compile"]), "cuda", args.repeats,
-                      224)
-    print(markdown_table(rows, ["name", "mode", "dtype", "batch_size", "img_s", "speedup", "paper_speedup", "syncs",
-                                "cuda_ms", "peak_mib"]))
-    write_json(args.json, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "agreement": checks,
-                           "throughput": rows})
+    columns = ["name", "mode", "dtype", "batch_size", "img_s", "speedup", "paper_speedup", "syncs", "cuda_ms",
+               "peak_mib"]
+
+    def save(rows: list[dict], complete: bool) -> None:  # after every sweep, so that a cut-off run keeps its part
+        write_json(args.json, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "complete": complete,
+                               "agreement": checks, "throughput": rows})
+
+    def progress(rows: list[dict]) -> None:
+        save(rows, complete=False)
+        last = rows[-1]
+        print(markdown_table([r for r in rows if (r["mode"], r["dtype"]) == (last["mode"], last["dtype"])], columns),
+              flush=True)
+
+    save([], complete=False)
+    modes = ["eager"] + ([] if args.no_compile else ["compile"])
+    save(throughput(models, args.batch_sizes, ["fp32", "bf16"], modes, "cuda", args.repeats, 224, progress),
+         complete=True)
     print(f"GPU: {torch.cuda.get_device_name()}; JSON: {args.json}")
     return 0
 

@@ -34,3 +34,14 @@ def test_refuses_without_cuda(capsys, tmp_path):
     assert gpu_check.main(["--json", str(tmp_path / "g.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gpu_check: error: no CUDA device") and not (tmp_path / "g.json").exists()
+
+
+def test_throughput_reports_every_sweep_as_it_finishes():
+    models = gpu_check.build_models(gpu_check.TINY)
+    seen = []
+    rows = gpu_check.throughput(models, [1, 2], ["fp32", "bf16"], ["eager"], "cpu", repeats=1, img_size=48,
+                                progress=lambda so_far: seen.append([(r["dtype"], r["batch_size"]) for r in so_far]))
+    assert len(seen) == 2 and len(seen[0]) == 8 and seen[1] == [(r["dtype"], r["batch_size"]) for r in rows]
+    assert {r["dtype"] for r in rows[8:]} == {"bf16"} and {r["name"] for r in rows} == {"dense", "ats", "lfvit",
+                                                                                        "liferegress"}
+    assert all(r["paper_speedup"] == gpu_check.PAPER_SPEEDUP.get(r["name"]) for r in rows)
