@@ -51,6 +51,10 @@ def test_pool_and_config():
         bench.config(p.parse_args(["--threads", "2"]))
     with pytest.raises(ValueError, match="positive"):
         bench.config(p.parse_args(["--batch-sizes", "0"]))
+    assert bench.config(p.parse_args([])).weight_layout == "transposed"
+    linear = torch.nn.Linear(4, 3)
+    assert bench.laid_out(linear, bench.config(p.parse_args(["--weight-layout", "timm"]))).weight.is_contiguous()
+    assert bench.laid_out(linear, bench.config(p.parse_args([]))).weight.t().is_contiguous()
 
 
 def test_summary_is_one_table_of_every_file(tmp_path, capsys):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vitbench.throughput import compare, main, measure
+from vitbench.throughput import compare, main, measure, transpose_linear_weights
 
 
 def test_compare_returns_finite_positive_rates_relative_to_baseline():
@@ -16,6 +16,32 @@ def test_compare_returns_finite_positive_rates_relative_to_baseline():
     for r in rows:
         assert math.isfinite(r["img_s"]) and r["img_s"] > 0 and r["median_ms"] > 0 and r["batch_size"] == 8
     assert measure(small, torch.randn(4, 16), warmup=0, repeats=1)["img_s"] > 0
+
+
+def test_transposed_linear_weights_keep_values_keys_and_layout():
+    import copy
+
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5).eval()
+    laid = transpose_linear_weights(copy.deepcopy(model))
+    fc1 = laid.blocks[0].mlp.fc1.weight
+    assert fc1.shape == model.blocks[0].mlp.fc1.weight.shape and fc1.stride() == (1, fc1.shape[0])
+    assert fc1.t().is_contiguous() and laid.patch_embed.proj.weight.is_contiguous()  # only nn.Linear weights
+    state, laid_state = model.state_dict(), laid.state_dict()
+    assert list(laid_state) == list(state) and all(torch.equal(laid_state[k], v) for k, v in state.items())
+    for moved in (copy.deepcopy(laid), laid.to(torch.float64)):  # the layout survives copies and casts
+        assert moved.blocks[0].attn.qkv.weight.t().is_contiguous()
+    laid = transpose_linear_weights(copy.deepcopy(model))
+    fresh = transpose_linear_weights(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+                                                       num_classes=5))
+    fresh.load_state_dict(state)  # loading copies into the transposed storage
+    assert fresh.head.weight.t().is_contiguous() and torch.equal(fresh.head.weight, model.head.weight)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(laid(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(laid(x[:1]), model(x[:1]), rtol=1e-5, atol=1e-5)
 
 
 def test_compare_rejects_bad_arguments():

@@ -101,12 +101,14 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError("--train-repeats must be >= 0")
     cfg = bench.config(args)
     torch.manual_seed(cfg.seed)
-    dense = bench.peaked(timm.create_model(args.model, pretrained=False), cfg.peak)
+    dense = bench.laid_out(bench.peaked(timm.create_model(args.model, pretrained=False), cfg.peak), cfg)
     ours = liferegress.apply(copy.deepcopy(dense), keep_rate=args.keep_rate).eval()
     ideal = model_gmacs(dense) / model_gmacs(ours)
     compiled = bench.compile_dense(copy.deepcopy(ours)) if cfg.compile == "all" else None
     dense_compiled = bench.compile_dense(dense) if cfg.compile != "none" else None
     released = released_model(args.released, args.model, args.keep_rate)
+    if released is not None:
+        bench.laid_out(released, cfg)
     extra = {} if released is None else {"released code (pruning eval)": released}
     if released is not None and cfg.compile == "all":
         extra["released code (pruning eval) (compiled)"] = bench.compile_dense(copy.deepcopy(released))

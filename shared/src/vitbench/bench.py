@@ -6,7 +6,9 @@ same pool of images, ``batch_size`` images per forward, interleaved in one proce
 rotated order, median of the per-repeat ratios). A row per callable gives the speed-up over eager dense and over
 compiled dense, the method's ideal speed-up (dense GMACs / its mean GMACs on the pool), their ratios and the host
 syncs of one forward. At batch 1 the pool holds :data:`MIN_IMAGES` images, so that a method whose cost depends on the
-image (ATS, LF-ViT's early exit) is timed on a mix.
+image (ATS, LF-ViT's early exit) is timed on a mix. Every model of a comparison, dense and released code included,
+goes through :func:`laid_out`: by default its linear weights are stored transposed (``--weight-layout``), so that
+all of them run the GEMM kernel that is fastest on CPU at small token counts and none is favoured.
 
 The compiled models are compiled once per batch size and reused by every repeat (``dynamic=False``: batch 1 and 32 get
 their own static graph); inductor's on-disk cache makes a second benchmark process reuse what the first compiled.
@@ -30,10 +32,11 @@ from typing import Any
 import torch
 
 from .syncs import count_syncs
-from .throughput import CLOCKS, compare, repeat_ratios
+from .throughput import CLOCKS, compare, repeat_ratios, transpose_linear_weights
 
 MIN_IMAGES = 9  # at batch 1, nine forwards (LF-ViT: 2 of 9 = 22 % reach the focus stage)
 COMPILE_CHOICES = ("none", "dense", "all")
+WEIGHT_LAYOUTS = ("transposed", "timm")
 COLUMNS = ["name", "batch_size", "ms_per_image", "speedup", "speedup_vs_compiled", "ideal_speedup", "fraction_of_ideal",
            "fraction_of_ideal_vs_compiled", "syncs", "vs_released", "vs_released_per_image", "vs_released_compiled"]
 
@@ -53,6 +56,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 32)
     compile: str = "dense"
     peak: float = 4.0
+    weight_layout: str = "transposed"
     warmup: int = 1
     repeats: int = 5
     threads: int = 1
@@ -72,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser, json_default: str) -> None:
                         "(default: dense; 'all' adds several minutes of compiling per batch size on 2 cores)")
     parser.add_argument("--peak", type=float, default=d.peak,
                         help=f"scale of the random q/k projections, so attention is peaked (default: {d.peak:g})")
+    parser.add_argument("--weight-layout", choices=WEIGHT_LAYOUTS, default=d.weight_layout,
+                        help="how every timed model, dense and released code included, stores its linear weights: "
+                        "transposed (column-major, vitbench.throughput.transpose_linear_weights: same values, a plain "
+                        "NN GEMM, faster on CPU at the small token counts of batch 1) or timm's row-major layout "
+                        f"(default: {d.weight_layout})")
     parser.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed rounds (default: {d.warmup})")
     parser.add_argument("--repeats", type=int, default=d.repeats, help=f"timed rounds (default: {d.repeats})")
     parser.add_argument("--threads", type=int, default=d.threads,
@@ -96,8 +105,8 @@ def config(args: argparse.Namespace) -> BenchConfig:
     check_writable_file(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return BenchConfig(tuple(args.batch_sizes), args.compile, args.peak, args.warmup, args.repeats, args.threads,
-                       args.clock, args.seed, args.json)
+    return BenchConfig(tuple(args.batch_sizes), args.compile, args.peak, args.weight_layout, args.warmup, args.repeats,
+                       args.threads, args.clock, args.seed, args.json)
 
 
 def peaked(model: torch.nn.Module, peak: float) -> torch.nn.Module:
@@ -107,6 +116,12 @@ def peaked(model: torch.nn.Module, peak: float) -> torch.nn.Module:
         for blk in model.blocks:
             blk.attn.qkv.weight[: 2 * blk.attn.attn_dim] *= peak
     return model.eval()
+
+
+def laid_out(model: torch.nn.Module, cfg: BenchConfig) -> torch.nn.Module:
+    """``model`` with its linear weights in ``cfg.weight_layout`` (in place): every model of a comparison goes through
+    this, so that all of them run the same GEMM kernels."""
+    return transpose_linear_weights(model) if cfg.weight_layout == "transposed" else model
 
 
 def pool_size(batch_size: int) -> int:

@@ -117,6 +117,23 @@ def measure(fn: Callable[[torch.Tensor], Any], inputs: torch.Tensor, warmup: int
     return compare({"model": fn}, inputs, warmup=warmup, repeats=repeats, amp=amp, clock=clock)[0]
 
 
+def transpose_linear_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Store the weight of every ``nn.Linear`` in ``model`` transposed in memory (column-major), in place; return it.
+
+    Values, shapes, dtypes and ``state_dict`` keys are unchanged, but ``F.linear`` then hands BLAS the weight as a
+    row-major ``[in, out]`` matrix: a plain NN GEMM instead of the NT one of timm's layout. On CPU (MKL) that GEMM is
+    much faster at the few dozen rows that token reduction leaves at batch 1, while at dense row counts the two
+    layouts run alike (figures in ``docs/RESULTS.md``); results agree to float rounding (bitwise at most shapes). The
+    layout
+    survives ``.to``, ``copy.deepcopy`` and ``load_state_dict``; :func:`vitbench.models.save_weights` writes the usual
+    contiguous tensors."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model
+
+
 def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool = False,
                   compile: bool = False) -> Callable[[torch.Tensor], Any]:
     """Eval mode on ``device``, optionally channels-last and ``torch.compile``d."""
