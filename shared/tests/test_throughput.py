@@ -18,10 +18,12 @@ def test_compare_returns_finite_positive_rates_relative_to_baseline():
     assert measure(small, torch.randn(4, 16), warmup=0, repeats=1)["img_s"] > 0
 
 
-def test_transposed_linear_weights_keep_values_keys_and_layout():
+def test_transposed_linear_weights_keep_values_keys_and_layout(tmp_path):
     import copy
 
     import timm
+
+    from vitbench.models import read_state_dict, save_weights
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5).eval()
@@ -31,9 +33,10 @@ def test_transposed_linear_weights_keep_values_keys_and_layout():
     assert fc1.t().is_contiguous() and laid.patch_embed.proj.weight.is_contiguous()  # only nn.Linear weights
     state, laid_state = model.state_dict(), laid.state_dict()
     assert list(laid_state) == list(state) and all(torch.equal(laid_state[k], v) for k, v in state.items())
-    for moved in (copy.deepcopy(laid), laid.to(torch.float64)):  # the layout survives copies and casts
+    for moved in (copy.deepcopy(laid), copy.deepcopy(laid).to(torch.float64)):  # the layout survives copies, casts
         assert moved.blocks[0].attn.qkv.weight.t().is_contiguous()
-    laid = transpose_linear_weights(copy.deepcopy(model))
+    saved = read_state_dict(save_weights(laid, tmp_path / "w.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in state.items())
     fresh = transpose_linear_weights(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
                                                        num_classes=5))
     fresh.load_state_dict(state)  # loading copies into the transposed storage

@@ -124,9 +124,8 @@ def transpose_linear_weights(model: torch.nn.Module) -> torch.nn.Module:
     row-major ``[in, out]`` matrix: a plain NN GEMM instead of the NT one of timm's layout. On CPU (MKL) that GEMM is
     much faster at the few dozen rows that token reduction leaves at batch 1, while at dense row counts the two
     layouts run alike (figures in ``docs/RESULTS.md``); results agree to float rounding (bitwise at most shapes). The
-    layout
-    survives ``.to``, ``copy.deepcopy`` and ``load_state_dict``; :func:`vitbench.models.save_weights` writes the usual
-    contiguous tensors."""
+    layout survives ``.to``, ``copy.deepcopy`` and ``load_state_dict``; :func:`vitbench.models.save_weights` writes
+    the usual contiguous tensors."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
