@@ -55,6 +55,7 @@ def test_pool_and_config():
     linear = torch.nn.Linear(4, 3)
     assert bench.laid_out(linear, bench.config(p.parse_args(["--weight-layout", "timm"]))).weight.is_contiguous()
     assert bench.laid_out(linear, bench.config(p.parse_args([]))).weight.t().is_contiguous()
+    assert bench.laid_out(None, bench.config(p.parse_args([]))) is None  # no released checkout
 
 
 def test_summary_is_one_table_of_every_file(tmp_path, capsys):

@@ -149,9 +149,7 @@ def measure(args: argparse.Namespace, cfg: bench.BenchConfig) -> list[dict]:
     models = {f"ats rho={rho:g}": ats.apply(copy.deepcopy(dense), rho=rho, mode=args.mode) for rho in args.rho}
     compiled = {n: compile_ats(copy.deepcopy(m)) for n, m in models.items()} if cfg.compile == "all" else {}
     dense_compiled = bench.compile_dense(dense) if cfg.compile != "none" else None
-    released = released_model(args.released, dense)
-    if released is not None:
-        bench.laid_out(released, cfg)
+    released = bench.laid_out(released_model(args.released, dense), cfg)
     rows = []
     for b in cfg.batch_sizes:
         pool = bench.images(b, dense.patch_embed.img_size[0], cfg.seed)

@@ -128,9 +128,7 @@ def _main(args: argparse.Namespace) -> int:
     dense = bench.laid_out(VisionTransformer(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6).eval(),
                            cfg)
     dense.load_state_dict({k: v for k, v in model.state_dict().items() if k in dense.state_dict()})
-    released = released_model(args.released, model)
-    if released is not None:
-        bench.laid_out(released, cfg)
+    released = bench.laid_out(released_model(args.released, model), cfg)
     compiled = copy.deepcopy(model).compile_stages() if cfg.compile == "all" else None
     dense_compiled = bench.compile_dense(dense) if cfg.compile != "none" else None
     stages, dense_g = stage_flops(model), dense_gflops(model)

@@ -106,9 +106,7 @@ def _main(args: argparse.Namespace) -> int:
     ideal = model_gmacs(dense) / model_gmacs(ours)
     compiled = bench.compile_dense(copy.deepcopy(ours)) if cfg.compile == "all" else None
     dense_compiled = bench.compile_dense(dense) if cfg.compile != "none" else None
-    released = released_model(args.released, args.model, args.keep_rate)
-    if released is not None:
-        bench.laid_out(released, cfg)
+    released = bench.laid_out(released_model(args.released, args.model, args.keep_rate), cfg)
     extra = {} if released is None else {"released code (pruning eval)": released}
     if released is not None and cfg.compile == "all":
         extra["released code (pruning eval) (compiled)"] = bench.compile_dense(copy.deepcopy(released))

@@ -118,10 +118,10 @@ def peaked(model: torch.nn.Module, peak: float) -> torch.nn.Module:
     return model.eval()
 
 
-def laid_out(model: torch.nn.Module, cfg: BenchConfig) -> torch.nn.Module:
-    """``model`` with its linear weights in ``cfg.weight_layout`` (in place): every model of a comparison goes through
-    this, so that all of them run the same GEMM kernels."""
-    return transpose_linear_weights(model) if cfg.weight_layout == "transposed" else model
+def laid_out(model: torch.nn.Module | None, cfg: BenchConfig) -> torch.nn.Module | None:
+    """``model`` with its linear weights in ``cfg.weight_layout`` (in place; ``None``, e.g. no released checkout, passes
+    through): every model of a comparison goes through this, so that all of them run the same GEMM kernels."""
+    return transpose_linear_weights(model) if model is not None and cfg.weight_layout == "transposed" else model
 
 
 def pool_size(batch_size: int) -> int:

@@ -126,10 +126,9 @@ def transpose_linear_weights(model: torch.nn.Module) -> torch.nn.Module:
     layouts run alike (figures in ``docs/RESULTS.md``); results agree to float rounding (bitwise at most shapes). The
     layout survives ``.to``, ``copy.deepcopy`` and ``load_state_dict``; :func:`vitbench.models.save_weights` writes
     the usual contiguous tensors."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.data = module.weight.data.t().contiguous().t()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.t().contiguous().t()
     return model
 
 
