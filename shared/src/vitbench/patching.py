@@ -1,0 +1,28 @@
+"""How a method attaches to a timm model: ToMe's subclass of the module's own class.
+
+``attach(module, Mixin)`` swaps ``module.__class__`` for ``class (Mixin, type(module))``, made once per pair, so the
+weights, ``state_dict`` keys and every method the mixin does not override (a subclass's included) stay as they were.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def mixin_class(mixin: type, base: type) -> type:
+    """The class ``(mixin, base)``, created once and cached; named ``mixin`` where that already ends in the base's
+    name (``ATSAttention`` on ``Attention``), else the mixin's name without ``Mixin`` followed by the base's."""
+    if (mixin, base) not in _CLASSES:
+        name = mixin.__name__ if mixin.__name__.endswith(base.__name__) else (
+            mixin.__name__.removesuffix("Mixin") + base.__name__)
+        _CLASSES[mixin, base] = type(name, (mixin, base), {"__module__": mixin.__module__})
+    return _CLASSES[mixin, base]
+
+
+def attach(module: nn.Module, mixin: type) -> nn.Module:
+    """Give ``module`` the behaviour of ``mixin`` in place (a no-op when it already has it); returns it."""
+    if not isinstance(module, mixin):
+        module.__class__ = mixin_class(mixin, type(module))
+    return module
