@@ -1,6 +1,6 @@
 """Life Regression as pure tensor functions (Chen et al., Sec. III).
 
-Conventions (those of the released code, see ``shared/specs/liferegress.md``):
+Conventions (those of the released code; see the Decisions section of the package README):
 
 * blocks are 0-indexed; ``drop_layers = (4, 7, 10)`` are the first blocks that run on a reduced token set and
   ``t_base = drop_layers[0]`` is the number of blocks run before the lives are predicted;
