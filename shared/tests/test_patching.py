@@ -32,3 +32,12 @@ def test_attach_twice_is_a_no_op_and_classes_are_cached():
     attach(a, Doubling)
     assert type(a) is cls is type(b) is mixin_class(Doubling, nn.Linear)
     assert cls.__name__ == "DoublingLinear" and mixin_class(Doubling, Scaled) is not cls
+
+
+def test_a_mixin_that_subclasses_the_base_is_used_as_it_is():
+    class DoublingLinear(Doubling, nn.Linear):
+        pass
+
+    assert mixin_class(DoublingLinear, nn.Linear) is DoublingLinear
+    sub = mixin_class(DoublingLinear, Scaled)
+    assert sub.__mro__[1:3] == (DoublingLinear, Scaled) and sub.__name__ == "DoublingLinearScaled"

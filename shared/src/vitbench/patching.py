@@ -12,11 +12,12 @@ _CLASSES: dict[tuple[type, type], type] = {}
 
 
 def mixin_class(mixin: type, base: type) -> type:
-    """The class ``(mixin, base)``, created once and cached; named ``mixin`` where that already ends in the base's
-    name (``ATSAttention`` on ``Attention``), else the mixin's name without ``Mixin`` followed by the base's."""
+    """The class ``(mixin, base)``, created once and cached (``mixin`` itself where it already subclasses ``base``),
+    named after both: ``LifeRegressionMixin`` on ``VisionTransformer`` -> ``LifeRegressionVisionTransformer``."""
+    if issubclass(mixin, base):
+        return mixin
     if (mixin, base) not in _CLASSES:
-        name = mixin.__name__ if mixin.__name__.endswith(base.__name__) else (
-            mixin.__name__.removesuffix("Mixin") + base.__name__)
+        name = mixin.__name__.removesuffix("Mixin") + base.__name__
         _CLASSES[mixin, base] = type(name, (mixin, base), {"__module__": mixin.__module__})
     return _CLASSES[mixin, base]
 
