@@ -34,7 +34,7 @@ def embedded_models() -> dict[str, torch.nn.Module]:
     """The shipped embedded weights: backbone, ATS rho 1 on it, LF-ViT, Life-Regression rho 0.7."""
     import ats
     import vitbench
-    from lfvit.evaluate import LFOptions
+    from lfvit.evaluate import LFEvalConfig
     from lfvit.evaluate import build_model as build_lfvit
     from liferegress.evaluate import LROptions, build_models
     from vitbench.evaluation import EvalConfig
@@ -42,7 +42,7 @@ def embedded_models() -> dict[str, torch.nn.Module]:
     dense = vitbench.create_model("vit_digits_patch8_112", pretrained=True).eval()
     _, lr = build_models(EvalConfig(), LROptions(keep_rate=(0.7,)))
     return {"dense": dense, "ats": ats.apply(copy.deepcopy(dense), rho=1.0),
-            "lfvit": build_lfvit(EvalConfig(), LFOptions()).eval(), "liferegress": lr[0.7].eval()}
+            "lfvit": build_lfvit(EvalConfig(), LFEvalConfig()).eval(), "liferegress": lr[0.7].eval()}
 
 
 def _main(args: argparse.Namespace) -> int:

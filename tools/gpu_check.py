@@ -59,7 +59,7 @@ def _selection(name: str, model: torch.nn.Module) -> list | None:
         stages = zip(*(kept[b].tolist() for b in sorted(kept)))
         return [tuple(tuple(v for v in row if v >= 0) for row in image) for image in stages]
     if name == "lfvit":
-        rec = model.last_record
+        rec = model.record
         return list(zip(rec.exit_stage.tolist(), map(tuple, rec.window.tolist())))
     if name == "liferegress":
         return list(zip(*(map(tuple, k.tolist()) for k in model.life_info.kept_indices)))

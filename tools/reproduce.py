@@ -93,7 +93,7 @@ def time_side_by_side(points: dict, batch: int, repeats: int) -> list[dict]:
     import ats
     import vitbench
     from ats.evaluate import LATE, SHIPPED
-    from lfvit.evaluate import LFOptions
+    from lfvit.evaluate import LFEvalConfig
     from lfvit.evaluate import build_model as build_lfvit
     from liferegress.evaluate import LROptions, build_models
     from vitbench.evaluation import EvalConfig
@@ -109,7 +109,7 @@ def time_side_by_side(points: dict, batch: int, repeats: int) -> list[dict]:
     shipped = next(w.path for w in SHIPPED if w.stages == LATE)
     late = ats.apply(vitbench.create_model("vit_digits_patch8_112", checkpoint=str(shipped)).eval(), stages=LATE,
                      rho=1.0)
-    lf = build_lfvit(EvalConfig(), LFOptions())
+    lf = build_lfvit(EvalConfig(), LFEvalConfig())
     eta = points["lfvit"]["eta"]
     _, lr_models = build_models(EvalConfig(), LROptions(keep_rate=(0.7,)))
     names = {"dense": "dense", "ats": "ATS rho=1", "ats_ft_late": "ATS fine-tuned 7-11 rho=1",

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     if not 0.0 <= args.focus_fraction <= 1.0:
         raise ValueError("--focus-fraction must be in [0, 1]")
     cfg = bench.config(args)
@@ -138,14 +138,14 @@ def _main(args: argparse.Namespace) -> int:
         eta = eta_for_share(model, pool, args.focus_fraction)
         with torch.inference_mode():
             logits = model.forward_early_exit(pool, eta)  # batch-invariant: the pool's answer at any batch size
-        reached = model.last_record.exit_stage.float().mean().item()
+        reached = model.record.exit_stage.float().mean().item()
         ideal = dense_g / stages.expected(reached)
         method = bench.Method(lambda t, eta=eta: model.forward_early_exit(t, eta), ideal,
                               None if compiled is None else lambda t, eta=eta: compiled.forward_early_exit(t, eta))
         point = {"batch_size": b, "eta": eta, "focus_fraction": reached,
                  "expected_gflops": stages.expected(reached), "ideal_speedup": ideal}
         extra, against = {}, ""
-        if released is not None and not model.last_record.exit_stage.view(-1, b).any(1).all():
+        if released is not None and not model.record.exit_stage.view(-1, b).any(1).all():
             print(f"batch {b}: the released code is not timed: some batch sends no image to the focus stage, "
                   "where its forward_early_exit fails (torch.stack of an empty list in block_information)")
         elif released is not None:
@@ -165,7 +165,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), _main, argv)
+    return run(build_parser(), command, argv)
 
 
 if __name__ == "__main__":

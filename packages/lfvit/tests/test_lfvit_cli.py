@@ -6,13 +6,13 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from lfvit import train
-from lfvit.train import LFTrainOptions, build_lfvit
+from lfvit.train import LFTrainConfig, build_lfvit
 
 
 def test_init_from_backbone_checkpoint(tmp_path):
     dense = VisionTransformer(img_size=112, patch_size=8, embed_dim=64, depth=12, num_heads=2, num_classes=10)
     save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(tmp_path / "vit.safetensors"))
-    model = build_lfvit("lfvit_vit_digits_patch8_112", LFTrainOptions(init_backbone=str(tmp_path / "vit.safetensors")))
+    model = build_lfvit("lfvit_vit_digits_patch8_112", LFTrainConfig(init_backbone=str(tmp_path / "vit.safetensors")))
     assert torch.equal(model.pos_embed, dense.pos_embed)
     assert model.pos_embed_coarse.shape == (1, 50, 64)
     torch.testing.assert_close(model.pos_embed_coarse[:, 0], dense.pos_embed[:, 0])

@@ -35,11 +35,11 @@ def test_early_exit_sub_batch_equals_two_stage(digits_model):
     x = torch.randn(8, 3, 112, 112)
     with torch.no_grad():
         z = digits_model(x)
-        full = digits_model.last_record
+        full = digits_model.record
         conf = z.location.softmax(-1).amax(-1)
         eta = conf.median().item()
         out = digits_model.forward_early_exit(x, eta)
-    rec = digits_model.last_record
+    rec = digits_model.record
     go = conf < eta
     assert 0 < int(go.sum()) < 8 and torch.equal(rec.exit_stage, go.long())
     torch.testing.assert_close(out[~go], z.location[~go], rtol=0, atol=0)
@@ -86,7 +86,7 @@ def test_fused_and_explicit_attention_agree(digits_model):
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         z = digits_model(x)
-        rec = digits_model.last_record
+        rec = digits_model.record
         for blk in digits_model.blocks:
             blk.attn.fused_attn = False
         try:
@@ -94,8 +94,8 @@ def test_fused_and_explicit_attention_agree(digits_model):
         finally:
             for blk in digits_model.blocks:
                 blk.attn.fused_attn = True
-    torch.testing.assert_close(digits_model.last_record.gca, rec.gca, rtol=1e-5, atol=1e-6)
-    assert torch.equal(digits_model.last_record.cells, rec.cells)
+    torch.testing.assert_close(digits_model.record.gca, rec.gca, rtol=1e-5, atol=1e-6)
+    assert torch.equal(digits_model.record.cells, rec.cells)
     torch.testing.assert_close(z2.focus, z.focus, rtol=1e-4, atol=1e-5)
 
 

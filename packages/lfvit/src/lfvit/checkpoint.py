@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
+from vitbench.cli import run
 from vitbench.models import load_state, read_state_dict
 
 from .model import LFVisionTransformer
@@ -74,20 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    state = from_official(read_state_dict(ns.src))
-    if ns.to == "official":
+def command(args: argparse.Namespace) -> int:
+    state = from_official(read_state_dict(args.src))
+    if args.to == "official":
         state = to_official(state)
-    dst = Path(ns.dst)
+    dst = Path(args.dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.suffix == ".safetensors":
-        from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in state.items()}, str(dst))
     else:
-        torch.save({"model": state} if ns.to == "official" else state, dst)
-    print(f"wrote {dst} ({len(state)} tensors, {ns.to} layout)")
+        torch.save({"model": state} if args.to == "official" else state, dst)
+    print(f"wrote {dst} ({len(state)} tensors, {args.to} layout)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), command, argv)
 
 
 if __name__ == "__main__":

@@ -18,26 +18,28 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from vitbench import evaluation as ev
-from vitbench.cli import run as run_cli
+from vitbench.cli import run
 
 from .checkpoint import load_lfvit_checkpoint
 from .flops import dense_gflops, stage_flops
 from .localization import REGION_MODES
-from .model import LFVisionTransformer, check_eta
+from .model import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_REGION_MODE, DEFAULT_REGION_SIZE, LFVisionTransformer,
+                    check_eta)
 from .paper import paper_numbers
 
 BUDGET_ETAS = tuple(round(0.01 * p, 2) for p in range(100))
 
 
 @dataclass(frozen=True)
-class LFOptions:
+class LFEvalConfig:
     """LF-ViT's own flags; the common ones are :class:`vitbench.evaluation.EvalConfig`."""
 
-    region_size: int = 5
-    alpha: float = 0.88
-    beta: float = 0.99
-    region_mode: str = "ngca"
+    region_size: int = DEFAULT_REGION_SIZE
+    alpha: float = DEFAULT_ALPHA
+    beta: float = DEFAULT_BETA
+    region_mode: str = DEFAULT_REGION_MODE
     eta: tuple[float, ...] = (0.47, 0.61, 0.76)
     variants: bool = False
     loss: str = "ce_kl"
@@ -49,12 +51,12 @@ class LFOptions:
             raise ValueError(f"unknown --region-mode {self.region_mode!r}; choose from {REGION_MODES}")
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> LFOptions:
+    def from_args(cls, ns: argparse.Namespace) -> LFEvalConfig:
         return ev.config_from_args(cls, ns)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = LFOptions()
+    d = LFEvalConfig()
     p = ev.build_parser("lfvit-eval", __doc__, "runs/lfvit-eval")
     g = p.add_argument_group("LF-ViT")
     g.add_argument("--region-size", type=int, default=d.region_size,
@@ -81,7 +83,7 @@ def lfvit_name(model: str) -> str:
     raise ValueError(f"no LF-ViT model for {model!r}; choose from {timm.list_models('lfvit_*')}")
 
 
-def build_model(cfg: ev.EvalConfig, opts: LFOptions) -> LFVisionTransformer:
+def build_model(cfg: ev.EvalConfig, opts: LFEvalConfig) -> LFVisionTransformer:
     """The LF-ViT of ``cfg.model`` with ``--checkpoint`` (either layout) or, for the embedded model, its shipped
     weights."""
     name = lfvit_name(cfg.model)
@@ -139,6 +141,7 @@ def region_hits(window: torch.Tensor, boxes: torch.Tensor, model: LFVisionTransf
 
 def plot_budget(rows: list[dict], dense: float, path: Path, title: str) -> Path:
     """Fig. 4 (top-1 vs expected GFLOPs) and Fig. 7 (images / correct images per stage vs eta) as one PNG."""
+    # matplotlib (also behind vitbench.figures) only when a figure is drawn: evaluating needs no plotting stack
     from vitbench.figures import save
 
     import matplotlib.pyplot as plt
@@ -167,6 +170,7 @@ def plot_budget(rows: list[dict], dense: float, path: Path, title: str) -> Path:
 def plot_regions(dataset, record: dict, order: list[int], model: LFVisionTransformer, path: Path,
                  title: str) -> Path:
     """Fig. 6: images with the chosen m x m window and the coarse cells refined at full resolution."""
+    # matplotlib (also behind vitbench.figures) only when a figure is drawn
     from vitbench.figures import save
 
     import matplotlib.patches as patches
@@ -205,8 +209,6 @@ def plot_regions(dataset, record: dict, order: list[int], model: LFVisionTransfo
 
 def dense_backbone(model: LFVisionTransformer) -> torch.nn.Module:
     """The dense ViT with LF-ViT's shared weights and fine positional table (the backbone it accelerates)."""
-    from timm.models.vision_transformer import VisionTransformer
-
     dense = VisionTransformer(img_size=model.patch_embed.img_size, patch_size=model.patch_embed.patch_size,
                               embed_dim=model.embed_dim, depth=len(model.blocks),
                               num_heads=model.blocks[0].attn.num_heads, num_classes=model.num_classes,
@@ -221,9 +223,9 @@ def _two_stage(cfg, model, loader, spec, series, point, params, paper, main: boo
     flops = stage_flops(model)
     rec: dict[str, list] = {k: [] for k in ("p_loc", "p_focus", "labels", "index", "window", "cells")}
 
-    def run(images, labels, index):
+    def run_batch(images, labels, index):
         z = model(images)
-        r = model.last_record
+        r = model.record
         for key, value in (("p_loc", z.location.float().softmax(-1)), ("p_focus", z.focus.float().softmax(-1)),
                            ("labels", labels), ("index", index), ("window", r.window), ("cells", r.cells)):
             rec[key].append(value.cpu())
@@ -248,7 +250,7 @@ def _two_stage(cfg, model, loader, spec, series, point, params, paper, main: boo
             row["figures"]["regions"] = str(plot_regions(loader.dataset, r, order, model, out_dir / "regions.png",
                                                          title))
 
-    return ev.Setting("lfvit", series, point, params, model, run=run if loader else None, gflops=flops.cumulative,
+    return ev.Setting("lfvit", series, point, params, model, run=run_batch if loader else None, gflops=flops.cumulative,
                       finish=finish if loader else None, paper=paper,
                       extra={"location_gflops": flops.location, "focus_tokens": flops.focus_tokens})
 
@@ -261,9 +263,9 @@ def _early_exit(model, eta: float, params: dict, paper: dict) -> ev.Setting:
     def forward(x):
         return model.forward_early_exit(x, eta)
 
-    def run(images, labels, index):
+    def run_batch(images, labels, index):
         logits = forward(images)
-        go = model.last_record.exit_stage.bool()
+        go = model.record.exit_stage.bool()
         right = logits.argmax(-1) == labels
         counts["n_focus"] += int(go.sum())
         counts["n_location"] += int((~go).sum())
@@ -274,7 +276,7 @@ def _early_exit(model, eta: float, params: dict, paper: dict) -> ev.Setting:
     def finish(row: dict, out_dir: Path) -> None:
         row["extra"].update(counts, focus_fraction=counts["n_focus"] / row["images"])
 
-    return ev.Setting("lfvit", "LF-ViT early exit", f"eta {eta:g}", {**params, "eta": eta}, model, run=run,
+    return ev.Setting("lfvit", "LF-ViT early exit", f"eta {eta:g}", {**params, "eta": eta}, model, run=run_batch,
                       gflops=flops.cumulative, timed=forward, finish=finish, paper=paper)
 
 
@@ -303,8 +305,8 @@ def build_settings(cfg, opts, model, loader, spec) -> list[ev.Setting]:
     return settings
 
 
-def body(args: argparse.Namespace) -> int:
-    cfg, opts = ev.EvalConfig.from_args(args), LFOptions.from_args(args)
+def command(args: argparse.Namespace) -> int:
+    cfg, opts = ev.EvalConfig.from_args(args), LFEvalConfig.from_args(args)
     ev.prepare_outputs(cfg)
     model = build_model(cfg, opts)
     ev.run(cfg, opts, model, lambda loader, spec: build_settings(cfg, opts, model, loader, spec),
@@ -313,7 +315,7 @@ def body(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), body, argv)
+    return run(build_parser(), command, argv)
 
 
 if __name__ == "__main__":

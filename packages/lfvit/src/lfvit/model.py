@@ -1,5 +1,8 @@
 """LF-ViT on timm building blocks: a timm ``VisionTransformer`` with a second positional table, a fusion MLP and a
-class-attention-recording ``Attention`` (swapped in ToMe-style; state-dict keys stay timm's)."""
+class-attention-recording ``Attention``.
+
+LF-ViT is a model of its own (registered timm names, extra parameters), so it is a real subclass built with
+``attn_layer=LFAttention`` rather than a mixin attached to an existing model; state-dict keys stay timm's."""
 
 from __future__ import annotations
 
@@ -20,6 +23,14 @@ from .localization import (REGION_MODES, check_region_size, cls_attention, globa
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The paper's (and the released model's) settings, the defaults everywhere in lfvit: the region side m, alpha
+# (K = ceil(alpha m^2) refined cells), beta (GCA moving average), the first block in the GCA and the region mode.
+DEFAULT_REGION_SIZE = 5
+DEFAULT_ALPHA = 0.88
+DEFAULT_BETA = 0.99
+DEFAULT_GCA_START = 3
+DEFAULT_REGION_MODE = "ngca"
 
 
 class LFAttention(Attention):
@@ -98,9 +109,9 @@ class LFVisionTransformer(VisionTransformer):
     adds no positional embedding).
     """
 
-    def __init__(self, *, region_size: int = 5, alpha: float = 0.88, beta: float = 0.99, gca_start: int = 3,
-                 region_mode: str = "ngca", region_selection: bool = True, whole_image_pos_embed: bool = True,
-                 **kwargs) -> None:
+    def __init__(self, *, region_size: int = DEFAULT_REGION_SIZE, alpha: float = DEFAULT_ALPHA,
+                 beta: float = DEFAULT_BETA, gca_start: int = DEFAULT_GCA_START, region_mode: str = DEFAULT_REGION_MODE,
+                 region_selection: bool = True, whole_image_pos_embed: bool = True, **kwargs) -> None:
         kwargs.setdefault("qkv_bias", True)
         super().__init__(attn_layer=LFAttention, **kwargs)
         assert self.cls_token is not None and self.reg_token is None and not self.no_embed_class
@@ -129,7 +140,7 @@ class LFVisionTransformer(VisionTransformer):
         self.region_selection = region_selection
         self.whole_image_pos_embed = whole_image_pos_embed
         self.region_generator: torch.Generator | None = None
-        self.last_record: LFRecord | None = None
+        self.record: LFRecord | None = None
 
     def set_lf_options(self, *, region_size: int | None = None, alpha: float | None = None,
                        beta: float | None = None, region_mode: str | None = None) -> None:
@@ -213,12 +224,12 @@ class LFVisionTransformer(VisionTransformer):
         loc = self.localize(self.downsample(x))
         z_f, sel = self.focus(x, loc)
         go = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        self.last_record = self._record(loc, go, torch.arange(x.shape[0], device=x.device), sel)
+        self.record = self._record(loc, go, torch.arange(x.shape[0], device=x.device), sel)
         return LFOutput(loc.logits, z_f)
 
     def forward_early_exit(self, x: torch.Tensor, eta: float) -> torch.Tensor:
         """Early-exit inference: images with ``max softmax(z_l) >= eta`` stop after localization, the rest run
-        the focus stage as one sub-batch. Returns the final logits; the per-image record is ``last_record``.
+        the focus stage as one sub-batch. Returns the final logits; the per-image record is ``record``.
 
         One host sync: the number of images going on (the sub-batch size) is read once."""
         check_eta(eta)
@@ -233,7 +244,7 @@ class LFVisionTransformer(VisionTransformer):
             sub = _Localized(*(t.index_select(0, idx) for t in loc))
             z_f, sel = self.focus(x.index_select(0, idx), sub)
             logits.index_copy_(0, idx, z_f.to(logits.dtype))
-        self.last_record = self._record(loc, go, idx, sel)
+        self.record = self._record(loc, go, idx, sel)
         return logits
 
     def _record(self, loc: _Localized, go: torch.Tensor, idx: torch.Tensor,

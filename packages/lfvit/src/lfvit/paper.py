@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .model import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_REGION_SIZE
+
 # Table 2 (g 7): (m, eta, top-1 %, GFLOPs, A100 img/s); DeiT-S 79.8 / 4.6 / 2601.
 TABLE2 = [(4, 0.62, 79.8, 1.8, 4960), (4, 0.77, 80.1, 2.2, 4415), (5, 0.47, 79.8, 1.7, 5271),
           (5, 0.61, 80.5, 2.0, 4637), (5, 0.76, 80.8, 2.5, 3686), (6, 0.46, 79.8, 1.8, 5210),
@@ -17,7 +19,7 @@ TABLE6 = {"negative_ngca": (75.3, 79.7), "max_gca": (75.8, 80.2), "min_gca": (75
 # Table 7 (m 5, no early exit): loss -> (location, focus) top-1 %.
 TABLE7 = {"ce_ce": (76.1, 80.4), "ce_kl": (76.1, 80.8)}
 DEIT_S = {"top1": 79.8, "gflops": 4.6, "img_s_a100": 2601}
-DEFAULT_ALPHA, DEFAULT_BETA, ABLATION_ETA = 0.88, 0.99, 0.76
+ABLATION_ETA = 0.76
 
 
 def paper_numbers(grid: int, m: int, eta: float | None = None, alpha: float = DEFAULT_ALPHA,
@@ -38,12 +40,12 @@ def paper_numbers(grid: int, m: int, eta: float | None = None, alpha: float = DE
         for g_, m_, eta_, top1, gflops in TABLE3:
             if (g_, m_, eta_) == (grid, m, eta):
                 return {"top1": top1, "gflops": gflops}
-        if m == 5 and eta == ABLATION_ETA and beta != DEFAULT_BETA and beta in TABLE4:
+        if m == DEFAULT_REGION_SIZE and eta == ABLATION_ETA and beta != DEFAULT_BETA and beta in TABLE4:
             return {"top1": TABLE4[beta]}
-        if m == 5 and eta == ABLATION_ETA and alpha != DEFAULT_ALPHA and alpha in TABLE5:
+        if m == DEFAULT_REGION_SIZE and eta == ABLATION_ETA and alpha != DEFAULT_ALPHA and alpha in TABLE5:
             return {"top1": TABLE5[alpha]}
         return {}
-    if m != 5 or grid != 7:
+    if m != DEFAULT_REGION_SIZE or grid != 7:
         return {}
     pair = TABLE7.get(loss) if region_mode in (None, "ngca") else TABLE6.get(region_mode)
     return {} if pair is None else {"location_top1": pair[0], "focus_top1": pair[1]}

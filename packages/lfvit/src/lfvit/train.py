@@ -14,20 +14,22 @@ import sys
 from dataclasses import asdict, dataclass
 
 import timm
-from vitbench.models import read_state_dict
+from vitbench.cli import run
+from vitbench.engine import TrainConfig, add_train_args, train
+from vitbench.models import EMBEDDED_WEIGHTS, read_state_dict
 
 from .checkpoint import init_from_backbone, load_lfvit_checkpoint
 from .losses import LOSS_VARIANTS, lfvit_loss
-from .model import LFVisionTransformer
+from .model import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_REGION_SIZE, LFVisionTransformer
 
 
 @dataclass(frozen=True)
-class LFTrainOptions:
+class LFTrainConfig:
     """The LF-ViT-specific part of a training run."""
 
-    region_size: int = 5
-    alpha: float = 0.88
-    beta: float = 0.99
+    region_size: int = DEFAULT_REGION_SIZE
+    alpha: float = DEFAULT_ALPHA
+    beta: float = DEFAULT_BETA
     loss: str = "ce_kl"
     selection_epoch: int = 230
     released_whole_image_pos: bool = False
@@ -40,24 +42,24 @@ class LFTrainOptions:
             raise ValueError(f"--selection-epoch must be >= 0, got {self.selection_epoch}")
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> LFTrainOptions:
+    def from_args(cls, ns: argparse.Namespace) -> LFTrainConfig:
         return cls(region_size=ns.region_size, alpha=ns.alpha, beta=ns.beta, loss=ns.loss,
                    selection_epoch=ns.selection_epoch, released_whole_image_pos=ns.released_whole_image_pos,
                    init_backbone=ns.init_backbone)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitbench.engine import add_train_args
-
+    d = LFTrainConfig()
     p = argparse.ArgumentParser(prog="lfvit-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p, model="lfvit_vit_digits_patch8_112", epochs=350, output_dir="runs/lfvit_train")
     g = p.add_argument_group("LF-ViT")
-    g.add_argument("--region-size", type=int, default=5, help="m, the NGCA window side (paper: 5; 8 at g 9)")
-    g.add_argument("--alpha", type=float, default=0.88, help="K = ceil(alpha m^2) refined coarse cells")
-    g.add_argument("--beta", type=float, default=0.99, help="GCA moving-average weight (Table 4)")
-    g.add_argument("--loss", choices=LOSS_VARIANTS, default="ce_kl", help="ce_kl (Eq. 12) or ce_ce (Table 7)")
-    g.add_argument("--selection-epoch", type=int, default=230,
+    g.add_argument("--region-size", type=int, default=d.region_size,
+                   help="m, the NGCA window side (paper: 5; 8 at g 9)")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="K = ceil(alpha m^2) refined coarse cells")
+    g.add_argument("--beta", type=float, default=d.beta, help="GCA moving-average weight (Table 4)")
+    g.add_argument("--loss", choices=LOSS_VARIANTS, default=d.loss, help="ce_kl (Eq. 12) or ce_ce (Table 7)")
+    g.add_argument("--selection-epoch", type=int, default=d.selection_epoch,
                    help="first epoch (0-based) with region selection; earlier epochs focus on the whole image")
     g.add_argument("--released-whole-image-pos", action="store_true",
                    help="reproduce the released code's whole-image phase, which adds no positional embedding")
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_lfvit(model_name: str, opts: LFTrainOptions, drop_path: float = 0.0, checkpoint: str | None = None,
+def build_lfvit(model_name: str, opts: LFTrainConfig, drop_path: float = 0.0, checkpoint: str | None = None,
                 img_size: int | None = None, pretrained: bool = False) -> LFVisionTransformer:
     """Create an LF-ViT for training, optionally initialised from an LF-ViT checkpoint or a plain backbone."""
     if model_name not in timm.list_models("lfvit_*"):
@@ -84,7 +86,6 @@ def build_lfvit(model_name: str, opts: LFTrainOptions, drop_path: float = 0.0, c
     elif opts.init_backbone:
         path = opts.init_backbone
         if path == "embedded":
-            from vitbench.models import EMBEDDED_WEIGHTS
             if not EMBEDDED_WEIGHTS.is_file():
                 raise FileNotFoundError(f"--init-backbone embedded: the embedded backbone weights are not installed "
                                         f"({EMBEDDED_WEIGHTS}); train them with vitbench-train or pass a path")
@@ -94,16 +95,12 @@ def build_lfvit(model_name: str, opts: LFTrainOptions, drop_path: float = 0.0, c
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitbench.cli import run
-
-    return run(build_parser(), _train, argv)
+    return run(build_parser(), command, argv)
 
 
-def _train(ns: argparse.Namespace) -> int:
-    from vitbench.engine import TrainConfig, train
-
-    cfg = TrainConfig.from_args(ns)
-    opts = LFTrainOptions.from_args(ns)
+def command(args: argparse.Namespace) -> int:
+    cfg = TrainConfig.from_args(args)
+    opts = LFTrainConfig.from_args(args)
     build_lfvit(cfg.model, opts, 0.0, cfg.checkpoint, cfg.img_size, cfg.pretrained)  # bad options/checkpoints: now
 
     def build():
