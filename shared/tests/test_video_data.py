@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +102,13 @@ def test_export_command_refuses_a_non_empty_directory(tmp_path, capsys):
     (tmp_path / "x").write_text("")
     assert video.main(["export", str(tmp_path)]) == 2
     assert "vitbench-video: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"val_fraction": 1.0}, "val_fraction must be in (0, 1)"),
+    ({"min_scale": 5.0, "max_scale": 4.0}, "need 1 <= min_scale <= max_scale"),
+    ({"canvas": 20}, "is too small for digits"),
+])
+def test_moving_digits_config_makes_the_digits_checks(kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        video.MovingDigitsConfig(**kw)

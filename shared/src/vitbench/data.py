@@ -9,6 +9,8 @@ Dataset specs:
   a ``PATH/boxes.json`` (as written by ``vitbench-digits export``) is picked up;
 * ``hf:NAME[:CONFIG]`` -- a Hub dataset such as ``hf:imagenet-1k`` (needs the Hub);
 * ``arrow:PATH`` -- a dataset saved with ``save_to_disk``.
+
+Specs are parsed by :mod:`vitbench.dataspec`; clips are read by :mod:`vitbench.video`.
 """
 
 from __future__ import annotations
@@ -29,35 +31,17 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from timm.data.transforms_factory import transforms_imagenet_eval
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
 
 from . import digits as digits_lib
+from .dataspec import DataError, DataSpec, parse_data_spec  # also importable from here, as before
 
 log = logging.getLogger(__name__)
 SPLIT_ALIASES = {"train": ("train",), "val": ("validation", "val", "valid", "test")}
 
 
-class DataError(ValueError):
-    """A dataset that cannot be found, read or decoded."""
-
-
 class CorruptImageError(DataError):
     """An image file that cannot be decoded; the message names the file."""
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    kind: str  # digits | imagefolder | hf | arrow | moving-digits | videofolder
-    path: str | None = None
-    name: str | None = None
-    config: str | None = None
-    options: tuple[tuple[str, int], ...] = ()
-
-    def __str__(self) -> str:
-        if self.kind in ("digits", "moving-digits"):
-            return self.kind + (":" + ",".join(f"{k}={v}" for k, v in self.options) if self.options else "")
-        if self.kind == "hf":
-            return f"hf:{self.name}" + (f":{self.config}" if self.config else "")
-        return f"{self.kind}:{self.path}"
 
 
 @dataclass(frozen=True)
@@ -92,41 +76,6 @@ VIDEO_DEFAULTS = replace(IMAGENET_DEFAULTS, num_classes=400, crop_pct=1.0, auto_
                          reprob=0.0, mixup=0.0, cutmix=0.0, repeated_aug=False)
 MOVING_DIGITS_DEFAULTS = replace(VIDEO_DEFAULTS, num_classes=10, img_size=64, mean=(0.5, 0.5, 0.5),
                                  std=(0.5, 0.5, 0.5), hflip=0.0)
-
-
-def parse_data_spec(text: str | DataSpec) -> DataSpec:
-    """Parse ``digits``, ``imagefolder:PATH``, ``hf:NAME[:CONFIG]`` or ``arrow:PATH``."""
-    if isinstance(text, DataSpec):
-        return text
-    kind, _, rest = text.partition(":")
-    if kind == "digits":
-        return DataSpec("digits", options=_digits_options(rest)) if rest else DataSpec("digits")
-    if kind in ("imagefolder", "arrow") and rest:
-        return DataSpec(kind, path=rest)
-    if kind == "hf" and rest:
-        name, _, config = rest.partition(":")
-        return DataSpec("hf", name=name, config=config or None)
-    if kind in ("moving-digits", "videofolder"):  # clips: vitbench.video
-        from .video import parse_video_spec
-
-        return parse_video_spec(text)
-    raise DataError(f"cannot parse data spec {text!r}; use digits, imagefolder:PATH, hf:NAME[:CONFIG], arrow:PATH, "
-                    "moving-digits or videofolder:PATH")
-
-
-def _digits_options(text: str) -> tuple[tuple[str, int], ...]:
-    allowed = ("train_size", "val_size", "canvas", "seed")
-    options = []
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if key not in allowed or not value.lstrip("-").isdigit():
-            raise DataError(f"bad digits option {item!r}; use digits:KEY=INT,... with KEY in {allowed}")
-        options.append((key, int(value)))
-    try:
-        digits_lib.DigitsConfig(**dict(options))
-    except ValueError as e:
-        raise DataError(f"digits: {e}") from e
-    return tuple(options)
 
 
 def data_defaults(spec: str | DataSpec, num_classes: int | None = None) -> DataDefaults:
@@ -259,7 +208,7 @@ def _hf_split(dd, split: str, where: str):
 
 
 def _from_hf(ds, where: str, boxes_file: Path | None = None) -> ImageDataset:
-    import datasets
+    import datasets  # deferred: importing it takes seconds, and the embedded digits never need it
 
     image_col = "image" if "image" in ds.column_names else "img" if "img" in ds.column_names else None
     label_col = "label" if "label" in ds.column_names else "labels" if "labels" in ds.column_names else None
@@ -291,7 +240,7 @@ def _load_source(spec: DataSpec, split: str) -> ImageDataset:
         data = digits_lib.load_split(split, digits_lib.DigitsConfig(**dict(spec.options)))
         return ImageDataset(data.images, data.labels, list(digits_lib.CLASSES), boxes=data.boxes,
                             canvas=data.images.shape[1], name="digits")
-    import datasets
+    import datasets  # deferred: importing it takes seconds, and the embedded digits never need it
 
     if spec.kind == "imagefolder":
         root = Path(spec.path).expanduser()
@@ -330,8 +279,6 @@ def _load_source(spec: DataSpec, split: str) -> ImageDataset:
 
 def find_corrupt(dataset: ImageDataset, progress: bool = True) -> list[int]:
     """Indices of images that fail to decode (a full read of the dataset)."""
-    from tqdm.auto import tqdm
-
     bad = []
     for i in tqdm(range(len(dataset)), desc="checking images", disable=not progress):
         try:

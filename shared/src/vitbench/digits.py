@@ -18,14 +18,18 @@ import importlib.util
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+from PIL import Image
 
 GENERATOR_VERSION = 1
 CLASSES = tuple(str(d) for d in range(10))
 SPLITS = ("train", "val")
+S = TypeVar("S")
 
 
 @dataclass(frozen=True)
@@ -44,19 +48,13 @@ class DigitsConfig:
     def __post_init__(self):
         if self.train_size < 1 or self.val_size < 1:
             raise ValueError(f"split sizes must be positive, got {self.train_size}/{self.val_size}")
-        if self.canvas < 8 * self.max_scale + 2:
-            raise ValueError(f"canvas {self.canvas} px is too small for digits up to {8 * self.max_scale:.0f} px")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 1.0 <= self.min_scale <= self.max_scale:
-            raise ValueError(f"need 1 <= min_scale <= max_scale, got {self.min_scale}, {self.max_scale}")
+        check_geometry(self)
 
     def size(self, split: str) -> int:
-        return {"train": self.train_size, "val": self.val_size}[_check_split(split)]
+        return split_size(self, split)
 
     def key(self) -> str:
-        blob = json.dumps({"version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return config_key(self, GENERATOR_VERSION)
 
 
 @dataclass(frozen=True)
@@ -69,14 +67,37 @@ class DigitsSplit:
     boxes: np.ndarray
 
 
+# Shared by the generated data sets (these images, the clips of vitbench.moving_digits): their configurations have
+# the fields train_size, val_size, canvas, seed, val_fraction, min_scale, max_scale and fragments.
+def check_geometry(cfg) -> None:
+    """The checks every generated data set's configuration makes (``ValueError`` naming the bad value)."""
+    if cfg.canvas < 8 * cfg.max_scale + 2:
+        raise ValueError(f"canvas {cfg.canvas} px is too small for digits up to {8 * cfg.max_scale:.0f} px")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if not 1.0 <= cfg.min_scale <= cfg.max_scale:
+        raise ValueError(f"need 1 <= min_scale <= max_scale, got {cfg.min_scale}, {cfg.max_scale}")
+
+
+def split_size(cfg, split: str) -> int:
+    return {"train": cfg.train_size, "val": cfg.val_size}[_check_split(split)]
+
+
+def config_key(cfg, version: int) -> str:
+    """The cache key of a configuration: a hash of its fields and the generator version."""
+    blob = json.dumps({"version": version, **asdict(cfg)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _check_split(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown digits split {split!r}; expected one of {SPLITS}")
     return split
 
 
-def source_digits(cfg: DigitsConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The source 8 x 8 digits (intensity in [0, 1]) and labels of a split; train and val are disjoint."""
+def source_digits(cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The source 8 x 8 digits (intensity in [0, 1]) and labels of a split; train and val are disjoint. ``cfg`` is
+    any generated data set's configuration (its ``seed`` and ``val_fraction`` are used)."""
     images, targets = optdigits()
     order = np.random.default_rng(cfg.seed).permutation(len(images))
     n_val = int(round(cfg.val_fraction * len(images)))
@@ -95,7 +116,7 @@ def optdigits() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 8, 8) / 16.0, table[:, -1].astype(np.int64)
 
 
-def _upscale(glyph: np.ndarray, height: int, width: int) -> np.ndarray:
+def upscale(glyph: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear upscaling of a small map ``[h, w, ...]`` to ``height x width`` (pure numpy, platform independent)."""
     h, w = glyph.shape[:2]
     extra = (None,) * (glyph.ndim - 2)
@@ -111,19 +132,57 @@ def _upscale(glyph: np.ndarray, height: int, width: int) -> np.ndarray:
     return (top * (1 - wy) + bottom * wy).astype(np.float32)
 
 
-def _background(rng: np.random.Generator, canvas: int) -> np.ndarray:
+def background(rng: np.random.Generator, canvas: int) -> np.ndarray:
+    """A textured ``canvas`` x ``canvas`` RGB background in [0, 1]: smooth colour blobs plus grain."""
     coarse = rng.uniform(0.0, 1.0, size=(6, 6, 3)).astype(np.float32)
-    smooth = _upscale(coarse, canvas, canvas)
+    smooth = upscale(coarse, canvas, canvas)
     base = rng.uniform(0.05, 0.35, size=3).astype(np.float32)
     grain = rng.normal(0.0, 0.04, size=(canvas, canvas, 1)).astype(np.float32)
     return np.clip(base + 0.25 * smooth + grain, 0.0, 1.0)
 
 
-def _paste(canvas: np.ndarray, alpha: np.ndarray, top: int, left: int, colour: np.ndarray) -> None:
+def paste(canvas: np.ndarray, alpha: np.ndarray, top: int, left: int, colour: np.ndarray) -> None:
+    """Blend ``colour`` into ``canvas`` in place through the mask ``alpha`` placed at ``(top, left)``."""
     h, w = alpha.shape
     region = canvas[top : top + h, left : left + w]
     a = np.clip(alpha, 0.0, 1.0)[..., None]
     region[...] = region * (1 - a) + colour * a
+
+
+@dataclass(frozen=True)
+class Digit:
+    """The digit of one sample: index of its source glyph, its upscaled mask and the extent of the ink in the mask
+    ``(x0, y0, x1, y1)``, exclusive ends."""
+
+    source: int
+    alpha: np.ndarray
+    extent: tuple[int, int, int, int]
+
+    def box(self, top: int, left: int) -> tuple[int, int, int, int]:
+        """The ground-truth box of the ink with the mask's top-left corner at ``(top, left)``."""
+        x0, y0, x1, y1 = self.extent
+        return left + x0, top + y0, left + x1, top + y1
+
+
+def draw_digit(rng: np.random.Generator, glyphs: np.ndarray, cfg) -> Digit:
+    """Draw a source glyph and a scale in ``[cfg.min_scale, cfg.max_scale]`` (in this order) and upscale it."""
+    src = int(rng.integers(len(glyphs)))
+    side = int(round(8 * rng.uniform(cfg.min_scale, cfg.max_scale)))
+    alpha = upscale(glyphs[src], side, side)
+    ys, xs = np.nonzero(alpha > 0.15)
+    return Digit(src, alpha, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+
+
+def fragments(rng: np.random.Generator, glyphs: np.ndarray, cfg) -> Iterator[np.ndarray]:
+    """The distractor fragments of one sample: their number in ``cfg.fragments`` (inclusive), then for each a
+    rectangle cut from a random glyph, upscaled by a scale in ``[cfg.min_scale, cfg.max_scale]``. Drawn lazily, so
+    the caller may draw from ``rng`` between fragments (their placement)."""
+    for _ in range(int(rng.integers(cfg.fragments[0], cfg.fragments[1] + 1))):
+        glyph = glyphs[int(rng.integers(len(glyphs)))]
+        fh, fw = int(rng.integers(2, 5)), int(rng.integers(2, 5))
+        fy, fx = int(rng.integers(0, 9 - fh)), int(rng.integers(0, 9 - fw))
+        fscale = rng.uniform(cfg.min_scale, cfg.max_scale)
+        yield upscale(glyph[fy : fy + fh, fx : fx + fw], int(round(fh * fscale)), int(round(fw * fscale)))
 
 
 def _overlaps(box: tuple[int, int, int, int], other: tuple[int, int, int, int]) -> bool:
@@ -134,34 +193,25 @@ def render(cfg: DigitsConfig, split: str, index: int, glyphs: np.ndarray, labels
     """Render image ``index`` of ``split``: returns (uint8 [H, W, 3], label, box)."""
     rng = np.random.default_rng([cfg.seed, SPLITS.index(_check_split(split)), index])
     size = cfg.canvas
-    canvas = _background(rng, size)
+    canvas = background(rng, size)
 
-    src = int(rng.integers(len(glyphs)))
-    scale = rng.uniform(cfg.min_scale, cfg.max_scale)
-    side = int(round(8 * scale))
-    alpha = _upscale(glyphs[src], side, side)
-    ys, xs = np.nonzero(alpha > 0.15)
+    digit = draw_digit(rng, glyphs, cfg)
+    side = digit.alpha.shape[0]
     top = int(rng.integers(0, size - side + 1))
     left = int(rng.integers(0, size - side + 1))
-    box = (left + int(xs.min()), top + int(ys.min()), left + int(xs.max()) + 1, top + int(ys.max()) + 1)
+    box = digit.box(top, left)
 
-    n_fragments = int(rng.integers(cfg.fragments[0], cfg.fragments[1] + 1))
-    for _ in range(n_fragments):
-        glyph = glyphs[int(rng.integers(len(glyphs)))]
-        fh, fw = int(rng.integers(2, 5)), int(rng.integers(2, 5))
-        fy, fx = int(rng.integers(0, 9 - fh)), int(rng.integers(0, 9 - fw))
-        fscale = rng.uniform(cfg.min_scale, cfg.max_scale)
-        piece = _upscale(glyph[fy : fy + fh, fx : fx + fw], int(round(fh * fscale)), int(round(fw * fscale)))
+    for piece in fragments(rng, glyphs, cfg):
         ph, pw = piece.shape
         for _attempt in range(20):
             py, px = int(rng.integers(0, size - ph + 1)), int(rng.integers(0, size - pw + 1))
             if not _overlaps((px, py, px + pw, py + ph), box):
-                _paste(canvas, piece, py, px, rng.uniform(0.55, 1.0, size=3).astype(np.float32))
+                paste(canvas, piece, py, px, rng.uniform(0.55, 1.0, size=3).astype(np.float32))
                 break
 
-    _paste(canvas, alpha, top, left, rng.uniform(0.6, 1.0, size=3).astype(np.float32))
+    paste(canvas, digit.alpha, top, left, rng.uniform(0.6, 1.0, size=3).astype(np.float32))
     image = np.round(canvas * 255.0).astype(np.uint8)
-    return image, int(labels[src]), np.asarray(box, dtype=np.int64)
+    return image, int(labels[digit.source]), np.asarray(box, dtype=np.int64)
 
 
 def generate(cfg: DigitsConfig, split: str) -> DigitsSplit:
@@ -180,31 +230,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VITBENCH_CACHE", Path.home() / ".cache" / "vitbench"))
 
 
-def load_split(split: str, cfg: DigitsConfig | None = None) -> DigitsSplit:
-    """A split, from the cache when present; generated (seconds) and cached atomically otherwise."""
-    cfg = cfg or DigitsConfig()
-    path = cache_dir() / "digits" / f"{split}-{cfg.key()}.npz"
+def cached_split(path: Path, cls: type[S], generate_split: Callable[[], S]) -> S:
+    """A generated split (``cls``, a dataclass of arrays) from the ``.npz`` cache file ``path`` when present;
+    generated (seconds) and cached atomically otherwise. A damaged cache entry is regenerated; a read-only home
+    still works, just without the cache."""
     if path.is_file():
         try:
             with np.load(path) as z:
-                return DigitsSplit(z["images"], z["labels"], z["boxes"])
+                return cls(*(z[f.name] for f in fields(cls)))
         except (OSError, ValueError, KeyError):
-            path.unlink(missing_ok=True)  # a damaged cache entry is regenerated
-    data = generate(cfg, split)
+            path.unlink(missing_ok=True)
+    data = generate_split()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            np.savez(f, images=data.images, labels=data.labels, boxes=data.boxes)
+            np.savez(f, **{field.name: getattr(data, field.name) for field in fields(data)})
         os.replace(f.name, path)
     except OSError:
-        pass  # a read-only home still works, just without the cache
+        pass
     return data
+
+
+def load_split(split: str, cfg: DigitsConfig | None = None) -> DigitsSplit:
+    """A split, from the cache when present; generated (seconds) and cached atomically otherwise."""
+    cfg = cfg or DigitsConfig()
+    return cached_split(cache_dir() / "digits" / f"{split}-{cfg.key()}.npz", DigitsSplit, lambda: generate(cfg, split))
 
 
 def export(root: str | os.PathLike, cfg: DigitsConfig | None = None) -> Path:
     """Write ``root/{train,val}/<digit>/<index>.png`` and ``root/boxes.json`` (relative path -> box)."""
-    from PIL import Image
-
     cfg = cfg or DigitsConfig()
     root = Path(root)
     boxes = {}

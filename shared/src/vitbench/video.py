@@ -1,13 +1,14 @@
 """Video data: the embedded ``moving-digits`` clips and ``videofolder:PATH`` (Kinetics layout), with the video
 transformers' clip sampling.
 
-Specs (parsed through :func:`vitbench.data.parse_data_spec`):
+Specs (parsed through :func:`vitbench.dataspec.parse_data_spec`):
 
 * ``moving-digits`` -- deterministic clips of one scikit-learn handwritten digit moving (bouncing) over a
   textured background with moving distractor fragments, ground-truth box per frame; options as
   ``moving-digits:train_size=800,val_size=200,frames=16,canvas=64,seed=0``. Generated in seconds, cached as
-  ``.npz`` under ``$VITBENCH_CACHE`` like :mod:`vitbench.digits`; ``vitbench-video export DIR`` writes it as a video
-  folder (``DIR/{train,val}/<digit>/*.mp4``, ``DIR/{train,val}.csv``, ``DIR/boxes.json``).
+  ``.npz`` under ``$VITBENCH_CACHE`` like :mod:`vitbench.digits` (generator: :mod:`vitbench.moving_digits`);
+  ``vitbench-video export DIR`` writes it as a video folder (``DIR/{train,val}/<digit>/*.mp4``,
+  ``DIR/{train,val}.csv``, ``DIR/boxes.json``).
 * ``videofolder:PATH`` -- ``PATH/{train,val}/<class>/<video>`` (classes = sorted folder names), or the released
   Kinetics code's CSV form ``PATH/{train,val}.csv`` with one ``path label`` per line (paths relative to PATH or
   absolute). Decoded with PyAV.
@@ -24,21 +25,30 @@ import argparse
 import json
 import logging
 import os
-import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from timm.data import resolve_data_config
+from torch.utils.data import DataLoader, Dataset
 
 from . import digits as digits_lib
-from .data import DataError, DataSpec
+from .cli import check_writable, run
+from .dataspec import MOVING_DIGITS_OPTIONS, VIDEO_KINDS, DataError, DataSpec, is_video, parse_video_spec
+from .moving_digits import GENERATOR_VERSION, ClipSplit, MovingDigitsConfig, generate, load_split, render_clip
+
+__all__ = [  # the moving-digits generator lives in vitbench.moving_digits, the specs in vitbench.dataspec
+    "GENERATOR_VERSION", "KINDS", "VIDEO_SUFFIXES", "ClipSampling", "ClipSplit", "CorruptVideoError",
+    "KINETICS_SAMPLING", "MOVING_DIGITS_SAMPLING", "MovingDigitsConfig", "VideoDataset", "build_parser",
+    "build_video_dataset", "build_video_eval_loader", "default_sampling", "export", "frame_indices", "generate",
+    "is_video", "load_split", "main", "model_sampling", "parse_video_spec", "read_video", "render_clip",
+    "spatial_crops", "views_forward", "write_video",
+]
 
 log = logging.getLogger(__name__)
-GENERATOR_VERSION = 1
-KINDS = ("moving-digits", "videofolder")
+KINDS = VIDEO_KINDS
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 
 
@@ -46,138 +56,10 @@ class CorruptVideoError(DataError):
     """A video file that cannot be decoded; the message names the file."""
 
 
-@dataclass(frozen=True)
-class MovingDigitsConfig:
-    """Size and geometry of the embedded clips."""
-
-    train_size: int = 800
-    val_size: int = 200
-    frames: int = 16
-    canvas: int = 64
-    seed: int = 0
-    val_fraction: float = 0.25
-    min_scale: float = 3.0
-    max_scale: float = 4.5
-    fragments: tuple[int, int] = (1, 3)
-    max_speed: float = 3.0
-
-    def __post_init__(self):
-        if self.train_size < 1 or self.val_size < 1 or self.frames < 1:
-            raise ValueError(f"sizes must be positive, got {self.train_size}/{self.val_size}/{self.frames} frames")
-        if self.canvas < 8 * self.max_scale + 2:
-            raise ValueError(f"canvas {self.canvas} px is too small for digits up to {8 * self.max_scale:.0f} px")
-
-    def size(self, split: str) -> int:
-        return {"train": self.train_size, "val": self.val_size}[split]
-
-    def key(self) -> str:
-        import hashlib
-
-        blob = json.dumps({"version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class ClipSplit:
-    """``clips`` uint8 ``[N, T, H, W, 3]``, ``labels`` ``[N]``, ``boxes`` ``[N, T, 4]`` (x0, y0, x1, y1), exclusive."""
-
-    clips: np.ndarray
-    labels: np.ndarray
-    boxes: np.ndarray
-
-
-def _bounce(pos: float, vel: float, lo: float, hi: float) -> tuple[float, float]:
-    pos += vel
-    if pos < lo:
-        pos, vel = 2 * lo - pos, -vel
-    if pos > hi:
-        pos, vel = 2 * hi - pos, -vel
-    return pos, vel
-
-
-def _track(rng: np.random.Generator, frames: int, side_h: int, side_w: int, canvas: int, max_speed: float):
-    """Top-left corners of an object bouncing inside the canvas, one per frame."""
-    y, x = rng.uniform(0, canvas - side_h), rng.uniform(0, canvas - side_w)
-    angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, max_speed)
-    vy, vx = speed * np.sin(angle), speed * np.cos(angle)
-    out = []
-    for _ in range(frames):
-        out.append((int(round(y)), int(round(x))))
-        y, vy = _bounce(y, vy, 0, canvas - side_h)
-        x, vx = _bounce(x, vx, 0, canvas - side_w)
-    return out
-
-
-def render_clip(cfg: MovingDigitsConfig, split: str, index: int, glyphs: np.ndarray, labels: np.ndarray):
-    """Clip ``index`` of ``split``: (uint8 ``[T, H, W, 3]``, label, boxes ``[T, 4]``); a pure function of its key."""
-    rng = np.random.default_rng([cfg.seed, digits_lib.SPLITS.index(split), index, 15])
-    size = cfg.canvas
-    background = digits_lib._background(rng, size)
-    src = int(rng.integers(len(glyphs)))
-    side = int(round(8 * rng.uniform(cfg.min_scale, cfg.max_scale)))
-    alpha = digits_lib._upscale(glyphs[src], side, side)
-    ys, xs = np.nonzero(alpha > 0.15)
-    colour = rng.uniform(0.6, 1.0, size=3).astype(np.float32)
-    path = _track(rng, cfg.frames, side, side, size, cfg.max_speed)
-    pieces = []
-    for _ in range(int(rng.integers(cfg.fragments[0], cfg.fragments[1] + 1))):
-        glyph = glyphs[int(rng.integers(len(glyphs)))]
-        fh, fw = int(rng.integers(2, 5)), int(rng.integers(2, 5))
-        fy, fx = int(rng.integers(0, 9 - fh)), int(rng.integers(0, 9 - fw))
-        fscale = rng.uniform(cfg.min_scale, cfg.max_scale)
-        piece = digits_lib._upscale(glyph[fy : fy + fh, fx : fx + fw], int(round(fh * fscale)), int(round(fw * fscale)))
-        pieces.append((piece, rng.uniform(0.55, 1.0, size=3).astype(np.float32),
-                       _track(rng, cfg.frames, *piece.shape, size, cfg.max_speed)))
-    clip = np.empty((cfg.frames, size, size, 3), dtype=np.uint8)
-    boxes = np.empty((cfg.frames, 4), dtype=np.int64)
-    for t in range(cfg.frames):
-        canvas = background.copy()
-        for piece, c, track in pieces:
-            digits_lib._paste(canvas, piece, *track[t], c)
-        top, left = path[t]
-        digits_lib._paste(canvas, alpha, top, left, colour)
-        clip[t] = np.round(canvas * 255.0).astype(np.uint8)
-        boxes[t] = (left + xs.min(), top + ys.min(), left + xs.max() + 1, top + ys.max() + 1)
-    return clip, int(labels[src]), boxes
-
-
-def generate(cfg: MovingDigitsConfig, split: str) -> ClipSplit:
-    glyphs, labels = digits_lib.source_digits(digits_lib.DigitsConfig(seed=cfg.seed, val_fraction=cfg.val_fraction),
-                                              split)
-    n = cfg.size(split)
-    clips = np.empty((n, cfg.frames, cfg.canvas, cfg.canvas, 3), dtype=np.uint8)
-    out_labels = np.empty(n, dtype=np.int64)
-    boxes = np.empty((n, cfg.frames, 4), dtype=np.int64)
-    for i in range(n):
-        clips[i], out_labels[i], boxes[i] = render_clip(cfg, split, i, glyphs, labels)
-    return ClipSplit(clips, out_labels, boxes)
-
-
-def load_split(split: str, cfg: MovingDigitsConfig | None = None) -> ClipSplit:
-    """A split from the cache when present; generated (seconds) and cached atomically otherwise."""
-    cfg = cfg or MovingDigitsConfig()
-    path = digits_lib.cache_dir() / "moving_digits" / f"{split}-{cfg.key()}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                return ClipSplit(z["clips"], z["labels"], z["boxes"])
-        except (OSError, ValueError, KeyError):
-            path.unlink(missing_ok=True)
-    data = generate(cfg, split)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            np.savez(f, clips=data.clips, labels=data.labels, boxes=data.boxes)
-        os.replace(f.name, path)
-    except OSError:
-        pass  # a read-only home still works, without the cache
-    return data
-
-
 # ----------------------------------------------------------------------------------------------- video files
 def write_video(path: str | os.PathLike, clip: np.ndarray, fps: int = 8) -> None:
     """Write uint8 ``[T, H, W, 3]`` as H.264 (PyAV), near-lossless (crf 1)."""
-    import av
+    import av  # deferred: PyAV is needed only to write or decode video files
 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"crf": "1"})
@@ -189,7 +71,7 @@ def write_video(path: str | os.PathLike, clip: np.ndarray, fps: int = 8) -> None
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
     """Decode every frame of a video file as uint8 ``[T, H, W, 3]``; raises :class:`CorruptVideoError` naming it."""
-    import av
+    import av  # deferred: PyAV is needed only to write or decode video files
 
     try:
         with av.open(str(path)) as container:
@@ -367,34 +249,6 @@ class VideoDataset(Dataset):
         return out
 
 
-# ----------------------------------------------------------------------------------------------------- specs
-_OPTIONS = ("train_size", "val_size", "frames", "canvas", "seed")
-
-
-def parse_video_spec(text: str) -> DataSpec:
-    """``moving-digits[:KEY=INT,...]`` or ``videofolder:PATH``."""
-    kind, _, rest = text.partition(":")
-    if kind == "videofolder" and rest:
-        return DataSpec("videofolder", path=rest)
-    if kind != "moving-digits":
-        raise DataError(f"cannot parse video data spec {text!r}; use moving-digits[:KEY=INT,...] or videofolder:PATH")
-    options = []
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        if key not in _OPTIONS or not value.isdigit():
-            raise DataError(f"bad moving-digits option {item!r}; use moving-digits:KEY=INT,... with KEY in {_OPTIONS}")
-        options.append((key, int(value)))
-    try:
-        MovingDigitsConfig(**dict(options))
-    except ValueError as e:
-        raise DataError(f"moving-digits: {e}") from e
-    return DataSpec("moving-digits", options=tuple(options))
-
-
-def is_video(spec: str | DataSpec) -> bool:
-    return (spec.kind if isinstance(spec, DataSpec) else spec.partition(":")[0]) in KINDS
-
-
 def default_sampling(spec: str | DataSpec) -> ClipSampling:
     spec = spec if isinstance(spec, DataSpec) else parse_video_spec(spec)
     return MOVING_DIGITS_SAMPLING if spec.kind == "moving-digits" else KINETICS_SAMPLING
@@ -444,8 +298,6 @@ def build_video_dataset(spec: str | DataSpec, split: str, sampling: ClipSampling
 def model_sampling(spec: str | DataSpec, model: torch.nn.Module, img_size: int | None = None) -> ClipSampling:
     """The spec's clip sampling at the model's frames and frame stride (``num_frames`` / ``frame_stride`` when it
     has them), crop (scale jitter scaled with it) and normalisation."""
-    from timm.data import resolve_data_config
-
     base = default_sampling(spec)
     resolved = resolve_data_config({}, model=model)
     crop = img_size or resolved["input_size"][-1]
@@ -458,8 +310,6 @@ def model_sampling(spec: str | DataSpec, model: torch.nn.Module, img_size: int |
 def build_video_eval_loader(spec: str | DataSpec, sampling: ClipSampling, batch_size: int, num_workers: int = 0,
                             limit: int | None = None, skip_corrupt: bool = False):
     """The validation clips, ``batch_size`` clips (each ``sampling.views`` views) per batch."""
-    from torch.utils.data import DataLoader
-
     dataset = build_video_dataset(spec, "val", sampling, skip_corrupt=skip_corrupt, limit=limit)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
@@ -484,22 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("command", choices=["export", "info"], help="export: write a video folder; info: print stats")
     p.add_argument("directory", nargs="?", help="target directory for export (must be new or empty)")
-    for key in _OPTIONS:
+    for key in MOVING_DIGITS_OPTIONS:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=getattr(MovingDigitsConfig, key),
                        help=f"{key.replace('_', ' ')} (default: %(default)s)")
     return p
 
 
 def _body(args: argparse.Namespace) -> int:
-    cfg = MovingDigitsConfig(**{k: getattr(args, k) for k in _OPTIONS})
+    cfg = MovingDigitsConfig(**{k: getattr(args, k) for k in MOVING_DIGITS_OPTIONS})
     if args.command == "export":
         if not args.directory:
             raise ValueError("export needs a target DIRECTORY")
         target = Path(args.directory)
         if target.exists() and any(target.iterdir()):
             raise ValueError(f"{target} exists and is not empty; choose a new directory")
-        from .cli import check_writable
-
         check_writable(target)
         export(target, cfg)
         print(f"wrote {cfg.train_size} train and {cfg.val_size} val clips to {target} "
@@ -514,8 +362,6 @@ def _body(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run
-
     return run(build_parser(), _body, argv)
 
 
