@@ -36,11 +36,11 @@ def embedded_models() -> dict[str, torch.nn.Module]:
     import vitbench
     from lfvit.evaluate import LFEvalConfig
     from lfvit.evaluate import build_model as build_lfvit
-    from liferegress.evaluate import LROptions, build_models
+    from liferegress.evaluate import LifeEvalConfig, build_models
     from vitbench.evaluation import EvalConfig
 
     dense = vitbench.create_model("vit_digits_patch8_112", pretrained=True).eval()
-    _, lr = build_models(EvalConfig(), LROptions(keep_rate=(0.7,)))
+    _, lr = build_models(EvalConfig(), LifeEvalConfig(keep_rate=(0.7,)))
     return {"dense": dense, "ats": ats.apply(copy.deepcopy(dense), rho=1.0),
             "lfvit": build_lfvit(EvalConfig(), LFEvalConfig()).eval(), "liferegress": lr[0.7].eval()}
 

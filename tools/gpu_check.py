@@ -62,7 +62,7 @@ def _selection(name: str, model: torch.nn.Module) -> list | None:
         rec = model.record
         return list(zip(rec.exit_stage.tolist(), map(tuple, rec.window.tolist())))
     if name == "liferegress":
-        return list(zip(*(map(tuple, k.tolist()) for k in model.life_info.kept_indices)))
+        return list(zip(*(map(tuple, k.tolist()) for k in model.record.kept_indices)))
     return None
 
 
@@ -79,7 +79,7 @@ def run_methods(models: dict[str, torch.nn.Module], images: torch.Tensor, eta: f
             logits = fn(x)
         logits = logits.focus if hasattr(logits, "focus") else logits
         sel = _selection(name, models[name])
-        lives = models[name].life_info.lives.float().cpu() if name == "liferegress" else None
+        lives = models[name].record.lives.float().cpu() if name == "liferegress" else None
         out[name] = {"logits": logits.float().cpu(), "selection": sel, "lives": lives}
     for m in models.values():
         m.to("cpu")

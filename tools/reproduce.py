@@ -95,7 +95,7 @@ def time_side_by_side(points: dict, batch: int, repeats: int) -> list[dict]:
     from ats.evaluate import LATE, SHIPPED
     from lfvit.evaluate import LFEvalConfig
     from lfvit.evaluate import build_model as build_lfvit
-    from liferegress.evaluate import LROptions, build_models
+    from liferegress.evaluate import LifeEvalConfig, build_models
     from vitbench.evaluation import EvalConfig
     from vitbench.throughput import compare
 
@@ -111,7 +111,7 @@ def time_side_by_side(points: dict, batch: int, repeats: int) -> list[dict]:
                      rho=1.0)
     lf = build_lfvit(EvalConfig(), LFEvalConfig())
     eta = points["lfvit"]["eta"]
-    _, lr_models = build_models(EvalConfig(), LROptions(keep_rate=(0.7,)))
+    _, lr_models = build_models(EvalConfig(), LifeEvalConfig(keep_rate=(0.7,)))
     names = {"dense": "dense", "ats": "ATS rho=1", "ats_ft_late": "ATS fine-tuned 7-11 rho=1",
              "lfvit": f"LF-ViT eta={eta:g}", "liferegress": "Life-Regression rho=0.7"}
     fns = {names["dense"]: dense, names["ats"]: patched, names["ats_ft_late"]: late,

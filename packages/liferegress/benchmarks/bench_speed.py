@@ -96,7 +96,7 @@ def train_step(model: torch.nn.Module, targets: torch.Tensor):
     return step
 
 
-def _main(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     if args.train_repeats < 0:
         raise ValueError("--train-repeats must be >= 0")
     cfg = bench.config(args)
@@ -145,7 +145,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), _main, argv)
+    return run(build_parser(), command, argv)
 
 
 if __name__ == "__main__":

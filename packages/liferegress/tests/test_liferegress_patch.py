@@ -20,7 +20,7 @@ def test_hard_mode_counts_exact(make_vit, images, rho):
     model = _patched(make_vit, keep_rate=rho)
     with torch.no_grad():
         logits = model(images)
-    info = model.life_info
+    info = model.record
     assert logits.shape == (3, 10) and info.mode == "hard"
     assert info.lives.shape == (3, 197) and torch.all(info.lives[:, 0] == 12)
     assert tuple(k.shape[1] for k in info.kept_indices) == keep_schedule(rho)
@@ -40,10 +40,10 @@ def test_auto_mode_soft_in_training(make_vit, images):
     model = _patched(make_vit)
     model.train()
     model(images)
-    assert model.life_info.mode == "soft" and model.life_info.kept_indices is None
+    assert model.record.mode == "soft" and model.record.kept_indices is None
     liferegress.set_mode(model, "hard")
     model(images)
-    assert model.life_info.mode == "hard"
+    assert model.record.mode == "hard"
     with pytest.raises(ValueError, match="mode"):
         liferegress.set_mode(model, "sometimes")
 
@@ -85,7 +85,7 @@ def test_hard_pruning_equals_step_weights_when_kept_sets_coincide(make_vit, imag
     monkeypatch.setattr(model.life_predictor, "forward", lambda x, cfg: lives.clone())
     with torch.no_grad():
         hard = model(images)
-        kept = model.life_info.kept_indices
+        kept = model.record.kept_indices
         liferegress.set_mode(model, "mask")
         masked = model(images)
     torch.testing.assert_close(hard, masked, atol=1e-5, rtol=1e-5)
@@ -97,10 +97,10 @@ def test_per_image_results_do_not_depend_on_batch(make_vit, images):
     model = _patched(make_vit)
     with torch.no_grad():
         batch = model(images)
-        kept = model.life_info.kept_indices[-1]
+        kept = model.record.kept_indices[-1]
         for i in range(3):
             torch.testing.assert_close(model(images[i : i + 1]), batch[i : i + 1], atol=1e-5, rtol=1e-5)
-            assert torch.equal(model.life_info.kept_indices[-1][0], kept[i])
+            assert torch.equal(model.record.kept_indices[-1][0], kept[i])
 
 
 def test_soft_mode_trains_only_predictor(make_vit, images):
@@ -130,7 +130,7 @@ def test_reapply_keeps_predictor_and_changes_schedule(make_vit, images):
     assert torch.equal(model.life_predictor.W, w)
     with torch.no_grad():
         model(images)
-    assert tuple(k.shape[1] for k in model.life_info.kept_indices) == (179, 163, 148)
+    assert tuple(k.shape[1] for k in model.record.kept_indices) == (179, 163, 148)
 
 
 def test_apply_rejects_unsupported_models():
@@ -151,4 +151,4 @@ def test_embedded_backbone_geometry():
     assert model.life_cfg.num_tokens == 197 and model.life_cfg.keep_counts == (140, 100, 72)
     with torch.no_grad():
         assert model(torch.randn(2, 3, 112, 112)).shape == (2, 10)
-    assert tuple(k.shape[1] for k in model.life_info.kept_indices) == (140, 100, 72)
+    assert tuple(k.shape[1] for k in model.record.kept_indices) == (140, 100, 72)

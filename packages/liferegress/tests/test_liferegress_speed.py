@@ -21,10 +21,10 @@ def test_fullgraph_compile_equals_eager(images, backend):
     model = liferegress.apply(vit, keep_counts=(120, 60), drop_layers=(1, 2))
     with torch.no_grad():
         ref = model(images)
-        kept = model.life_info.kept_indices[1].clone()
+        kept = model.record.kept_indices[1].clone()
         out = torch.compile(model, fullgraph=True, backend=backend)(images)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    assert torch.equal(model.life_info.kept_indices[1], kept)
+    assert torch.equal(model.record.kept_indices[1], kept)
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
@@ -32,9 +32,9 @@ def test_bf16_autocast_is_finite_and_agrees(make_vit, images, mode):
     model = liferegress.apply(make_vit(), keep_rate=0.7, mode=mode)
     with torch.no_grad():
         ref = model(images)
-        lives = model.life_info.lives.clone()
+        lives = model.record.lives.clone()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(images)
-    assert torch.isfinite(out.float()).all() and torch.isfinite(model.life_info.lives.float()).all()
+    assert torch.isfinite(out.float()).all() and torch.isfinite(model.record.lives.float()).all()
     assert (out.float().argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
-    assert (model.life_info.lives.float() - lives).abs().max() < 0.5  # lives are in layer units
+    assert (model.record.lives.float() - lives).abs().max() < 0.5  # lives are in layer units

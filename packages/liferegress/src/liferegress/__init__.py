@@ -3,8 +3,8 @@
     model = timm.create_model("deit_small_patch16_224", pretrained=True)
     liferegress.apply(model, keep_rate=0.7, temperature=1.5)
     logits = model(images)          # soft weights while training, hard pruning in eval
-    model.life_info.lives           # (B, 197) lives in layer units
-    model.life_info.kept_indices    # original token indices kept from blocks 4, 7, 10 on
+    model.record.lives              # (B, 197) lives in layer units
+    model.record.kept_indices       # original token indices kept from blocks 4, 7, 10 on
 """
 
 from .checkpoint import convert_state_dict, load_checkpoint, read_config, save_checkpoint
@@ -21,15 +21,15 @@ from .life import (
     step_weights,
     tokens_per_block,
 )
-from .patch import MODES, LifeInfo, LifePredictor, LifeRegressionConfig, apply, is_patched, set_mode
+from .patch import MODES, LifePredictor, LifeRecord, LifeRegressionConfig, apply, is_patched, set_mode
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_DROP_LAYERS",
     "MODES",
-    "LifeInfo",
     "LifePredictor",
+    "LifeRecord",
     "LifeRegressionConfig",
     "apply",
     "convert_state_dict",

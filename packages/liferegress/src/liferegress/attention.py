@@ -60,7 +60,11 @@ def key_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
 
 class LifeRegressionAttention(Attention):
     """timm ``Attention`` with one modification: a (B, 1, 1, N) ``attn_mask`` that requires a gradient (soft weights
-    while training ``W``) goes through :func:`key_bias_attention`; every other call is timm's ``forward``."""
+    while training ``W``) goes through :func:`key_bias_attention`; every other call is timm's ``forward``.
+
+    Attached with ``vitbench.patching.attach(blk.attn, LifeRegressionAttention)``; it already subclasses timm's
+    ``Attention``, so a plain ``Attention`` becomes exactly this class.
+    """
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         needs_grad = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from vitbench.models import load_state, read_state_dict
 
@@ -31,8 +33,6 @@ def read_config(path: str | Path) -> dict | None:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -72,8 +72,6 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
 
 def save_checkpoint(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
     """Save a patched model as safetensors (project layout) with its config (and ``extra``) in the metadata."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**model.life_cfg.to_dict(), **(extra or {})}

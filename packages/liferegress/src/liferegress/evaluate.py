@@ -16,20 +16,22 @@ from pathlib import Path
 
 import torch
 from vitbench import evaluation as ev
-from vitbench.cli import run as run_cli
+from vitbench.cli import run
 from vitbench.flops import ViTGeometry
+from vitbench.localization import on_box_share, random_share
 from vitbench.models import EMBEDDED_MODEL, create_model, load_checkpoint as load_backbone
 
 from .checkpoint import load_checkpoint, read_config
 from .flops import model_gmacs
 from .paper import paper_row
 from .patch import apply, set_mode
+from .vis import plot_life_maps
 
 EMBEDDED_CHECKPOINT = Path(__file__).parent / "weights" / "vit_digits_patch8_112_liferegress.safetensors"
 
 
 @dataclass(frozen=True)
-class LROptions:
+class LifeEvalConfig:
     """Life Regression's own flags; the common ones are :class:`vitbench.evaluation.EvalConfig`."""
 
     keep_rate: tuple[float, ...] = (0.9, 0.8, 0.7)
@@ -44,7 +46,7 @@ class LROptions:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
 
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> LROptions:
+    def from_args(cls, ns: argparse.Namespace) -> LifeEvalConfig:
         return ev.config_from_args(cls, ns)
 
 
@@ -75,7 +77,7 @@ def _checkpoint(cfg: ev.EvalConfig) -> str | None:
     raise ValueError(f"--checkpoint PATH (a Life-Regression checkpoint) is required for {cfg.model}")
 
 
-def build_models(cfg: ev.EvalConfig, opts: LROptions) -> tuple[torch.nn.Module, dict[float, torch.nn.Module]]:
+def build_models(cfg: ev.EvalConfig, opts: LifeEvalConfig) -> tuple[torch.nn.Module, dict[float, torch.nn.Module]]:
     """The unpruned backbone and one patched model per keep rate, all with the checkpoint's weights."""
     kwargs = {k: v for k, v in (("num_classes", cfg.num_classes), ("img_size", cfg.img_size)) if v is not None}
     backbone = create_model(cfg.model, **kwargs)
@@ -119,15 +121,13 @@ def build_settings(cfg, opts, backbone, patched, loader, spec) -> list[ev.Settin
 def _attach_probe(s: ev.Setting, cfg, loader, spec, draw: bool) -> None:
     """Per batch: logits, the mean clamped life and, on data with boxes (hard mode), the share of the finally kept
     patches inside the digit box vs the share of all patches there; after the pass the life maps."""
-    from vitbench.localization import on_box_share, random_share
-
     model, gflops = s.model, s.gflops
     geom = ViTGeometry.from_model(model)
     lives, in_box, chance = [], [], []
 
-    def run(images, labels, index):
+    def run_batch(images, labels, index):
         logits = model(images)
-        info, c = model.life_info, model.life_cfg
+        info, c = model.record, model.life_cfg
         lives.append(info.lives[:, 1:].clamp(c.t_base, c.depth).mean(1).float().cpu())
         boxes = spec.boxes(loader.dataset, index)
         if boxes is not None and info.kept_indices is not None:
@@ -145,18 +145,17 @@ def _attach_probe(s: ev.Setting, cfg, loader, spec, draw: bool) -> None:
             row["figures"]["life_maps"] = str(_life_maps(cfg, model, loader.dataset, geom, spec, idx, out_dir,
                                                          f"{cfg.model} + {s.label}, {cfg.data}"))
 
-    s.run, s.finish = run, finish
+    s.run, s.finish = run_batch, finish
 
 
 def _life_maps(cfg, model, dataset, geom, spec, idx, out: Path, title: str) -> Path:
-    from .vis import plot_life_maps
 
     device = next(model.parameters()).device
     items = [dataset[i] for i in idx]
     images = torch.stack([it[0] for it in items]).to(device)
     with torch.inference_mode():
         preds = model(images).argmax(1).cpu()
-    info, c = model.life_info, model.life_cfg
+    info, c = model.record, model.life_cfg
     shown = images.cpu() * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)
     titles = [f"#{i}: label {dataset.classes[it[1]]}, pred {dataset.classes[p]}" for i, it, p in zip(idx, items, preds)]
     kept = tuple(k.cpu() for k in info.kept_indices) if info.kept_indices is not None else ()
@@ -164,8 +163,8 @@ def _life_maps(cfg, model, dataset, geom, spec, idx, out: Path, title: str) -> P
                           out / f"life_maps_rho{c.keep_rate}.png", titles, title)
 
 
-def body(args: argparse.Namespace) -> int:
-    cfg, opts = ev.EvalConfig.from_args(args), LROptions.from_args(args)
+def command(args: argparse.Namespace) -> int:
+    cfg, opts = ev.EvalConfig.from_args(args), LifeEvalConfig.from_args(args)
     ev.prepare_outputs(cfg)
     backbone, patched = build_models(cfg, opts)
     ev.run(cfg, opts, backbone, lambda loader, spec: build_settings(cfg, opts, backbone, patched, loader,
@@ -175,7 +174,7 @@ def body(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), body, argv)
+    return run(build_parser(), command, argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """timm integration: ``apply(model, keep_rate=0.7, temperature=1.5)`` turns a timm ViT/DeiT into Life Regression.
 
-ToMe-style: the model's class is swapped for a subclass that overrides ``forward_features`` only, each block's
-``Attention`` for :class:`~liferegress.attention.LifeRegressionAttention` (timm's forward, except that a key bias
-needing a gradient keeps the fused kernel), and a ``life_predictor`` module (non-affine LayerNorm + one D x D matrix
-``W``) is added. timm's ``Block`` is used unchanged: soft weights enter as an additive ``attn_mask`` (``log β``), hard
-pruning slices the sequence. Backbone ``state_dict`` keys stay as they are; the predictor adds ``life_predictor.W``.
+ToMe-style, through :func:`vitbench.patching.attach`: the model's class is swapped for a subclass that overrides
+``forward_features`` only, each block's ``Attention`` for :class:`~liferegress.attention.LifeRegressionAttention`
+(timm's forward, except that a key bias needing a gradient keeps the fused kernel), and a ``life_predictor``
+module (non-affine LayerNorm + one D x D matrix ``W``) is added. timm's ``Block`` is used unchanged: soft weights
+enter as an additive ``attn_mask`` (``log β``), hard pruning slices the sequence. Backbone ``state_dict`` keys stay
+as they are; the predictor adds ``life_predictor.W``.
 
-After a forward, ``model.life_info`` holds each image's lives and, in hard mode, the original indices of the tokens
+After a forward, ``model.record`` holds each image's lives and, in hard mode, the original indices of the tokens
 kept from each drop layer on.
 """
 
@@ -20,6 +21,7 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from vitbench.patching import attach
 
 from .attention import LifeRegressionAttention
 from .life import (
@@ -34,7 +36,7 @@ from .life import (
     tokens_per_block,
 )
 
-__all__ = ["MODES", "LifeRegressionConfig", "LifeInfo", "LifePredictor", "apply", "set_mode", "is_patched"]
+__all__ = ["MODES", "LifeRegressionConfig", "LifeRecord", "LifePredictor", "apply", "set_mode", "is_patched"]
 
 MODES = ("auto", "soft", "hard", "mask")
 
@@ -81,7 +83,7 @@ class LifeRegressionConfig:
 
 
 @dataclass
-class LifeInfo:
+class LifeRecord:
     """Per-forward state: ``lives`` (B, N) in layer units (CLS = T, unclamped, detached); ``kept_indices`` one
     (B, n_k) tensor of original token indices (0 = CLS) per drop layer in hard mode, else ``None``;
     ``tokens_per_block`` the token count each block ran on; ``mode`` the mode that ran (soft/hard/mask)."""
@@ -112,7 +114,7 @@ class LifeRegressionMixin:
     (soft) or on the longest-lived ``n(a)`` tokens (hard)."""
 
     life_cfg: LifeRegressionConfig
-    life_info: LifeInfo | None
+    record: LifeRecord | None
     life_predictor: LifePredictor
 
     def active_mode(self) -> str:
@@ -149,17 +151,8 @@ class LifeRegressionMixin:
                     bias = torch.zeros_like(lives).masked_fill_(lives <= a, float("-inf"))
                 x = self.blocks[a](x, attn_mask=bias[:, None, None, :].to(x.dtype))
             counts = (cfg.num_tokens,) * cfg.depth
-        self.life_info = LifeInfo(lives=lives.detach(), kept_indices=kept, tokens_per_block=counts, mode=mode)
+        self.record = LifeRecord(lives=lives.detach(), kept_indices=kept, tokens_per_block=counts, mode=mode)
         return self.norm(x)
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def _patched_class(base: type) -> type:
-    if base not in _CLASSES:
-        _CLASSES[base] = type(f"LifeRegression{base.__name__}", (LifeRegressionMixin, base), {})
-    return _CLASSES[base]
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -213,11 +206,11 @@ def apply(
     if not is_patched(model):
         ref = model.cls_token
         model.life_predictor = LifePredictor(model.embed_dim, device=ref.device, dtype=ref.dtype)
-        model.__class__ = _patched_class(type(model))
+        attach(model, LifeRegressionMixin)
         for blk in model.blocks:
-            blk.attn.__class__ = LifeRegressionAttention
+            attach(blk.attn, LifeRegressionAttention)
     model.life_cfg = cfg
-    model.life_info = None
+    model.record = None
     return model
 
 

@@ -21,6 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from vitbench.cli import run
+from vitbench.engine import (
+    TrainConfig,
+    accept_changes,
+    add_train_args,
+    claim_output_dir,
+    config_changes,
+    remove_run_files,
+    train,
+)
+from vitbench.models import create_model, load_checkpoint as load_backbone
+from vitbench.report import markdown_table, write_json
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .life import DEFAULT_DROP_LAYERS
@@ -69,8 +82,6 @@ class LifeTrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitbench.engine import add_train_args
-
     p = argparse.ArgumentParser(
         prog="liferegress-train",
         description="Train Life Regression on a pretrained timm ViT/DeiT: two stages (W with soft weights, then "
@@ -99,13 +110,9 @@ def _builder(tcfg, lcfg: LifeTrainConfig, stage: str, init: str | None):
     """Model factory for one stage: backbone (pretrained / --checkpoint), patched, trainable set and mode."""
 
     def build() -> torch.nn.Module:
-        from vitbench.models import create_model
-
         model = create_model(tcfg.model, pretrained=tcfg.pretrained and init is None and tcfg.checkpoint is None,
                              drop_path_rate=tcfg.drop_path)
         if tcfg.checkpoint and init is None:
-            from vitbench.models import load_checkpoint as load_backbone
-
             load_backbone(model, tcfg.checkpoint)
         apply(model, keep_rate=lcfg.keep_rate, temperature=lcfg.temperature, drop_layers=lcfg.drop_layers)
         if init is not None:
@@ -140,7 +147,6 @@ def _param_groups(lcfg: LifeTrainConfig):
 def _step_logger(path: Path):
     """``loss_fn`` for the engine that also appends each step's loss and mean clamped life (the released code's
     diagnostic) to ``steps.jsonl`` on the main process."""
-    from accelerate import PartialState
 
     def loss_fn(model, images, targets, criterion):
         loss = criterion(model(images), targets)
@@ -148,7 +154,7 @@ def _step_logger(path: Path):
         # group to a non-distributed state
         if PartialState().is_main_process:
             inner = getattr(model, "module", model)
-            lives, cfg = inner.life_info.lives, inner.life_cfg
+            lives, cfg = inner.record.lives, inner.life_cfg
             record = {"loss": loss.item(), "life": lives[:, 1:].clamp(cfg.t_base, cfg.depth).mean().item()}
             with path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -172,13 +178,9 @@ def released_augmentation(data: str) -> dict | None:
     return None if data.startswith("digits") else {"auto_augment": None, "reprob": 0.0, "color_jitter": 0.4}
 
 
-def run(tcfg, lcfg: LifeTrainConfig) -> dict:
-    """Run the scheme's stages (keeping finished ones on ``--resume``); returns the per-stage results. Only the main
+def train_stages(tcfg: TrainConfig, lcfg: LifeTrainConfig) -> dict:
+    """Train the scheme's stages (keeping finished ones on ``--resume``); returns the per-stage results. Only the main
     process writes the final weights and ``results.json``."""
-    from accelerate import PartialState
-    from vitbench.engine import accept_changes, claim_output_dir, config_changes, remove_run_files, train
-    from vitbench.report import write_json
-
     out = Path(tcfg.output_dir)
     if tcfg.resume not in (None, "auto"):
         raise ValueError("liferegress-train resumes per stage: use --resume auto")
@@ -229,16 +231,11 @@ def run(tcfg, lcfg: LifeTrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitbench.cli import run as run_command
-
-    return run_command(build_parser(), _train, argv)
+    return run(build_parser(), command, argv)
 
 
-def _train(ns: argparse.Namespace) -> int:
-    from vitbench.engine import TrainConfig
-    from vitbench.report import markdown_table
-
-    summary = run(TrainConfig.from_args(ns), LifeTrainConfig.from_args(ns))
+def command(args: argparse.Namespace) -> int:
+    summary = train_stages(TrainConfig.from_args(args), LifeTrainConfig.from_args(args))
     if not summary["finished"]:
         print("stopped early (--max-steps); continue with --resume auto")
         return 0

@@ -22,6 +22,7 @@ def plot_life_maps(
     """One row per image: the input, its lives (clamped to [t_base, T] for display only, values in the cells) and,
     per drop layer, the input with the dropped patches darkened. ``images`` (B, 3, H, W) in [0, 1]; ``lives``
     (B, 1 + gh*gw); ``kept`` original token indices per drop layer."""
+    # matplotlib (also behind vitbench.figures) only when a figure is drawn: importing liferegress needs no plotting
     from vitbench.figures import save
 
     import matplotlib.pyplot as plt
