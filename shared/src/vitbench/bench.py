@@ -22,15 +22,19 @@ import argparse
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
+from .cli import check_writable_file, run
+from .report import markdown_table, write_json
 from .syncs import count_syncs
 from .throughput import CLOCKS, compare, repeat_ratios, transpose_linear_weights
 
@@ -96,8 +100,6 @@ def add_arguments(parser: argparse.ArgumentParser, json_default: str) -> None:
 def config(args: argparse.Namespace) -> BenchConfig:
     """Checked :class:`BenchConfig` from :func:`add_arguments`' flags (``ValueError`` on bad values); sets the
     thread count."""
-    from .cli import check_writable_file
-
     if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0 or args.peak <= 0 or args.threads < 0:
         raise ValueError("--batch-sizes, --repeats and --peak must be positive, --warmup and --threads >= 0")
     if args.clock == "thread" and args.threads != 1:
@@ -210,9 +212,6 @@ def speedups_over(rows: list[dict], reference: str, key: str, prefix: str) -> No
 
 def environment(cfg: BenchConfig) -> dict:
     """What the figures depend on: threads, clock, versions, CPU and the load average while they were taken."""
-    import platform
-
-    import timm
 
     return {"threads": torch.get_num_threads(), "clock": cfg.clock, "torch": torch.__version__,
             "timm": timm.__version__, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -221,9 +220,6 @@ def environment(cfg: BenchConfig) -> dict:
 
 def report(benchmark: str, rows: list[dict], cfg: BenchConfig, **extra: Any) -> None:
     """Print the table and write ``{"benchmark", "config", "environment", "rows", **extra}`` to ``cfg.json``."""
-    from dataclasses import asdict
-
-    from .report import markdown_table, write_json
 
     env = environment(cfg)
     write_json(cfg.json, {"benchmark": benchmark, "config": asdict(cfg), "environment": env, "rows": rows, **extra})
@@ -234,8 +230,6 @@ def report(benchmark: str, rows: list[dict], cfg: BenchConfig, **extra: Any) -> 
 
 def summary(paths: Sequence[str | os.PathLike]) -> str:
     """One Markdown table of the rows of several :func:`report` files."""
-    from .report import markdown_table
-
     rows = []
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -246,8 +240,6 @@ def summary(paths: Sequence[str | os.PathLike]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run
-
     p = argparse.ArgumentParser(prog="python -m vitbench.bench",
                                 description="Print the rows of several benchmark JSON files as one table.")
     p.add_argument("paths", nargs="+", help="benchmark JSON files (e.g. runs/bench/*.json)")

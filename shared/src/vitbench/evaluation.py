@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -18,10 +19,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from tqdm.auto import tqdm
 
+from . import throughput
 from .cli import check_writable, check_writable_file, flag_defaults
-from .data import parse_data_spec
+from .dataspec import parse_data_spec
+from .models import EMBEDDED_MODEL, check_model_name, create_model
+from .report import markdown_table, plain, write_json
+from .sources import InputSpec, data_source
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 
@@ -173,8 +180,6 @@ def prepare_outputs(cfg: EvalConfig) -> Path:
 def load_model(cfg: EvalConfig, **kwargs) -> torch.nn.Module:
     """``cfg.model`` with ``--checkpoint`` / ``--pretrained`` / the embedded weights, ``--num-classes`` and
     ``--img-size`` applied (``kwargs`` go to timm), in eval mode."""
-    from .models import EMBEDDED_MODEL, check_model_name, create_model
-
     check_model_name(cfg.model)
     if cfg.num_classes is not None:
         kwargs["num_classes"] = cfg.num_classes
@@ -197,42 +202,14 @@ def check_img_size(model: torch.nn.Module, img_size: int | None) -> None:
         raise ValueError(f"--img-size {img_size} is not a multiple of the patch size {patch[0]}")
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    img_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_pct: float
-
-    def boxes(self, dataset, index) -> torch.Tensor | None:
-        """Ground-truth boxes of ``index`` in model-input pixels; None without boxes or under a centre crop."""
-        if self.crop_pct != 1.0 or not hasattr(dataset, "boxes_for"):
-            return None
-        return dataset.boxes_for(index, self.img_size)
-
-
 def build_loader(cfg: EvalConfig, model: torch.nn.Module):
     """The validation loader for ``model`` (its input size, mean and std; the dataset's crop) and that spec.
 
-    Refuses a dataset whose class count differs from the model's classifier."""
-    from timm.data import resolve_data_config
-
-    from .data import build_eval_loader, data_defaults
-    from .video import build_video_eval_loader, is_video, model_sampling
-
-    if is_video(cfg.data):  # batches of clips [B, V, C, T, H, W] (1 x V views); --batch-size counts clips
-        sampling = model_sampling(cfg.data, model, cfg.img_size)
-        spec = InputSpec(sampling.crop, sampling.mean, sampling.std, 1.0)
-        loader = build_video_eval_loader(cfg.data, sampling, cfg.batch_size, cfg.num_workers, cfg.limit,
-                                         cfg.skip_corrupt)
-    else:
-        resolved = resolve_data_config({}, model=model)
-        spec = InputSpec(cfg.img_size or resolved["input_size"][-1], tuple(resolved["mean"]),
-                         tuple(resolved["std"]),
-                         cfg.crop_pct if cfg.crop_pct is not None else data_defaults(cfg.data).crop_pct)
-        loader = build_eval_loader(cfg.data, spec.img_size, spec.mean, spec.std, batch_size=cfg.batch_size,
-                                   crop_pct=spec.crop_pct, num_workers=cfg.num_workers, limit=cfg.limit,
-                                   skip_corrupt=cfg.skip_corrupt)
+    Refuses a dataset whose class count differs from the model's classifier. Clips come in batches
+    ``[B, V, C, T, H, W]`` (1 x V views); ``--batch-size`` counts clips."""
+    source = data_source(cfg.data, model, cfg.img_size, crop_pct=cfg.crop_pct)
+    spec = source.input
+    loader = source.eval_loader(cfg.batch_size, cfg.num_workers, cfg.limit, cfg.skip_corrupt)
     classes = len(loader.dataset.classes)
     if getattr(model, "num_classes", classes) != classes:
         raise ValueError(f"{cfg.model} has {model.num_classes} classes but {cfg.data} has {classes}; "
@@ -360,8 +337,6 @@ def evaluate(cfg: EvalConfig, settings: Sequence[Setting], loader, device: torch
     """One labelled pass over the data in which every batch goes through every setting (the images are loaded
     and decoded once, whatever the number of settings), then one timing run of them all; rows in the schema,
     dense row first."""
-    from tqdm.auto import tqdm
-
     rows = [empty_row(s) for s in settings]
     active = [(s, row, {"correct1": 0, "correct5": 0, "n": 0, "gflops": []})
               for s, row in zip(settings, rows) if s.evaluate]
@@ -396,8 +371,6 @@ def time_rows(cfg: EvalConfig, settings: Sequence[Setting], rows: list[dict], in
               clock: str | Callable[[], float] = "wall") -> None:
     """Time every setting in ONE interleaved :func:`~vitbench.throughput.compare` call against the first (dense);
     fills ``img_s``, ``speedup`` (median of the per-repeat ratios) and ``speedup_spread`` ([min, max])."""
-    from .throughput import compare
-
     fns = {}
     for s in settings:
         fn = s.timed or s.model.to(inputs.device)
@@ -406,7 +379,7 @@ def time_rows(cfg: EvalConfig, settings: Sequence[Setting], rows: list[dict], in
         raise ValueError(f"settings need distinct labels to be timed, got {[s.label for s in settings]}")
     status(f"timing {len(fns)} models x {cfg.repeats} repeats (batch {inputs.shape[0]}, {inputs.device}, "
            f"{'amp' if cfg.amp else 'fp32'}{', compiled' if cfg.compile else ''})")
-    timed = {t["name"]: t for t in compare(fns, inputs, baseline=settings[0].label, warmup=cfg.warmup,
+    timed = {t["name"]: t for t in throughput.compare(fns, inputs, baseline=settings[0].label, warmup=cfg.warmup,
                                              repeats=cfg.repeats, amp=cfg.amp, clock=clock)}
     for s, row in zip(settings, rows):
         t = timed[s.label]
@@ -414,8 +387,6 @@ def time_rows(cfg: EvalConfig, settings: Sequence[Setting], rows: list[dict], in
 
 
 def environment(cfg: EvalConfig, device: torch.device) -> dict:
-    import timm
-
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                                 cwd=Path(__file__).parent).stdout.strip() or None
@@ -430,8 +401,6 @@ MD_COLUMNS = ("label", "top1", "top5", "gflops", "gflops_saved", "img_s", "speed
 
 def markdown(rows: list[dict]) -> str:
     """The human table: measured fields, the spread of the speedup, the paper's numbers beside them."""
-    from .report import markdown_table
-
     keys = list(dict.fromkeys(k for r in rows for k in r["paper"]))
     shown = []
     for r in rows:
@@ -447,8 +416,6 @@ def write_results(cfg: EvalConfig, method_options: Any, rows: list[dict], device
                   dataset=None) -> dict:
     """results.json + results.md in ``out_dir`` (and ``--json``); prints the table and every file written. Files
     from an earlier run in the folder that this run did not write are named."""
-    from .report import write_json
-
     result = {"config": {**asdict(cfg), "method": asdict(method_options) if method_options is not None else {}},
               "environment": environment(cfg, device),
               "data": {"spec": cfg.data, "images": len(dataset) if dataset is not None else None,
@@ -477,11 +444,7 @@ def write_results(cfg: EvalConfig, method_options: Any, rows: list[dict], device
 
 
 def _round_trip(result: dict) -> dict:
-    import json
-
-    from .report import _plain
-
-    return json.loads(json.dumps(_plain(result)))
+    return json.loads(json.dumps(plain(result)))
 
 
 def clear_figures(out_dir: Path, patterns: Sequence[str]) -> None:
@@ -509,7 +472,7 @@ def run(cfg: EvalConfig, options: Any, model: torch.nn.Module,
     clear_figures(out_dir, [*figure_patterns, "accuracy_vs_gflops.png"])
     rows = evaluate(cfg, make_settings(loader, spec), loader, device, out_dir)
     if sweep_title and sum(r["top1"] is not None for r in rows) > 2:
-        from .figures import accuracy_vs_gflops
+        from .figures import accuracy_vs_gflops  # deferred: matplotlib takes a second to import
 
         path = accuracy_vs_gflops(rows, out_dir / "accuracy_vs_gflops.png", sweep_title, sweep_unit)
         rows[0]["figures"]["accuracy_vs_gflops"] = str(path)

@@ -11,10 +11,17 @@ kernel has no FLOP formula on some versions, which silently dropped attention fr
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
+import timm
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import models  # noqa: F401  (registers the embedded backbone)
+from .cli import check_writable_file, run
+from .report import markdown_table, write_json
 
 LN_PER_ELEMENT = 5
 
@@ -132,9 +139,6 @@ CROSS_CHECK_COUNTS = ("torch FlopCounterMode / 2: convolution, linear and matrix
 def flop_counter_gmacs(fn: Callable, inputs: torch.Tensor) -> float:
     """Per-image GMACs of ``fn(inputs)`` measured by ``FlopCounterMode`` (total / 2 / batch); see
     ``CROSS_CHECK_COUNTS``. Attention runs on the math backend so that it is counted on every torch version."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn(inputs)
     return counter.get_total_flops() / 2 / inputs.shape[0] / 1e9
@@ -157,9 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
 def create_vit(name: str, img_size: int | None = None) -> torch.nn.Module:
     """A randomly initialised timm ViT in eval mode; ``ValueError`` for an unknown name, a model without a patch grid
     or an ``img_size`` that is not a positive multiple of the patch size."""
-    import timm
-
-    from . import models  # noqa: F401  (registers the embedded backbone)
 
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
@@ -180,15 +181,10 @@ def create_vit(name: str, img_size: int | None = None) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run
-
     return run(build_parser(), _main, argv)
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .cli import check_writable_file
-    from .report import markdown_table, write_json
-
     if args.json:
         check_writable_file(args.json)
     model = create_vit(args.model, args.img_size)

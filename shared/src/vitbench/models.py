@@ -9,7 +9,9 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_dict, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -55,8 +57,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ``{'state_dict': ...}`` / ``{'model': ...}`` (DeiT, the released LF-ViT code), ``{'model_state': ...}``
     (PySlowFast: TimeSformer, X-ViT) and ``module.`` / ``_orig_mod.``
     prefixes). Unreadable files raise ``ValueError`` naming the file, a missing one ``FileNotFoundError``."""
-    from timm.models import load_state_dict
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -129,8 +129,6 @@ def _resample_pos_embed(model: torch.nn.Module, state: dict[str, torch.Tensor]) 
     side = math.isqrt(pos.shape[1] - prefix)
     if side * side != pos.shape[1] - prefix or pos.shape[2] != own.shape[2]:
         return  # not a square grid of the same width: reported as a shape mismatch
-    from timm.layers import resample_abs_pos_embed
-
     state["pos_embed"] = resample_abs_pos_embed(pos.float(), list(model.patch_embed.grid_size), (side, side),
                                                 num_prefix_tokens=prefix).to(pos.dtype)
 
@@ -159,8 +157,6 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
 
 def save_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write the model's state dict as safetensors, atomically (optionally cast, e.g. to fp16 for shipping)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Sequence
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
+    """``obj`` as plain JSON values: str keys, lists, numpy/torch values as Python ones, inf/nan as None."""
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
         return obj.tolist()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -29,7 +30,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_plain(obj), indent=2) + "\n")
+    tmp.write_text(json.dumps(plain(obj), indent=2) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+
+from .evaluation import add_eval_args, validate_result
 
 
 def tiny_vit(img_size: int = 56, patch_size: int = 8, peak: float | None = 4.0, seed: int | None = 0, **kw):
@@ -17,8 +21,6 @@ def tiny_vit(img_size: int = 56, patch_size: int = 8, peak: float | None = 4.0, 
     56 px -> 7 x 7 grid, 112 px -> 14 x 14; patch 4 at 56 px: the papers' 14 x 14). ``peak`` spreads every
     parameter a little and sharpens the attention (scales the q/k weights), for token-selection tests; ``None``
     keeps timm's init. ``seed`` seeds the initialisation (``None``: the caller's RNG state)."""
-    from timm.models.vision_transformer import VisionTransformer
-
     if seed is not None:
         torch.manual_seed(seed)
     cfg = dict(img_size=img_size, patch_size=patch_size, embed_dim=32, depth=12, num_heads=2, num_classes=10)
@@ -48,8 +50,6 @@ def image_folder(root: Path, classes: int = 3, per_class: int = 2, size: int = 4
 def common_eval_options(parser: argparse.ArgumentParser) -> dict:
     """``{dest: (flags, default, help)}`` of the common evaluation flags in ``parser`` (``--output-dir``'s default
     left out: each package names its own folder)."""
-    from .evaluation import add_eval_args
-
     common = {a.dest for a in add_eval_args(argparse.ArgumentParser())._actions if a.dest != "help"}
     return {a.dest: (tuple(a.option_strings), None if a.dest == "output_dir" else a.default, a.help)
             for a in parser._actions if a.dest in common}
@@ -57,8 +57,6 @@ def common_eval_options(parser: argparse.ArgumentParser) -> dict:
 
 def read_valid_result(path: Path) -> dict:
     """A results JSON, checked against the one schema (:func:`vitbench.evaluation.validate_result`)."""
-    from .evaluation import validate_result
-
     result = json.loads(Path(path).read_text())
     validate_result(result)
     return result
@@ -82,9 +80,7 @@ def one_line_error(main, argv: list[str], capsys, match: str) -> str:
 def compile_backends() -> list:
     """``torch.compile`` backends for compiled-equals-eager tests: ``aot_eager`` always (graph capture: fullgraph,
     guards, dynamic shapes); inductor (code generation, minutes on 2 cores) with ``VITBENCH_INDUCTOR_TESTS=1``."""
-    import os
-
-    import pytest
+    import pytest  # deferred: only the test suites have pytest; the other helpers work without it
 
     inductor = pytest.mark.skipif(os.environ.get("VITBENCH_INDUCTOR_TESTS") != "1",
                                   reason="inductor compile takes minutes on 2 cores; set VITBENCH_INDUCTOR_TESTS=1")

@@ -18,11 +18,16 @@ import argparse
 import contextlib
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable, Mapping, Sequence
 
 import torch
+
+from .cli import check_writable_file, run
+from .flops import create_vit
+from .report import markdown_table, write_json
+from .syncs import count_syncs
 
 
 @dataclass(frozen=True)
@@ -193,8 +198,6 @@ def sweep(fns: Mapping[str, Callable[[torch.Tensor], Any]], make_inputs: Callabl
     """:func:`compare` at every batch size (``make_inputs(b)`` gives the batch) under the autocast ``dtype``; each row
     also carries ``dtype``, ``syncs`` (host syncs of one forward, counted on the device the models run on),
     ``cuda_ms`` (CUDA-event median) and ``peak_mib`` (peak CUDA memory; both ``None`` off CUDA)."""
-    from .syncs import count_syncs
-
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be positive, got {list(batch_sizes)}")
     rows = []
@@ -251,16 +254,10 @@ def _dtype(args: argparse.Namespace, device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run
-
     return run(build_parser(), _main, argv)
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .cli import check_writable_file
-    from .flops import create_vit
-    from .report import markdown_table, write_json
-
     if any(b < 1 for b in args.batch_size) or args.repeats < 1 or args.warmup < 0:
         raise ValueError("--batch-sizes and --repeats must be >= 1 and --warmup >= 0")
     try:

@@ -1,0 +1,361 @@
+"""The training loop: :func:`train` runs the DeiT recipe on HuggingFace Accelerate over any data source.
+
+The sample order of an epoch comes from a seeded sampler, the augmentation of sample ``i`` in epoch ``e`` is a pure
+function of ``(seed, e, i)``, and RNG states are restored, so a run killed after any checkpoint and resumed ends
+with the same weights as an uninterrupted one. The repeated-augmentation sampler is applied per rank by hand, never
+sharded a second time by ``prepare``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data import CorruptImageError, DataDefaults, train_sampler_indices
+from ..models import save_weights
+from ..report import write_json
+from ..sources import DataSource, LabelledSet, data_source, resolve_input
+from ..video import CorruptVideoError
+from .config import TrainConfig
+from .metrics import decode_message, evaluate_classifier, ranks_in_sync
+from .runs import RunFolder, TrainProgress, append_log, rewind, save_checkpoint
+from .signals import preempted, stop_requested, stop_signals
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Callable], torch.Tensor]
+
+
+def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_fn: LossFn | None = None,
+          param_groups: Callable[[torch.nn.Module], list] | None = None,
+          on_epoch_start: Callable[[int, torch.nn.Module], None] | None = None,
+          eval_forward: Callable | None = None, extra_config: dict | None = None,
+          recipe_overrides: dict | None = None) -> dict:
+    """Train ``build_model()`` with the DeiT recipe; returns the final metrics.
+
+    ``loss_fn(model, images, targets, criterion)`` computes the loss (default ``criterion(model(images), targets)``);
+    ``param_groups(model)`` returns optimiser groups (dicts may set their own ``lr``; default: every trainable
+    parameter, no weight decay on norms/biases); ``on_epoch_start(epoch, model)`` may switch phases;
+    ``eval_forward(model, images)`` returns logits for evaluation; ``recipe_overrides`` replaces fields of the
+    dataset's :class:`~vitbench.data.DataDefaults` (e.g. a paper's own augmentation). Writes ``config.json``,
+    ``log.jsonl``, ``checkpoints/step_*`` and finally ``model.safetensors`` and ``results.json`` to ``cfg.output_dir``
+    (main process only). Raises :class:`Preempted` when SIGTERM/SIGUSR1 stopped the run at a checkpoint.
+    The process group is left up (no ``end_training``), so several ``train`` calls (stages) can run in one process:
+    tearing it down and re-creating it on the same torchrun store races on stale addresses.
+    """
+    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
+    run = RunFolder.claim(cfg, accelerator, extra_config)
+    set_seed(cfg.seed)
+    model = build_model()
+    defaults = recipe_defaults(cfg, model, recipe_overrides)
+    source = data_source(cfg.data, model, cfg.img_size, defaults=defaults)
+    train_set, val_loader = load_data(cfg, source, model, run)
+    recipe = Recipe.build(cfg, model, param_groups, defaults, train_set, run, accelerator)
+    val_set = val_loader.dataset
+    model, recipe.optimizer, val_loader = accelerator.prepare(model, recipe.optimizer, val_loader)
+    loop = Loop(cfg, accelerator, run, model, recipe, train_set, (val_set, val_loader), loss_fn,
+                eval_forward or source.forward, on_epoch_start)
+    loop.resume()
+    with stop_signals() as received:
+        loop.run(received)
+    return loop.finish()
+
+
+def recipe_defaults(cfg: TrainConfig, model: torch.nn.Module, overrides: dict | None) -> DataDefaults:
+    """The dataset's recipe (:class:`~vitbench.data.DataDefaults`) with a method's ``overrides`` and the
+    ``--auto-augment`` / ``--color-jitter`` flags applied."""
+    dd = resolve_input(model, cfg.data, cfg.img_size)[3]
+    if overrides:
+        dd = replace(dd, **overrides)
+    if cfg.auto_augment is not None:
+        dd = replace(dd, auto_augment=None if cfg.auto_augment == "none" else cfg.auto_augment)
+    if cfg.color_jitter is not None:
+        dd = replace(dd, color_jitter=cfg.color_jitter or None)
+    return dd
+
+
+def load_data(cfg: TrainConfig, source: DataSource, model: torch.nn.Module,
+              run: RunFolder) -> tuple[LabelledSet, DataLoader]:
+    """The training split and the validation loader (``--batch-size`` inputs per batch, so clips of several views
+    come fewer per batch); refuses a class count other than the model's and, on resume, a changed training set."""
+    train_set = source.train_set(cfg.limit_train, cfg.skip_corrupt, cfg.seed)
+    val_loader = source.eval_loader(max(cfg.batch_size // source.views, 1), cfg.num_workers, cfg.limit_val,
+                                    cfg.skip_corrupt)
+    if not cfg.skip_corrupt:
+        source.check_headers(val_loader.dataset)  # cheap: a broken validation file fails now, not after an epoch
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes != len(train_set.classes):
+        raise ValueError(f"model {cfg.model} has {num_classes} classes but {cfg.data} has {len(train_set.classes)}")
+    run.record["train_samples"] = len(train_set)
+    run.check_settings(run.out)
+    return train_set, val_loader
+
+
+@dataclass
+class Recipe:
+    """The optimisation of a run (optimiser, schedule, mixing, loss) and the geometry of its epochs."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    mixup: Mixup | None
+    criterion: Callable
+    repeats: int
+    batches_per_epoch: int
+    updates_per_epoch: int
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, model: torch.nn.Module, param_groups: Callable | None, dd: DataDefaults,
+              train_set: LabelledSet, run: RunFolder, accelerator: Accelerator) -> Recipe:
+        params = param_groups(model) if param_groups else model
+        optimizer = create_optimizer_v2(params, opt=cfg.opt, lr=run.record["scaled_lr"],
+                                        weight_decay=cfg.weight_decay)
+        repeats = (3 if dd.repeated_aug else 0) if cfg.repeated_aug is None else cfg.repeated_aug
+        samples_per_rank = len(train_sampler_indices(len(train_set), 0, cfg.seed, accelerator.process_index,
+                                                     accelerator.num_processes, repeats))
+        batches_per_epoch = samples_per_rank // cfg.batch_size // cfg.grad_accum * cfg.grad_accum
+        if batches_per_epoch == 0:
+            raise ValueError(f"{samples_per_rank} training samples per process cannot fill one update of "
+                             f"{cfg.batch_size} x {cfg.grad_accum}; lower --batch-size or --grad-accum")
+        updates_per_epoch = batches_per_epoch // cfg.grad_accum
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
+            warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, step_on_epochs=not cfg.sched_on_updates,
+            updates_per_epoch=updates_per_epoch,
+        )
+        mixup, criterion = mixing(cfg, dd, len(train_set.classes))
+        return cls(optimizer, scheduler, mixup, criterion, repeats, batches_per_epoch, updates_per_epoch)
+
+
+def mixing(cfg: TrainConfig, dd: DataDefaults, num_classes: int) -> tuple[Mixup | None, Callable]:
+    """Mixup/CutMix (alphas: the flags, else the dataset's) and the loss that goes with it."""
+    mixup_alpha = dd.mixup if cfg.mixup is None else cfg.mixup
+    cutmix_alpha = dd.cutmix if cfg.cutmix is None else cfg.cutmix
+    if mixup_alpha > 0 or cutmix_alpha > 0:
+        if cfg.batch_size % 2:
+            raise ValueError("mixup/cutmix need an even --batch-size")
+        return (Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=cfg.smoothing,
+                      num_classes=num_classes), SoftTargetCrossEntropy())
+    if cfg.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return None, torch.nn.CrossEntropyLoss()
+
+
+class Loop:
+    """The epochs of one run over a prepared model, with its checkpoints, evaluations, log and preemption."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, run: RunFolder, model: torch.nn.Module,
+                 recipe: Recipe, train_set: LabelledSet, val: tuple[LabelledSet, DataLoader], loss_fn: LossFn | None,
+                 eval_forward: Callable | None, on_epoch_start: Callable | None):
+        self.cfg, self.accelerator, self.run_folder, self.model, self.recipe = cfg, accelerator, run, model, recipe
+        self.train_set, (self.val_set, self.val_loader), self.loss_fn = train_set, val, loss_fn
+        self.eval_forward, self.on_epoch_start = eval_forward, on_epoch_start
+        self.world = accelerator.num_processes
+        self.main = accelerator.is_main_process
+        self.progress = TrainProgress()
+        accelerator.register_for_checkpointing(self.progress)
+        self.checkpoint: Path | None = None
+        self.saved_at: int | None = None
+        self.metrics: dict = {}
+        self.train_loss = float("nan")
+        self.received: list[str] = []
+        self.done = False
+        self.started = 0.0
+
+    def resume(self) -> None:
+        """Load the newest checkpoint that loads (if resuming), write ``config.json`` and the start of the log."""
+        run, progress, accelerator = self.run_folder, self.progress, self.accelerator
+        resumed_from, failures = run.load(accelerator)
+        accepted = run.resumed(resumed_from, progress.num_updates)
+        if self.main:
+            for failure in failures:
+                print(f"checkpoint {failure} does not load; resuming from {resumed_from}", file=sys.stderr)
+            if self.cfg.resume:
+                rewind(run.out, progress.num_updates)
+            write_json(run.out / "config.json", run.record)
+            append_log(run.log, {"event": "resume" if resumed_from else "start", "epoch": progress.epoch,
+                                 "updates": progress.num_updates, "checkpoint": resumed_from and str(resumed_from),
+                                 "overrides": accepted, "world_size": self.world,
+                                 "skipped_images": {"train": self.train_set.skipped,
+                                                    "val": self.val_set.skipped}})
+        if resumed_from is not None:
+            accelerator.print(f"resumed from {resumed_from} at epoch {progress.epoch}, update {progress.num_updates}"
+                              + (f" with {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in accepted.items())}"
+                                 if accepted else ""))
+        accelerator.wait_for_everyone()
+        self.checkpoint = resumed_from
+
+    def schedule_position(self) -> int:
+        return (self.progress.epoch * self.recipe.updates_per_epoch
+                + self.progress.samples_done // self.run_folder.record["global_batch"])
+
+    def run(self, received: list[str]) -> None:
+        """Every remaining epoch (none when resumed at ``--max-steps``); ``received`` collects stop signals."""
+        cfg, progress = self.cfg, self.progress
+        self.received = received
+        if cfg.sched_on_updates:
+            self.recipe.scheduler.step_update(self.schedule_position())
+        else:
+            self.recipe.scheduler.step(progress.epoch)
+        self.started = time.time()
+        self.done = cfg.max_steps is not None and progress.num_updates >= cfg.max_steps  # resumed at --max-steps
+        for epoch in range(progress.epoch, progress.epoch if self.done else cfg.epochs):
+            self.epoch(epoch)
+            if self.done:
+                break
+
+    def epoch(self, epoch: int) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        if self.on_epoch_start is not None:
+            self.on_epoch_start(epoch, accelerator.unwrap_model(self.model))
+        self.train_set.set_epoch(epoch)
+        loader = self.epoch_loader(epoch)
+        batches = len(loader.sampler) // cfg.batch_size
+        self.model.train()
+        total = self.recipe.batches_per_epoch
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not self.main, initial=total - batches, total=total)
+        try:
+            loss_sum, consumed = self.train_batches(bar, epoch, batches)
+        except (CorruptImageError, CorruptVideoError) as e:
+            where = f"the last checkpoint is {self.checkpoint}" if self.checkpoint else "no checkpoint was written yet"
+            raise type(e)(
+                f"{decode_message(e)} ({where}); replace the file, or continue without it: --resume auto "
+                "--skip-corrupt --resume-override train_samples (the sample order changes)") from None
+        finally:
+            bar.close()
+        self.train_loss = accelerator.reduce(loss_sum / max(consumed, 1), reduction="mean").item()
+        self.end_epoch(epoch, consumed == batches)
+
+    def epoch_loader(self, epoch: int) -> DataLoader:
+        """This rank's rest of the epoch: its sample order from where the run stands, whole updates only."""
+        cfg, recipe = self.cfg, self.recipe
+        order = train_sampler_indices(len(self.train_set), epoch, cfg.seed, self.accelerator.process_index,
+                                      self.world, recipe.repeats)
+        micro_step = cfg.batch_size * cfg.grad_accum  # samples per process per update
+        order = order[: recipe.batches_per_epoch * cfg.batch_size][self.progress.samples_done // self.world:]
+        order = order[: len(order) // micro_step * micro_step]
+        return DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=order, num_workers=cfg.num_workers,
+                          drop_last=True, generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                          pin_memory=self.accelerator.device.type == "cuda")
+
+    def train_batches(self, bar, epoch: int, batches: int) -> tuple[torch.Tensor, int]:
+        """Train on the batches of ``bar``; returns the summed loss and the batches consumed. Stops early at
+        ``--max-steps`` or on a stop signal (:class:`Preempted`)."""
+        cfg, progress, device = self.cfg, self.progress, self.accelerator.device
+        loss_sum = torch.zeros((), device=device)
+        consumed = 0
+        for images, targets, _ in bar:
+            loss = self.step(images.to(device, non_blocking=True), targets.to(device, non_blocking=True), epoch)
+            loss_sum += loss.detach()
+            consumed += 1
+            progress.samples_done += cfg.batch_size * self.world
+            if not self.accelerator.sync_gradients:
+                continue
+            progress.num_updates += 1
+            self.recipe.scheduler.step_update(self.schedule_position())
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.recipe.optimizer.param_groups[0]['lr']:.2e}")
+            if self.after_update(epoch, epoch_end=consumed == batches):
+                break
+        return loss_sum, consumed
+
+    def step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+        """One forward/backward (an update every ``--grad-accum`` of them); returns the loss."""
+        accelerator, recipe, model = self.accelerator, self.recipe, self.model
+        if recipe.mixup is not None:
+            images, targets = recipe.mixup(images, targets)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss = (self.loss_fn(model, images, targets, recipe.criterion) if self.loss_fn
+                        else recipe.criterion(model(images), targets))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, "
+                                         f"update {self.progress.num_updates}")
+            accelerator.backward(loss)
+            if self.cfg.clip_grad and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), self.cfg.clip_grad)
+            recipe.optimizer.step()
+            recipe.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def after_update(self, epoch: int, epoch_end: bool) -> bool:
+        """Checkpoint every ``--checkpointing-steps`` updates, stop at ``--max-steps`` (returns True) or on a stop
+        signal (checkpoint, then :class:`Preempted`)."""
+        cfg, updates = self.cfg, self.progress.num_updates
+        if cfg.checkpointing_steps and updates % cfg.checkpointing_steps == 0 and not epoch_end:
+            self.save()
+        if cfg.max_steps is not None and updates >= cfg.max_steps:
+            self.done = True
+            return True
+        if not epoch_end and stop_requested(self.accelerator, self.received):
+            if self.saved_at != updates:
+                self.save()
+            self.stop(epoch)
+        return False
+
+    def save(self) -> None:
+        self.checkpoint = save_checkpoint(self.accelerator, self.run_folder.checkpoints, self.progress,
+                                          self.cfg.keep_checkpoints, self.run_folder.record)
+        self.saved_at = self.progress.num_updates
+
+    def stop(self, epoch: int):
+        preempted(self.accelerator, self.run_folder.log, self.received, self.checkpoint, self.progress, epoch)
+
+    def end_epoch(self, epoch: int, epoch_finished: bool) -> None:
+        """Close the epoch: schedule, checkpoint (before evaluating: a failing evaluation loses no training),
+        evaluation when due, the log line; a stop signal ends the run here."""
+        cfg, progress = self.cfg, self.progress
+        if epoch_finished:
+            progress.epoch, progress.samples_done = epoch + 1, 0
+            if not cfg.sched_on_updates:
+                self.recipe.scheduler.step(progress.epoch)
+        last = progress.epoch >= cfg.epochs or self.done
+        if self.saved_at != progress.num_updates or epoch_finished:
+            self.save()
+        stop = stop_requested(self.accelerator, self.received)
+        entry = {"epoch": epoch, "updates": progress.num_updates, "train_loss": self.train_loss,
+                 "lr": self.recipe.optimizer.param_groups[0]["lr"], "time_s": time.time() - self.started}
+        if not stop and ((cfg.eval_every and epoch_finished and progress.epoch % cfg.eval_every == 0) or last):
+            self.metrics = self.evaluate()
+            entry.update(self.metrics)
+        self.accelerator.print(json.dumps(entry))
+        if self.main:
+            append_log(self.run_folder.log, entry)
+        if stop:
+            self.stop(epoch)
+
+    def evaluate(self) -> dict:
+        """:func:`evaluate_classifier`; an unreadable validation image names the file and the saved checkpoint."""
+        try:
+            return evaluate_classifier(self.model, self.val_loader, self.accelerator, self.eval_forward)
+        except (CorruptImageError, CorruptVideoError) as e:
+            where = f"training up to {self.checkpoint} is saved" if self.checkpoint else "no checkpoint was written"
+            raise type(e)(f"{decode_message(e)} ({where}); continue without the file: --resume auto "
+                          "--skip-corrupt") from None
+
+    def finish(self) -> dict:
+        """The final metrics (evaluating once more if the last epoch did not), the weights and ``results.json``."""
+        accelerator, progress, out = self.accelerator, self.progress, self.run_folder.out
+        if not self.metrics:
+            self.metrics = self.evaluate()
+        result = {"train_loss": self.train_loss, **self.metrics, "updates": progress.num_updates,
+                  "epochs": progress.epoch, "wall_time_s": time.time() - self.started, "world_size": self.world,
+                  "ranks_in_sync": ranks_in_sync(accelerator, self.model),
+                  "skipped_images": {"train": len(self.train_set.skipped),
+                                     "val": len(self.val_set.skipped)}}
+        if self.main:
+            save_weights(accelerator.unwrap_model(self.model), out / "model.safetensors")
+            write_json(out / "results.json", result)
+        accelerator.wait_for_everyone()
+        return result
