@@ -55,7 +55,7 @@ def _callables(models: dict[str, torch.nn.Module], eta: float) -> dict[str, Call
 def _selection(name: str, model: torch.nn.Module) -> list | None:
     """Per image, what the method chose in the last forward (compared exactly across runs)."""
     if name == "ats":
-        kept = model.ats_info.kept
+        kept = model.record.kept
         stages = zip(*(kept[b].tolist() for b in sorted(kept)))
         return [tuple(tuple(v for v in row if v >= 0) for row in image) for image in stages]
     if name == "lfvit":

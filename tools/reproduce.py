@@ -92,7 +92,8 @@ def time_side_by_side(points: dict, batch: int, repeats: int) -> list[dict]:
     """Dense backbone, ATS, LF-ViT early exit and Life-Regression (hard) on one batch of validation images."""
     import ats
     import vitbench
-    from ats.evaluate import LATE, SHIPPED
+    from ats.options import SHIPPED
+    from ats.paper import LATE
     from lfvit.evaluate import LFEvalConfig
     from lfvit.evaluate import build_model as build_lfvit
     from liferegress.evaluate import LifeEvalConfig, build_models

@@ -40,8 +40,8 @@ def ideal_speedup(model: torch.nn.Module, pool: torch.Tensor) -> tuple[float, li
     with torch.inference_mode():
         model(pool)
     geom = ViTGeometry.from_model(model)
-    tokens = model.ats_info.token_counts()[1].double().mean(0)
-    return dense_gmacs(geom) / float(per_image_gmacs(geom, model.ats_info).mean()), [round(float(t), 1)
+    tokens = model.record.token_counts()[1].double().mean(0)
+    return dense_gmacs(geom) / float(per_image_gmacs(geom, model.record).mean()), [round(float(t), 1)
                                                                                      for t in tokens]
 
 
@@ -69,7 +69,7 @@ def replayed(model: torch.nn.Module, pool: torch.Tensor, batch_size: int) -> Cal
     by a lookup of what it selected for the same batch of ``pool`` in a first pass: ATS's own code with free
     selection, so its gap to ATS is the whole cost of scoring and sampling, its gap to the ideal what the rest costs."""
     current, picks = [0], {}
-    for i in model.ats_info.config.stages:
+    for i in model.record.config.stages:
         attn = model.blocks[i].attn
 
         def select(*args, block=i, sample=attn.select):

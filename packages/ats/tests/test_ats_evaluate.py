@@ -6,7 +6,9 @@ from vitbench.evaluation import EvalConfig
 from vitbench.models import save_weights
 from vitbench.testing import common_eval_options, image_folder, one_line_error, read_valid_result
 
-from ats import evaluate
+from ats import evaluate, options
+from ats.options import SHIPPED, ATSEvalConfig
+from ats.paper import LATE, MULTI
 
 
 @pytest.fixture(scope="module")
@@ -88,27 +90,27 @@ def test_shared_blocks_run_each_dense_block_once_per_batch_and_weights():
 
 
 def test_no_finetuned_weights_says_so(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(evaluate, "WEIGHTS", tmp_path)
-    assert evaluate.finetuned_plans(EvalConfig(), evaluate.ATSOptions()) == []
+    monkeypatch.setattr(options, "WEIGHTS", tmp_path)
+    assert evaluate.finetuned_plans(EvalConfig(), ATSEvalConfig()) == []
     err = capsys.readouterr().err
-    assert all(f"({w.file}); its fine-tuned rows skipped" in err for w in evaluate.SHIPPED)
+    assert all(f"({w.file}); its fine-tuned rows skipped" in err for w in SHIPPED)
 
 
 def test_shipped_weights_run_at_their_own_placement(monkeypatch, tmp_path):
     """No arguments: each shipped file at the runs it was trained for; with --stages/--rho only the files trained
     at those stages, at the requested rhos; with --checkpoint (another model's weights) none."""
-    monkeypatch.setattr(evaluate, "WEIGHTS", tmp_path)
-    for w in evaluate.SHIPPED:
+    monkeypatch.setattr(options, "WEIGHTS", tmp_path)
+    for w in SHIPPED:
         (tmp_path / w.file).write_bytes(b"")
-    plans = evaluate.finetuned_plans(EvalConfig(), evaluate.ATSOptions())
+    plans = evaluate.finetuned_plans(EvalConfig(), ATSEvalConfig())
     assert [(p.name, [(r.stages, r.k) for r in runs]) for p, runs in plans] == [
-        ("vit_digits_patch8_112_ats.safetensors", [(evaluate.MULTI, 1.0)]),
-        ("vit_digits_patch8_112_ats_7-11.safetensors", [(evaluate.LATE, k) for k in (1.0, 0.87, 0.72)])]
-    late = evaluate.finetuned_plans(EvalConfig(), evaluate.ATSOptions(stages=evaluate.LATE, rho=(0.5,)))
+        ("vit_digits_patch8_112_ats.safetensors", [(MULTI, 1.0)]),
+        ("vit_digits_patch8_112_ats_7-11.safetensors", [(LATE, k) for k in (1.0, 0.87, 0.72)])]
+    late = evaluate.finetuned_plans(EvalConfig(), ATSEvalConfig(stages=LATE, rho=(0.5,)))
     assert [(p.name, [(r.stages, r.k) for r in runs]) for p, runs in late] == [
-        ("vit_digits_patch8_112_ats_7-11.safetensors", [(evaluate.LATE, 0.5)])]
-    assert evaluate.finetuned_plans(EvalConfig(checkpoint="w.safetensors"), evaluate.ATSOptions()) == []
-    runs = evaluate.ATSOptions().runs(embedded=True)
+        ("vit_digits_patch8_112_ats_7-11.safetensors", [(LATE, 0.5)])]
+    assert evaluate.finetuned_plans(EvalConfig(checkpoint="w.safetensors"), ATSEvalConfig()) == []
+    runs = ATSEvalConfig().runs(embedded=True)
     assert [r.point for r in runs] == ["rho 1", "rho 0.87", "rho 0.72", "rho 1"]
     assert [r.series_for("fine-tuned") for r in runs[-1:]] == ["ATS fine-tuned @ 7-11"]
 

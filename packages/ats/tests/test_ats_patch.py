@@ -36,7 +36,7 @@ def test_no_stage_equals_timm(images, fused):
     ats.apply(model, stages=[])
     torch.testing.assert_close(run(model, images), ref)
     assert list(model.state_dict()) == keys  # pretrained weights load unchanged
-    assert model.ats_info.token_counts()[1].eq(50).all()
+    assert model.record.token_counts()[1].eq(50).all()
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -48,7 +48,7 @@ def test_batch_invariance(images, cfg):
 def assert_each_alone_equals_batch(model, inputs):
     """Every input run alone gives the logits (to 1e-5), kept tokens and token counts it gets in the batch."""
     logits = run(model, inputs)
-    info = model.ats_info
+    info = model.record
     kept = {b: info.kept_indices(b) for b in info.config.stages}
     counts = info.token_counts()[1]
     for i in range(inputs.shape[0]):
@@ -62,7 +62,7 @@ def assert_each_alone_equals_batch(model, inputs):
 def test_cls_kept_counts_bounded_and_adaptive(images, cfg):
     model = ats.apply(tiny_vit(), **cfg)
     run(model, images)
-    info = model.ats_info
+    info = model.record
     n_in, n_out = info.token_counts()
     for j, b in enumerate(info.config.stages):
         for i, kept in enumerate(info.kept_indices(b)):
@@ -77,7 +77,7 @@ def test_cls_kept_counts_bounded_and_adaptive(images, cfg):
 def test_kept_tokens_are_a_chain_of_subsets(images):
     model = ats.apply(tiny_vit(), rho=0.9)
     run(model, images)
-    info = model.ats_info
+    info = model.record
     for i in range(images.shape[0]):
         prev = set(range(50))
         for b in range(3, 12):
@@ -90,7 +90,7 @@ def test_topk_variant_keeps_plain_topk_of_cls_scores(images):
     """Single stage: the top-K variant keeps the K-1 tokens with the highest CLS-attention x ||V|| score."""
     model = ats.apply(tiny_vit(), stages=[3], k=12, variant="topk")
     run(model, images)
-    kept = model.ats_info.kept_indices(3)
+    kept = model.record.kept_indices(3)
     dense = tiny_vit()
     feats = {}
     dense.blocks[3].register_forward_pre_hook(lambda m, a: feats.setdefault("x", a[0]))
@@ -108,21 +108,21 @@ def test_topk_variant_keeps_plain_topk_of_cls_scores(images):
 def test_determinism(images):
     model = ats.apply(tiny_vit(), mode="paper", rho=0.8)
     a = run(model, images)
-    ka = model.ats_info.kept_indices(7)
+    ka = model.record.kept_indices(7)
     b = run(model, images)
-    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ka, model.ats_info.kept_indices(7)))
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ka, model.record.kept_indices(7)))
 
 
 def test_modes_differ_and_smaller_k_prunes_more(images):
     model = ats.apply(tiny_vit(), rho=0.9)
     run(model, images)
-    off = model.ats_info.token_counts()[1].float().mean()
+    off = model.record.token_counts()[1].float().mean()
     ats.apply(model, rho=0.5)
     run(model, images)
-    assert model.ats_info.token_counts()[1].float().mean() < off
+    assert model.record.token_counts()[1].float().mean() < off
     ats.apply(model, rho=0.9, mode="paper")
     run(model, images)
-    assert model.ats_info.token_counts()[1].float().mean() != off
+    assert model.record.token_counts()[1].float().mean() != off
 
 
 def test_released_geometry_grid_of_196_points():
@@ -130,7 +130,7 @@ def test_released_geometry_grid_of_196_points():
     model = ats.apply(tiny_vit(img_size=112))
     torch.manual_seed(0)
     run(model, torch.randn(2, 3, 112, 112))
-    n_in, n_out = model.ats_info.token_counts()
+    n_in, n_out = model.record.token_counts()
     assert n_in[0, 3] == 197 and (n_out[:, 3:] < n_in[:, 3:]).all()
 
 
@@ -174,10 +174,10 @@ def test_extreme_pruning_down_to_the_cls(images, mode):
     """Very peaked attention: official mode's three-token quirk leaves only the CLS; later stages cope."""
     model = ats.apply(tiny_vit(peak=30), stages=range(1, 12), mode=mode)
     logits = run(model, images)
-    n_out = model.ats_info.token_counts()[1]
+    n_out = model.record.token_counts()[1]
     assert torch.isfinite(logits).all()
     assert n_out[:, -1].min() == (1 if mode == "official" else 2)
-    assert all(k[0] == 0 for k in model.ats_info.kept_indices(11))
+    assert all(k[0] == 0 for k in model.record.kept_indices(11))
 
 
 @pytest.mark.parametrize("start", [0, 2, 3])
@@ -187,13 +187,13 @@ def test_resuming_from_dense_hidden_states_equals_the_full_forward(images, start
     dense = tiny_vit()
     model = ats.apply(copy.deepcopy(dense), rho=0.8)
     ref = run(model, images)
-    ref_info = (model.ats_info.token_counts(), {b: model.ats_info.kept[b].clone() for b in range(3, 12)})
+    ref_info = (model.record.token_counts(), {b: model.record.kept[b].clone() for b in range(3, 12)})
     with torch.inference_mode():
         hidden = patch.dense_hidden(dense, images, start)
         out = model.forward_head(model.forward_features(images, hidden=hidden, start=start))
     assert torch.equal(out, ref)
     counts, kept = ref_info
-    assert all(torch.equal(a, b) for a, b in zip(model.ats_info.token_counts(), counts))
-    assert all(torch.equal(model.ats_info.kept[b], kept[b]) for b in kept)
+    assert all(torch.equal(a, b) for a, b in zip(model.record.token_counts(), counts))
+    assert all(torch.equal(model.record.kept[b], kept[b]) for b in kept)
     with pytest.raises(ValueError, match="before the first ATS stage"):
         model.forward_features(images, hidden=patch.dense_hidden(dense, images, 4), start=4)

@@ -26,11 +26,11 @@ def test_compiled_equals_eager(images, backend):
     model = ats.apply(tiny_vit(depth=3), stages=[1, 2], rho=0.72)
     with torch.no_grad():
         ref = model(images)
-        ref_kept = [model.ats_info.kept[b].clone() for b in (1, 2)]
+        ref_kept = [model.record.kept[b].clone() for b in (1, 2)]
         ats.patch.compile_ats(model, backend=backend)
         out = model(images)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    assert all(torch.equal(model.ats_info.kept[b], k) for b, k in zip((1, 2), ref_kept))
+    assert all(torch.equal(model.record.kept[b], k) for b, k in zip((1, 2), ref_kept))
 
 
 @pytest.mark.parametrize("mode", ["official", "paper"])
@@ -38,7 +38,7 @@ def test_selection_runs_in_fp32_under_autocast(mode):
     """Under bf16 autocast the scoring and sampling see fp32 copies of bf16 q, k, v: the picks of the fp32 selection
     on the same inputs (with these inputs a bf16 score row moves them in both modes)."""
     model = ats.apply(tiny_vit(), rho=0.72, mode=mode)
-    attn, info = model.blocks[3].attn, model.ats_info
+    attn, info = model.blocks[3].attn, model.record
     gen = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(3, 4, attn.num_heads, 65, attn.head_dim, generator=gen).bfloat16().unbind(0)
     n = torch.tensor([65, 40, 65, 12])
@@ -54,11 +54,11 @@ def test_bf16_autocast_is_finite_and_agrees(images):
     model = ats.apply(tiny_vit(), rho=0.87)
     with torch.no_grad():
         ref = model(images)
-        kept = model.ats_info.kept[3].clone()
+        kept = model.record.kept[3].clone()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(images)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert (out.float().argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
-    for a, b in zip(model.ats_info.kept[3].tolist(), kept.tolist()):  # bf16 qkv flips near-tie picks only
+    for a, b in zip(model.record.kept[3].tolist(), kept.tolist()):  # bf16 qkv flips near-tie picks only
         a, b = set(a) - {-1}, set(b) - {-1}
         assert len(a & b) >= 0.5 * len(a | b)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import ats
-from ats import diagnose
+from ats import diagnose, patch
 from vitbench.testing import tiny_vit
 
 
@@ -45,7 +45,7 @@ def test_block_stats_split_the_cls_row():
 def test_finish_with_every_token_is_the_dense_model(images):
     model = tiny_vit()
     with torch.inference_mode():
-        x = diagnose.embed(model, images)
+        x = patch.embed(model, images)
         for blk in model.blocks[:4]:
             x = blk(x)
         every = torch.arange(x.shape[1]).expand(images.shape[0], -1)
@@ -59,7 +59,7 @@ def test_finish_on_padded_subsets_equals_each_image_alone(images):
         keep[b, torch.randperm(49, generator=torch.Generator().manual_seed(b))[: 5 + 4 * b]] = True
     positions = diagnose.positions_from_mask(keep)
     with torch.inference_mode():
-        x = model.blocks[0](diagnose.embed(model, images))
+        x = model.blocks[0](patch.embed(model, images))
         batched = diagnose.finish(model, x, positions, 1)
         for b in range(images.shape[0]):
             alone = positions[b : b + 1, : int(keep[b].sum()) + 1]
@@ -71,13 +71,13 @@ def test_top_k_by_ats_scores_is_the_topk_variant(images):
     model = tiny_vit()
     patched = ats.apply(tiny_vit(), stages=[3], k=12, variant="topk")
     with torch.inference_mode():
-        x = diagnose.embed(model, images)
+        x = patch.embed(model, images)
         for blk in model.blocks[:3]:
             x = blk(x)
         scores = diagnose.ats_scores(model.blocks[3].attn, model.blocks[3].norm1(x))
         patched(images)
     mine = diagnose.top_count_mask(scores, torch.full((images.shape[0],), 11))
-    kept = patched.ats_info.kept[3]
+    kept = patched.record.kept[3]
     theirs = diagnose.keep_masks(mine, kept, scores, torch.Generator())["ATS"]
     assert torch.equal(mine, theirs)
 
@@ -107,7 +107,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path, argv, message):
 def test_cls_attention_row_is_a_distribution_matching_ats_cls_row(images):
     model = tiny_vit()
     with torch.inference_mode():
-        h = model.blocks[0].norm1(diagnose.embed(model, images))
+        h = model.blocks[0].norm1(patch.embed(model, images))
         row = diagnose.cls_attention_row(model.blocks[0].attn, h)
         q, k, _ = diagnose._qkv(model.blocks[0].attn, h)
         n = torch.full((images.shape[0],), h.shape[1])

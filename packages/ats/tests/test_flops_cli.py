@@ -27,11 +27,11 @@ def test_per_image_gmacs_equal_flop_counter(images, cfg):
     geom = ViTGeometry.from_model(model)
     for i in range(2):
         measured = flop_counter_gmacs(model, images[i : i + 1])
-        analytic = float(per_image_gmacs(geom, model.ats_info, layernorm=False)[0])
+        analytic = float(per_image_gmacs(geom, model.record, layernorm=False)[0])
         assert analytic == pytest.approx(measured, rel=1e-9)
     with torch.inference_mode():
         model(images)
-    g = per_image_gmacs(geom, model.ats_info)
+    g = per_image_gmacs(geom, model.record)
     assert (g < dense_gmacs(geom)).all() and g.shape == (images.shape[0],)
 
 

@@ -4,8 +4,10 @@ import pytest
 import timm
 import torch
 
-from ats import video, video_flops
-from ats.video_flops import VideoGeometry, clip_gmacs
+from ats import video
+from ats.paper import VIDEO_GFLOPS
+from ats.video import flops as video_flops
+from ats.video.flops import VideoGeometry, clip_gmacs
 from vitbench.flops import flop_counter_gmacs
 
 TINY = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=16, num_heads=2, num_classes=5)
@@ -36,8 +38,8 @@ def test_analytic_count_equals_flop_counter(arch, clips):
 
 
 def test_paper_dense_gflops_within_two_percent():
-    rows = {r["model"]: r for r in video_flops.rows(list(video_flops.PAPER_GFLOPS))}
-    for name, (_, paper) in video_flops.PAPER_GFLOPS.items():
+    rows = {r["model"]: r for r in video_flops.rows(list(VIDEO_GFLOPS))}
+    for name, (_, paper) in VIDEO_GFLOPS.items():
         assert abs(rows[name]["gflops_1x3"] - paper) / paper < 0.02, name
     assert rows["xvit_base_patch16_224_16f"]["gflops_1x3"] == pytest.approx(
         2 * rows["xvit_base_patch16_224_8f"]["gflops_1x3"], rel=0.01)  # Table 2's 425 is the 8-frame count
@@ -88,7 +90,7 @@ def test_timesformer_frames_interact_through_time():
 @pytest.mark.parametrize("arch", ["timesformer", "xvit"])
 def test_released_checkpoint_keys_load(arch, tmp_path):
     model = tiny(arch)
-    prefix = video.RELEASED_PREFIXES[arch]
+    prefix = video.checkpoint.RELEASED_PREFIXES[arch]
     released = {}
     for key, value in model.state_dict().items():
         released[key if key.startswith("consensus.") else prefix + key] = value.clone()

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ats import sampling, video_ats
-from ats.video_flops import VideoGeometry, clip_gmacs, recorded_gmacs
+from ats import sampling, video
+from ats.video.flops import VideoGeometry, clip_gmacs, recorded_gmacs
 from test_ats_patch import assert_each_alone_equals_batch, run
 from test_video import tiny
 
@@ -22,7 +22,7 @@ def patched(cfg, peak=4.0):
     with torch.no_grad():  # peaked attention, so that the CLS rows are far from uniform
         for blk in model.blocks:
             blk.attn.qkv.weight[: 2 * blk.attn.attn_dim] *= peak
-    return video_ats.apply(model, **cfg)
+    return video.apply(model, **cfg)
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_clip_alone_equals_clip_in_batch(cfg, clips):
 def test_cls_kept_and_k_bounded(cfg, clips):
     model = patched(cfg)
     run(model, clips)
-    info = model.ats_info
+    info = model.record
     T, S = 4, 16
     cls_tokens = 1 if cfg["arch"] == "timesformer" else T
     for b in info.config.stages:
@@ -61,10 +61,10 @@ def test_no_stage_equals_dense_model(clips):
     model = tiny("timesformer")
     ref = run(model, clips)
     keys = list(model.state_dict())
-    video_ats.apply(model, stages=[])
+    video.apply(model, stages=[])
     torch.testing.assert_close(run(model, clips), ref)
     assert list(model.state_dict()) == keys
-    assert model.ats_info.token_counts()[1].eq(1 + 4 * 16).all()
+    assert model.record.token_counts()[1].eq(1 + 4 * 16).all()
     g = VideoGeometry.from_model(model)
     torch.testing.assert_close(recorded_gmacs(model), clip_gmacs(g).expand(4))
 
@@ -72,11 +72,11 @@ def test_no_stage_equals_dense_model(clips):
 def test_determinism_and_fewer_flops_with_smaller_rho(clips):
     model = patched(dict(arch="xvit", rho=0.9))
     a = run(model, clips)
-    kept = model.ats_info.kept_indices(5)
+    kept = model.record.kept_indices(5)
     flops_09 = recorded_gmacs(model)
     b = run(model, clips)
-    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(kept, model.ats_info.kept_indices(5)))
-    video_ats.apply(model, rho=0.4)
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(kept, model.record.kept_indices(5)))
+    video.apply(model, rho=0.4)
     run(model, clips)
     flops_04 = recorded_gmacs(model)
     dense = float(clip_gmacs(VideoGeometry.from_model(model))[0])
@@ -86,7 +86,7 @@ def test_determinism_and_fewer_flops_with_smaller_rho(clips):
 def test_kept_tokens_vary_across_frames_and_clips(clips):
     model = patched(dict(arch="timesformer", rho=0.5))
     run(model, clips)
-    per_frame = model.ats_info.kept_per_frame(5)
+    per_frame = model.record.kept_per_frame(5)
     assert per_frame.shape == (4, 4) and per_frame.unique().numel() > 1
 
 
@@ -99,13 +99,13 @@ def test_training_backward_reaches_the_backbone(clips):
 
 def test_rejects_bad_settings():
     with pytest.raises(TypeError, match="TimeSformer or XViT"):
-        video_ats.apply(torch.nn.Linear(2, 2))
+        video.apply(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="outside"):
-        video_ats.apply(tiny("xvit"), stages=[12])
+        video.apply(tiny("xvit"), stages=[12])
     with pytest.raises(ValueError, match="rho"):
-        video_ats.apply(tiny("xvit"), rho=1.5)
+        video.apply(tiny("xvit"), rho=1.5)
     with pytest.raises(ValueError, match="mode"):
-        video_ats.apply(tiny("xvit"), mode="fast")
+        video.apply(tiny("xvit"), mode="fast")
 
 
 def test_moving_digits_views_through_ats_and_per_clip_flops(tmp_path, monkeypatch):

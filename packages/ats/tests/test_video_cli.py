@@ -10,8 +10,11 @@ from vitbench.models import EMBEDDED_WEIGHTS, read_state_dict, save_weights
 from vitbench.testing import one_line_error, read_valid_result
 from vitbench.video import views_forward
 
-from ats import evaluate, train, video, video_eval
-from ats.video_flops import dense_gmacs
+from ats import evaluate, train, video
+from ats.options import ATSEvalConfig
+from ats.paper import VIDEO
+from ats.video import evaluate as video_eval
+from ats.video.flops import dense_gmacs
 
 DATA = "moving-digits:train_size=4,val_size=3,frames=8"
 MODEL = "xvit_digits_patch8_64"
@@ -80,7 +83,7 @@ def test_video_flops_only_uses_the_papers_stages_and_numbers(tmp_path):
     dense, ats = read_valid_result(out)["rows"]
     assert dense["gflops"] == pytest.approx(3 * dense_gmacs("timesformer_digits_patch8_64"))
     assert ats["setting"]["stages"] == [3, 4, 5] and ats["setting"]["rho"] == 1.0 and ats["gflops"] is None
-    paper = video_eval.PAPER[("timesformer_l_patch16_224", 400)]
+    paper = VIDEO[("timesformer_l_patch16_224", 400)]
     assert paper[1] == (80.7, 7140.0) and paper[2] == (80.5, 3510.0)
 
 
@@ -158,6 +161,6 @@ def test_shipped_video_weights_load_strictly_and_are_the_defaults():
     cfg = EvalConfig(data="moving-digits", model=MODEL)
     model = video_eval.load_weights(cfg, video_eval.create_model(cfg))
     assert model.consensus.cls_token.abs().sum() > 0  # trained, not the zero initialisation
-    assert video_eval.finetuned_path(cfg, evaluate.ATSOptions()) == video_eval.FINETUNED_WEIGHTS
+    assert video_eval.finetuned_path(cfg, ATSEvalConfig()) == video_eval.FINETUNED_WEIGHTS
     tuned = video.load_video_checkpoint(timm.create_model(MODEL), str(video_eval.FINETUNED_WEIGHTS))
     assert not torch.equal(tuned.blocks[5].attn.qkv.weight, model.blocks[5].attn.qkv.weight)

@@ -1,6 +1,6 @@
 """Adaptive Token Sampling (Fayyaz et al., ECCV 2022) for timm Vision Transformers."""
 
-from .patch import MODES, VARIANTS, ATSConfig, ATSInfo, apply
+from .patch import MODES, VARIANTS, ATSConfig, ATSRecord, apply, check_structure
 
-__all__ = ["MODES", "VARIANTS", "ATSConfig", "ATSInfo", "apply"]
+__all__ = ["MODES", "VARIANTS", "ATSConfig", "ATSRecord", "apply", "check_structure"]
 __version__ = "0.1.0"

@@ -28,10 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import vitbench
 from torch import Tensor
+from tqdm.auto import tqdm
+from vitbench.cli import check_writable, run
+from vitbench.engine import resolve_input
+from vitbench.figures import save  # sets the Agg backend before pyplot is imported
+from vitbench.localization import on_box
+from vitbench.report import markdown_table, write_json
+
+import matplotlib.pyplot as plt  # noqa: E402  (after vitbench.figures)
 
 from . import patch, sampling
-from .evaluate import SHIPPED
+from .options import SHIPPED
 
 FINETUNED_WEIGHTS = SHIPPED[0].path  # fine-tuned at the released placement, blocks 3..11
 
@@ -39,8 +48,6 @@ FINETUNED_WEIGHTS = SHIPPED[0].path  # fine-tuned at the released placement, blo
 # ----------------------------------------------------------------------------------------------- pure functions
 def patch_masks(boxes: Tensor, grid: tuple[int, int], img_size: int) -> Tensor:
     """``[B, P]`` bool: patch ``p`` (token ``p + 1``) has its centre inside the image's box."""
-    from vitbench.localization import on_box
-
     every = torch.arange(1, grid[0] * grid[1] + 1, device=boxes.device).expand(boxes.shape[0], -1)
     return on_box(every, boxes, grid, img_size)
 
@@ -108,11 +115,6 @@ def cls_attention_row(attn_module, h: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- model passes
-def embed(model, images: Tensor) -> Tensor:
-    """timm's token embedding (patches, CLS, positions), ``[B, N, C]``."""
-    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
-
-
 def finish(model, x: Tensor, positions: Tensor | None = None, start: int = 0) -> Tensor:
     """Run blocks ``start..`` on ``x`` restricted to ``positions`` (``[B, K]``, -1 padded, CLS first) and return the
     logits. Padded tokens are masked as keys, so each image sees only its own kept tokens."""
@@ -244,8 +246,6 @@ def _hits(logits: Tensor, labels: Tensor) -> int:
 
 def diagnose_model(model, loader, cfg: DiagnoseConfig, img_size: int, device) -> dict:
     """All measurements for one model over ``loader`` (see the module docstring)."""
-    from tqdm.auto import tqdm
-
     depth = len(model.blocks)
     if not 0 <= cfg.block < depth - 1:
         raise ValueError(f"--block {cfg.block} must leave at least one block after it ({depth} blocks)")
@@ -261,7 +261,7 @@ def diagnose_model(model, loader, cfg: DiagnoseConfig, img_size: int, device) ->
         for images, labels, index in tqdm(loader, desc="diagnose", leave=False, file=sys.stderr):
             images, labels = images.to(device), labels.to(device)
             on_object = patch_masks(loader.dataset.boxes_for(index, img_size), grid, img_size).to(device)
-            x = embed(model, images)
+            x = patch.embed(model, images)
             per_block = []
             for i, blk in enumerate(model.blocks):
                 h = blk.norm1(x)
@@ -274,7 +274,7 @@ def diagnose_model(model, loader, cfg: DiagnoseConfig, img_size: int, device) ->
             stats.append(per_block)
             correct["dense"] += _hits(model.forward_head(model.norm(x)), labels)
             correct["ATS multi-stage"] += _hits(multi(images), labels)
-            masks = keep_masks(on_object, multi.ats_info.kept[cfg.block], scores, generator)
+            masks = keep_masks(on_object, multi.record.kept[cfg.block], scores, generator)
             for name, mask in masks.items():
                 correct[name] += _hits(finish(model, after, positions_from_mask(mask), cfg.block + 1), labels)
                 counts[name].append(mask.sum(-1).float().cpu() + 1)
@@ -288,17 +288,10 @@ def diagnose_model(model, loader, cfg: DiagnoseConfig, img_size: int, device) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitbench.cli import run
-
-    return run(build_parser(), _main, argv)
+    return run(build_parser(), command, argv)
 
 
-def _main(ns: argparse.Namespace) -> int:
-    import vitbench
-    from vitbench.cli import check_writable
-    from vitbench.engine import resolve_input
-    from vitbench.report import write_json
-
+def command(ns: argparse.Namespace) -> int:
     cfg = config_from_args(ns)
     out_dir = check_writable(cfg.output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
@@ -307,7 +300,7 @@ def _main(ns: argparse.Namespace) -> int:
     for weights in cfg.weights:
         model = vitbench.create_model(cfg.model, pretrained=weights == "pretrained",
                                       checkpoint=None if weights == "pretrained" else weights).eval().to(device)
-        patch._check_structure(model)
+        patch.check_structure(model)
         img_size, mean, std, dd = resolve_input(model, cfg.data)
         if loader is None:
             loader = vitbench.build_eval_loader(cfg.data, img_size, mean, std, batch_size=cfg.batch_size,
@@ -330,8 +323,6 @@ BLOCK_COLUMNS = ["block", "norm_object", "norm_background", "norm_cls", "high_no
 
 
 def _report(results: dict, out_dir: Path) -> None:
-    from vitbench.report import markdown_table
-
     for label, res in results["models"].items():
         print(f"\n{label}: per block (input tokens), {res['images']} images, object = "
               f"{results['object_patch_share']:.1f} % of the patches")
@@ -345,21 +336,13 @@ def _report(results: dict, out_dir: Path) -> None:
 
 def plot_diagnosis(results: dict, out_dir: Path) -> list[Path]:
     """The three figures: token norms, CLS-attention split and peakedness per block, keep-only accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = results["models"]
     styles = ["-", "--", ":", "-."]
     paths = []
 
-    def save(fig, name):
-        path = out_dir / name
+    def keep(fig, name):
         fig.tight_layout()
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save(fig, out_dir / name))
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
     for style, (label, res) in zip(styles, models.items()):
@@ -379,7 +362,7 @@ def plot_diagnosis(results: dict, out_dir: Path) -> list[Path]:
         a.legend(fontsize=7)
         a.grid(alpha=0.3)
     fig.suptitle("Residual-stream token norms per block", fontsize=10)
-    save(fig, "ats_diag_norms.png")
+    keep(fig, "ats_diag_norms.png")
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
     for style, (label, res) in zip(styles, models.items()):
@@ -399,7 +382,7 @@ def plot_diagnosis(results: dict, out_dir: Path) -> list[Path]:
         a.legend(fontsize=7)
         a.grid(alpha=0.3)
     fig.suptitle("Where the CLS token looks, per block", fontsize=10)
-    save(fig, "ats_diag_cls_attention.png")
+    keep(fig, "ats_diag_cls_attention.png")
 
     names = [row["tokens"] for row in next(iter(models.values()))["keep"]]
     fig, ax = plt.subplots(figsize=(10, 3.8))
@@ -415,5 +398,5 @@ def plot_diagnosis(results: dict, out_dir: Path) -> list[Path]:
            title=f"Accuracy when only these tokens continue after block {results['config']['block']}")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    save(fig, "ats_diag_keep.png")
+    keep(fig, "ats_diag_keep.png")
     return paths

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from vitbench.flops import ViTGeometry, vit_gmacs
 
-from .patch import ATSConfig, ATSInfo
+from .patch import ATSConfig, ATSRecord
 from .sampling import stage_k
 
 
@@ -15,7 +15,7 @@ def _query_rows(config: ATSConfig, n_in, n_out):
     return n_in + n_out if "self_attention" in config.variant else n_out + 1
 
 
-def per_image_gmacs(geometry: ViTGeometry, info: ATSInfo, layernorm: bool = True) -> torch.Tensor:
+def per_image_gmacs(geometry: ViTGeometry, info: ATSRecord, layernorm: bool = True) -> torch.Tensor:
     """``[B]`` GMACs of every image of the last forward, from its own token counts (padding never counted)."""
     n_in, n_out = (t.double() for t in info.token_counts())
     counts = []

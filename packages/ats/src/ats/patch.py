@@ -1,9 +1,10 @@
 """timm integration: ATS as an in-place class swap of a timm ``VisionTransformer`` (ToMe style).
 
-``apply(model, stages=range(3, 12), rho=1.0)`` swaps the model, its blocks and their attention modules to
-the subclasses below; parameters and ``state_dict`` keys are untouched, so pretrained timm weights load
-unchanged. After every forward ``model.ats_info`` holds, for each block and image, the realised token
-counts and (for ATS blocks) the kept tokens as original token indices in the order the block outputs them.
+``apply(model, stages=range(3, 12), rho=1.0)`` gives the model, its blocks and their attention modules the
+classes below (:func:`vitbench.patching.attach`: a subclass of the model's own class keeps its other methods);
+parameters and ``state_dict`` keys are untouched, so pretrained timm weights load unchanged. After every forward
+``model.record`` (:class:`ATSRecord`) holds, for each block and image, the realised token counts and (for ATS
+blocks) the kept tokens as original token indices in the order the block outputs them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
+from vitbench.patching import attach
 
 from . import sampling
 from .tokens import TokenSets
@@ -53,7 +55,7 @@ class ATSConfig:
 
 
 @dataclass
-class ATSInfo:
+class ATSRecord:
     """Per-forward record, filled by the patched model (read by evaluation, FLOPs and figures).
 
     ``tokens_in[i]`` / ``tokens_out[i]``: ``[B]`` token counts (CLS included) entering / leaving block i;
@@ -119,7 +121,7 @@ class ATSAttention(Attention):
         q, k, v, _ = self.heads(h, tokens)
         return self.output(self.attend(q, k, v, tokens.key_mask()), tokens)
 
-    def sample(self, h: Tensor, tokens: TokenSets, k_cfg: float, info: ATSInfo, block: int):
+    def sample(self, h: Tensor, tokens: TokenSets, k_cfg: float, info: ATSRecord, block: int):
         """The ATS step (Sec. 3): score, sample, ``O = A_s V``. Returns (attention rows, positions, K'+1, the
         same counts as Python ints). The counts are read to the host once: the stage's only host sync."""
         q, k, v, qkv = self.heads(h, tokens)
@@ -190,7 +192,7 @@ class ATSBlock(Block):
     residual keeps the matching input rows (pre-LN, as in the released ``ATSBlock``); drop-path is per image.
     """
 
-    def forward_tokens(self, tokens: TokenSets, info: ATSInfo, block: int) -> TokenSets:
+    def forward_tokens(self, tokens: TokenSets, info: ATSRecord, block: int) -> TokenSets:
         k_cfg = info.config.k_of(block)
         info.tokens_in.append(tokens.lengths)
         if k_cfg is None and tokens.uniform:
@@ -215,10 +217,10 @@ class ATSVisionTransformer(VisionTransformer):
     """timm ``VisionTransformer`` whose blocks run on per-image token sets.
 
     Modifications: ``forward_features`` threads a ``TokenSets`` through the blocks and records
-    ``ats_info``; everything before the blocks and after them is timm's own code.
+    ``record``; everything before the blocks and after them is timm's own code.
     """
 
-    ats_info: ATSInfo
+    record: ATSRecord
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, *,
                          hidden: Tensor | None = None, start: int = 0) -> Tensor:
@@ -230,17 +232,17 @@ class ATSVisionTransformer(VisionTransformer):
             raise ValueError("ATS models do not take an attention mask")
         if self.grad_checkpointing and self.training:
             raise ValueError("gradient checkpointing is not supported with ATS")
-        if start > min(self.ats_info.config.stages, default=len(self.blocks)) or (hidden is None and start):
+        if start > min(self.record.config.stages, default=len(self.blocks)) or (hidden is None and start):
             raise ValueError("hidden states can only skip the dense blocks before the first ATS stage")
         grid = self.patch_embed.dynamic_feat_size(x.shape[-2:]) if self.dynamic_img_size else self.patch_embed.grid_size
         x = embed(self, x) if hidden is None else hidden
-        self.ats_info.reset(x.shape[1], tuple(grid))
+        self.record.reset(x.shape[1], tuple(grid))
         tokens = TokenSets.full(x)
-        self.ats_info.tokens_in += [tokens.lengths] * start
-        self.ats_info.tokens_out += [tokens.lengths] * start
+        self.record.tokens_in += [tokens.lengths] * start
+        self.record.tokens_out += [tokens.lengths] * start
         for i, blk in enumerate(self.blocks):
             if i >= start:
-                tokens = blk.forward_tokens(tokens, self.ats_info, i)
+                tokens = blk.forward_tokens(tokens, self.record, i)
         return self.norm(tokens.padded())
 
 
@@ -279,7 +281,9 @@ def compile_ats(model: ATSVisionTransformer, **options) -> ATSVisionTransformer:
     return model
 
 
-def _check_structure(model: nn.Module) -> None:
+def check_structure(model: nn.Module) -> None:
+    """Refuse a model ATS cannot patch: it needs a timm ``VisionTransformer`` whose one CLS token is read by the
+    classifier, with plain timm blocks (or ATS-patched ones)."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"ATS patches a timm VisionTransformer, got {type(model).__name__}")
     if model.cls_token is None or model.num_prefix_tokens != 1 or model.global_pool != "token":
@@ -329,12 +333,12 @@ def apply(
     ``mode``: ``"official"`` (released code) or ``"paper"`` (Eqs. 3-6). ``variant``: ablations from
     ``VARIANTS`` (a name or several). Calling it again on a patched model reconfigures it.
     """
-    _check_structure(model)
+    check_structure(model)
     stages, ks = schedule(stages, rho, k, len(model.blocks))
     variants = frozenset([variant] if isinstance(variant, str) else variant)
-    model.ats_info = ATSInfo(ATSConfig(stages, ks, mode, variants, seed))
-    model.__class__ = ATSVisionTransformer
+    model.record = ATSRecord(ATSConfig(stages, ks, mode, variants, seed))
+    attach(model, ATSVisionTransformer)
     for blk in model.blocks:
-        blk.__class__ = ATSBlock
-        blk.attn.__class__ = ATSAttention
+        attach(blk, ATSBlock)
+        attach(blk.attn, ATSAttention)
     return model

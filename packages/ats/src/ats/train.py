@@ -6,7 +6,7 @@ K = all tokens during training (``--ats-rho 1``: multi-stage blocks 3..11). ``--
 (this is how the embedded backbone is trained). Multi-GPU/multi-node: ``accelerate launch -m ats.train ...``;
 multi-process CPU: ``torchrun --nproc_per_node 2 -m ats.train --cpu ...``. The weights keep timm's layout, so
 ``ats-eval --checkpoint OUTPUT_DIR/model.safetensors`` evaluates them at any rho or K. Video models
-(``--model xvit_digits_patch8_64 --data moving-digits``) train on clips (:mod:`ats.video_train`).
+(``--model xvit_digits_patch8_64 --data moving-digits``) train on clips (:mod:`ats.video.train`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
+import vitbench
 from vitbench.cli import run
 from vitbench.engine import TrainConfig, add_train_args, train
 
-from . import patch, video, video_train
-from .evaluate import parse_stages
+from . import patch
+from .options import parse_stages
+from .video import train as video_train
+from .video.models import VIDEO_MODELS
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,7 @@ def ats_config_from_args(ns: argparse.Namespace) -> ATSTrainConfig:
 
 
 def build_model(cfg: TrainConfig, ats_cfg: ATSTrainConfig):
-    import vitbench
-
-    if cfg.model in video.VIDEO_MODELS:
+    if cfg.model in VIDEO_MODELS:
         return video_train.build_model(cfg, ats_cfg)
     kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
     model = vitbench.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
@@ -81,10 +82,10 @@ def build_model(cfg: TrainConfig, ats_cfg: ATSTrainConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), _train, argv)
+    return run(build_parser(), command, argv)
 
 
-def _train(ns: argparse.Namespace) -> int:
+def command(ns: argparse.Namespace) -> int:
     cfg = TrainConfig.from_args(ns)
     ats_cfg = ats_config_from_args(ns)
     result = train(cfg, lambda: build_model(cfg, ats_cfg), extra_config={"ats": asdict(ats_cfg)})

@@ -2,7 +2,7 @@
 
 Clips are tested as the papers do, 1 temporal x 3 spatial views: the views are folded into the batch, the
 softmax is averaged over them (:func:`vitbench.video.views_forward`) and a clip's GFLOPs are the sum over its
-views of the counts :func:`ats.video_flops.recorded_gmacs` makes from the tokens ATS kept. The flags are the
+views of the counts :func:`ats.video.flops.recorded_gmacs` makes from the tokens ATS kept. The flags are the
 image path's (``--rho`` / ``--k``, ``--stages``, ``--mode``, ``--checkpoint``, ``--finetuned``, ``--limit``,
 ``--no-throughput``, ...); ``--batch-size`` and ``--throughput-batch`` count clips. Video data without
 ``--model`` selects the embedded ``xvit_digits_patch8_64``; without ``--checkpoint`` it runs on its shipped
@@ -15,36 +15,35 @@ import copy
 import dataclasses
 from pathlib import Path
 
+import timm
 import torch
 from vitbench import evaluation as ev
+from vitbench.figures import save
 from vitbench.video import is_video, views_forward
 
-from . import video, video_ats
-from .evaluate import MULTI, ATSOptions, Run, _stage_text, figure_slug, given_finetuned
-from .patch import schedule
-from .video_flops import VIEWS, VideoGeometry, clip_gmacs, recorded_gmacs
+from ..options import WEIGHTS as WEIGHTS_DIR
+from ..options import ATSEvalConfig, figure_slug, given_finetuned
+from ..paper import MULTI, VIDEO, Run, stage_text
+from ..patch import schedule
+from .checkpoint import load_video_checkpoint
+from .flops import VIEWS, VideoGeometry, clip_gmacs, recorded_gmacs
+from .models import VIDEO_MODELS, VideoTransformer
+from .patch import STAGES, apply
 
 EMBEDDED_MODEL = "xvit_digits_patch8_64"
-WEIGHTS = Path(__file__).parent / "weights" / f"{EMBEDDED_MODEL}.safetensors"
-FINETUNED_WEIGHTS = Path(__file__).parent / "weights" / f"{EMBEDDED_MODEL}_ats.safetensors"
+WEIGHTS = WEIGHTS_DIR / f"{EMBEDDED_MODEL}.safetensors"
+FINETUNED_WEIGHTS = WEIGHTS_DIR / f"{EMBEDDED_MODEL}_ats.safetensors"
 DEFAULT_RHO = (1.0,)  # K = all tokens: the setting the ATS weights are fine-tuned in (App. E.4)
-# (model, classes): (table, dense top-1 / GFLOPs, ATS fine-tuned top-1 / GFLOPs), 1 x 3 views, as printed.
-PAPER = {
-    ("xvit_base_patch16_224_16f", 400): ("Table 2 (K400)", (80.2, 425.0), (80.0, 259.0)),
-    ("xvit_base_patch16_224_16f", 600): ("Table 3 (K600)", (84.5, 850.0), (84.4, 521.0)),
-    ("timesformer_l_patch16_224", 400): ("Table 2 (K400)", (80.7, 7140.0), (80.5, 3510.0)),
-    ("timesformer_hr_patch16_448", 600): ("Table 3 (K600)", (82.4, 5110.0), (82.2, 3103.0)),
-}
 
 
 def wants_video(cfg: ev.EvalConfig) -> bool:
     """Whether ``ats-eval`` runs the video path: a video model or video data."""
-    return cfg.model in video.VIDEO_MODELS or is_video(cfg.data)
+    return cfg.model in VIDEO_MODELS or is_video(cfg.data)
 
 
-def check_inputs(cfg: ev.EvalConfig, opts: ATSOptions) -> None:
-    if cfg.model not in video.VIDEO_MODELS:
-        raise ValueError(f"{cfg.data} is video data: give a video --model ({', '.join(sorted(video.VIDEO_MODELS))})")
+def check_inputs(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> None:
+    if cfg.model not in VIDEO_MODELS:
+        raise ValueError(f"{cfg.data} is video data: give a video --model ({', '.join(sorted(VIDEO_MODELS))})")
     if not is_video(cfg.data):
         raise ValueError(f"{cfg.model} is a video model: give --data moving-digits or --data videofolder:PATH")
     if opts.preset or opts.variant:
@@ -54,18 +53,16 @@ def check_inputs(cfg: ev.EvalConfig, opts: ATSOptions) -> None:
                          ".pyth, loaded through ats.video.load_released, or an ats-train output)")
 
 
-def create_model(cfg: ev.EvalConfig) -> video.VideoTransformer:
+def create_model(cfg: ev.EvalConfig) -> VideoTransformer:
     """``cfg.model`` (``--num-classes``, ``--img-size`` applied), weights not loaded yet."""
-    import timm
-
     kwargs = {k: v for k, v in (("num_classes", cfg.num_classes), ("img_size", cfg.img_size)) if v is not None}
     model = timm.create_model(cfg.model, **kwargs)
     ev.check_img_size(model, cfg.img_size)
     return model.eval()
 
 
-def load_weights(cfg: ev.EvalConfig, model: video.VideoTransformer) -> video.VideoTransformer:
-    """``--checkpoint`` (any layout :func:`ats.video.load_video_checkpoint` reads) or, for the embedded model,
+def load_weights(cfg: ev.EvalConfig, model: VideoTransformer) -> VideoTransformer:
+    """``--checkpoint`` (any layout :func:`ats.load_video_checkpoint` reads) or, for the embedded model,
     its shipped weights; nothing with ``--flops-only``."""
     if cfg.flops_only:
         return model
@@ -77,13 +74,13 @@ def load_weights(cfg: ev.EvalConfig, model: video.VideoTransformer) -> video.Vid
         path = WEIGHTS
     if path is None:
         raise ValueError(f"no weights for {cfg.model}: give --checkpoint PATH")
-    return video.load_video_checkpoint(model, str(path)).eval()
+    return load_video_checkpoint(model, str(path)).eval()
 
 
-def runs(opts: ATSOptions, model: video.VideoTransformer, paper: tuple | None) -> list[Run]:
+def runs(opts: ATSEvalConfig, model: VideoTransformer, paper: tuple | None) -> list[Run]:
     """The ATS configurations: ``--stages`` (default: the paper's blocks for the model), ``--rho`` / ``--k``
     (default rho 1), checked against the model's blocks and tokens before any data is read."""
-    stages = video_ats.STAGES[model.arch] if opts.stages == MULTI else opts.stages
+    stages = STAGES[model.arch] if opts.stages == MULTI else opts.stages
     values = opts.k or opts.rho or DEFAULT_RHO
     tokens = 1 + model.num_frames * model.grid[0] * model.grid[1]
     for v in values:
@@ -94,7 +91,7 @@ def runs(opts: ATSOptions, model: video.VideoTransformer, paper: tuple | None) -
     return [Run(tuple(stages), float(v), opts.mode, series="ATS", paper_finetuned=ats_paper) for v in values]
 
 
-def finetuned_path(cfg: ev.EvalConfig, opts: ATSOptions) -> Path | None:
+def finetuned_path(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> Path | None:
     given = given_finetuned(opts)
     if given is not None:
         return given
@@ -121,7 +118,7 @@ def build_settings(cfg, model, finetuned, ats_runs, paper, loader) -> list[ev.Se
     bases = [("", model)] + ([("fine-tuned", finetuned)] if finetuned is not None else [])
     for tag, base in bases:
         for r in ats_runs:
-            m = video_ats.apply(copy.deepcopy(base), stages=r.stages, mode=r.mode, **r.size).eval()
+            m = apply(copy.deepcopy(base), stages=r.stages, mode=r.mode, **r.size).eval()
             series = r.series_for(tag or ("off-the-shelf" if finetuned is not None else ""))
             s = ev.Setting("ats", series, r.point, {**r.params(), "views": VIEWS, "weights": tag or "given"}, m,
                            paper=dict(r.paper_finetuned) if tag else {}, timed=_fold(m))
@@ -134,12 +131,12 @@ def build_settings(cfg, model, finetuned, ats_runs, paper, loader) -> list[ev.Se
 def _attach_probe(s: ev.Setting, cfg: ev.EvalConfig) -> None:
     """Per batch: view-averaged logits, per-clip GMACs summed over the views, kept patches per frame; after the
     pass the token statistics and the kept-tokens-over-frames figure."""
-    model, stages = s.model, s.model.ats_info.config.stages
+    model, stages = s.model, s.model.record.config.stages
     counts, per_frame = [], []
 
-    def run(clips, labels, index):
+    def step(clips, labels, index):
         logits = views_forward(model, clips)
-        info = model.ats_info
+        info = model.record
         B = clips.shape[0]
         counts.append(torch.stack([info.tokens_out[b] for b in stages], -1).reshape(B, -1, len(stages)).cpu())
         per_frame.append(torch.stack([info.kept_per_frame(b) for b in stages], 1).reshape(B, -1, len(stages),
@@ -157,14 +154,12 @@ def _attach_probe(s: ev.Setting, cfg: ev.EvalConfig) -> None:
         row["figures"]["frames"] = str(kept_over_frames(f, stages, model.grid[0] * model.grid[1],
                                                         out_dir / f"frames_{slug}.png", title))
 
-    s.run, s.finish = run, finish
+    s.run, s.finish = step, finish
 
 
 def kept_over_frames(per_frame: torch.Tensor, stages, patches: int, path: Path, title: str) -> Path:
     """Kept patch tokens of every frame (mean over views, band: 10th-90th percentile), one line per ATS block."""
-    from vitbench.figures import save
-
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: only a pass over data draws figures
 
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
     frames = torch.arange(per_frame.shape[-1])
@@ -184,21 +179,22 @@ def kept_over_frames(per_frame: torch.Tensor, stages, patches: int, path: Path, 
     return save(fig, path)
 
 
-def body(cfg: ev.EvalConfig, opts: ATSOptions) -> int:
+def evaluate_clips(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> int:
+    """``ats-eval`` on video data or a video model."""
     if is_video(cfg.data) and cfg.model == ev.EvalConfig.model:  # video data, no --model: the embedded one
         cfg = dataclasses.replace(cfg, model=EMBEDDED_MODEL)
         ev.status(f"video data: model {EMBEDDED_MODEL}")
     check_inputs(cfg, opts)
     ev.prepare_outputs(cfg)
     model = create_model(cfg)
-    paper = PAPER.get((cfg.model, model.num_classes))
+    paper = VIDEO.get((cfg.model, model.num_classes))
     ats_runs = runs(opts, model, paper)
     load_weights(cfg, model)
     path = finetuned_path(cfg, opts)
-    finetuned = None if path is None else video.load_video_checkpoint(copy.deepcopy(model), str(path)).eval()
+    finetuned = None if path is None else load_video_checkpoint(copy.deepcopy(model), str(path)).eval()
     if paper is not None:
         ev.status(f"paper: {paper[0]}, 1 x 3 views")
-    title = (f"ATS on {cfg.model} (blocks {_stage_text(ats_runs[0].stages)}), {cfg.data}, 1 x {VIEWS} views: "
+    title = (f"ATS on {cfg.model} (blocks {stage_text(ats_runs[0].stages)}), {cfg.data}, 1 x {VIEWS} views: "
              "top-1 vs GFLOPs per clip")
     ev.run(cfg, opts, model, lambda loader, spec: build_settings(cfg, model, finetuned, ats_runs, paper, loader),
            figure_patterns=("frames_*.png",), sweep_title=title, sweep_unit="clip")

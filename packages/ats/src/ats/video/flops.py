@@ -15,18 +15,12 @@ import torch
 from torch import Tensor
 from vitbench.cli import check_writable_file, run
 from vitbench.flops import block_macs, layernorm_macs, linear_macs
+from vitbench.report import markdown_table, write_json
 
-from .video import VIDEO_MODELS, VideoTransformer
+from ..paper import VIDEO_GFLOPS
+from .models import VIDEO_MODELS, VideoTransformer
 
 VIEWS = 3  # 1 temporal clip x 3 spatial crops
-# (where, GFLOPs for 1 x 3 views) as printed in the ATS paper for the dense backbones. Table 2 prints 425 for
-# "X-ViT (16x)": that is the 8-frame count (8 x ViT-B/16 x 3 views); Table 3 prints 850 for the same 16x model.
-PAPER_GFLOPS = {
-    "timesformer_l_patch16_224": ("Table 2", 7140.0),
-    "timesformer_hr_patch16_448": ("Table 3", 5110.0),
-    "xvit_base_patch16_224_8f": ("Table 2 (as 16x)", 425.0),
-    "xvit_base_patch16_224_16f": ("Table 3", 850.0),
-}
 
 
 @dataclass(frozen=True)
@@ -118,8 +112,8 @@ def clip_gmacs(g: VideoGeometry, alive: list[Tensor] | None = None, sampled: set
 
 
 def recorded_gmacs(model: VideoTransformer, layernorm: bool = True) -> Tensor:
-    """``[B]`` GMACs per clip of the last forward of an ATS-patched model (:mod:`ats.video_ats`)."""
-    info = model.ats_info
+    """``[B]`` GMACs per clip of the last forward of an ATS-patched model (:mod:`ats.video.patch`)."""
+    info = model.record
     return clip_gmacs(VideoGeometry.from_model(model), info.alive, set(info.config.stages), layernorm)
 
 
@@ -146,7 +140,7 @@ def rows(names: list[str], layernorm: bool = True) -> list[dict]:
     for name in names:
         g = VideoGeometry.of(name)
         view = dense_gmacs(name, layernorm)
-        table, paper = PAPER_GFLOPS.get(name, ("", None))
+        table, paper = VIDEO_GFLOPS.get(name, ("", None))
         cls_tokens = 1 if g.arch == "timesformer" else g.frames
         out.append({"model": name, "frames": g.frames, "img_size": g.grid[0] * g.patch_size,
                     "tokens_per_view": cls_tokens + g.frames * g.patches, "gflops_view": view,
@@ -156,9 +150,7 @@ def rows(names: list[str], layernorm: bool = True) -> list[dict]:
     return out
 
 
-def _body(args: argparse.Namespace) -> int:
-    from vitbench.report import markdown_table, write_json
-
+def command(args: argparse.Namespace) -> int:
     if args.json:
         check_writable_file(args.json)
     names = args.model or [n for n in VIDEO_MODELS if "digits" not in n]
@@ -171,7 +163,7 @@ def _body(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), _body, argv)
+    return run(build_parser(), command, argv)
 
 
 if __name__ == "__main__":

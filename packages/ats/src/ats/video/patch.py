@@ -1,4 +1,4 @@
-"""ATS on the video transformers of :mod:`ats.video`, with the same :mod:`ats.sampling` functions as on images.
+"""ATS on the video transformers of :mod:`ats.video.models`, with the same :mod:`ats.sampling` functions as on images.
 
 Where (ATS paper, Appendix E.4/E.5): X-ViT blocks 3..11, TimeSformer blocks 3..5 (0-based, as the image stages).
 The paper does not spell out the video details; these are our readings, documented in the README:
@@ -15,9 +15,9 @@ The paper does not spell out the video details; these are our readings, document
   key; with X-ViT's channel mixing its key and value chunks are zero in the neighbouring frames, as at a clip's
   ends. The CLS token(s) are always kept. The sampling block itself still attends to all tokens (``O = A_s V``).
 
-Per clip results never depend on the batch (masks, no shared padding). After every forward ``model.ats_info``
-(:class:`VideoATSInfo`) holds per block the tokens in/out (CLS included), the kept original indices
-(0 = CLS, ``1 + t * S + s``) and the alive masks from which :func:`ats.video_flops.clip_gmacs` counts each clip.
+Per clip results never depend on the batch (masks, no shared padding). After every forward ``model.record``
+(:class:`VideoATSRecord`) holds per block the tokens in/out (CLS included), the kept original indices
+(0 = CLS, ``1 + t * S + s``) and the alive masks from which :func:`ats.video.flops.clip_gmacs` counts each clip.
 """
 
 from __future__ import annotations
@@ -29,16 +29,18 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from . import sampling
-from .patch import ATSConfig, ATSInfo, schedule
-from .video import TimeSformer, VideoTransformer, XViT
+from vitbench.patching import attach
+
+from .. import sampling
+from ..patch import ATSConfig, ATSRecord, schedule
+from .models import TimeSformer, VideoTransformer, XViT
 
 STAGES = {"timesformer": tuple(range(3, 6)), "xvit": tuple(range(3, 12))}
 
 
 @dataclass
-class VideoATSInfo(ATSInfo):
-    """:class:`ats.patch.ATSInfo` for clips, plus ``alive``: ``[B, T, S]`` masks entering every block and
+class VideoATSRecord(ATSRecord):
+    """:class:`ats.patch.ATSRecord` for clips, plus ``alive``: ``[B, T, S]`` masks entering every block and
     leaving the last one (``depth + 1`` entries)."""
 
     frames: int = 0
@@ -54,7 +56,7 @@ class VideoATSInfo(ATSInfo):
 
 
 @sampling.in_fp32
-def select_tokens(q: Tensor, k: Tensor, v: Tensor, alive: Tensor, *, info: VideoATSInfo, block: int,
+def select_tokens(q: Tensor, k: Tensor, v: Tensor, alive: Tensor, *, info: VideoATSRecord, block: int,
                   scale: float) -> Tensor:
     """The ATS step on a clip's frame-wise attention (``q, k, v`` ``[B, T, H, 1 + S, d]``, CLS first): score every
     alive patch of the clip, sample with one K per clip, return the new ``[B, T, S]`` alive mask (in fp32 also
@@ -97,13 +99,13 @@ def select_tokens(q: Tensor, k: Tensor, v: Tensor, alive: Tensor, *, info: Video
     return new_alive[:, : T * S].reshape(B, T, S)
 
 
-class _VideoATS:
-    """``forward_features`` that passes the ATS selectors to the blocks and records ``ats_info``."""
+class VideoATSMixin:
+    """``forward_features`` that passes the ATS selectors to the blocks and records ``record``."""
 
-    ats_info: VideoATSInfo
+    record: VideoATSRecord
 
     def forward_features(self, x: Tensor) -> Tensor:
-        info = self.ats_info
+        info = self.record
         S = self.grid[0] * self.grid[1]
         T = self.num_frames
         info.reset(1 + T * S, self.grid, T)
@@ -124,17 +126,9 @@ class _VideoATS:
         return super().forward_features(x, selectors, record)
 
 
-class ATSTimeSformer(_VideoATS, TimeSformer):
-    """TimeSformer with ATS in the spatial attention of its ATS blocks."""
-
-
-class ATSXViT(_VideoATS, XViT):
-    """X-ViT with ATS in the space-time mixing attention of its ATS blocks."""
-
-
 def apply(model: VideoTransformer, stages: Iterable[int] | None = None, rho: float | None = None,
           k: float | None = None, mode: str = "official") -> VideoTransformer:
-    """Patch a :mod:`ats.video` model in place with ATS and return it (parameters untouched).
+    """Patch a :mod:`ats.video.models` model in place with ATS and return it (parameters untouched).
 
     ``stages`` default to the paper's (TimeSformer 3..5, X-ViT 3..11); ``rho`` (``K_n = max(round(rho N_n), 8)``)
     or an absolute ``k`` per clip; default rho = 1 (K = N, the fine-tuning setting). ``mode`` ``official`` or
@@ -142,6 +136,5 @@ def apply(model: VideoTransformer, stages: Iterable[int] | None = None, rho: flo
     if not isinstance(model, (TimeSformer, XViT)):
         raise TypeError(f"video ATS patches an ats.video TimeSformer or XViT, got {type(model).__name__}")
     stages, ks = schedule(STAGES[model.arch] if stages is None else stages, rho, k, len(model.blocks))
-    model.ats_info = VideoATSInfo(ATSConfig(stages, ks, mode))
-    model.__class__ = ATSTimeSformer if model.arch == "timesformer" else ATSXViT
-    return model
+    model.record = VideoATSRecord(ATSConfig(stages, ks, mode))
+    return attach(model, VideoATSMixin)
