@@ -32,6 +32,7 @@ def section(title: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Reproduction table
 
+
 def is_flops_command(cmd: str) -> bool:
     return cmd.startswith("vitbench-flops ") or cmd == "vitbench-flops" or " --flops-only" in f" {cmd} "
 
@@ -95,6 +96,7 @@ def test_reproduction_row_prints_its_figures(claim, figures, commands, capsys, m
 
 # ---------------------------------------------------------------------------------------------------------------
 # Layout block
+
 
 def layout_names() -> set[Path]:
     """The paths the Layout block names, resolved against the tree.
