@@ -35,6 +35,7 @@ from vitbench.cli import check_writable, run
 from vitbench.engine import resolve_input
 from vitbench.figures import save  # sets the Agg backend before pyplot is imported
 from vitbench.localization import on_box
+from vitbench.patching import qkv_heads
 from vitbench.report import markdown_table, write_json
 
 import matplotlib.pyplot as plt  # noqa: E402  (after vitbench.figures)
@@ -91,10 +92,7 @@ def random_count_mask(shape: tuple[int, int], count: Tensor, generator: torch.Ge
 
 def _qkv(attn_module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v ``[B, H, N, d]`` of a timm ``Attention`` for its normalised input ``h`` ``[B, N, C]``."""
-    B, N, _ = h.shape
-    qkv = attn_module.qkv(h).reshape(B, N, 3, attn_module.num_heads, attn_module.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return attn_module.q_norm(q), attn_module.k_norm(k), v
+    return qkv_heads(attn_module, attn_module.qkv(h))
 
 
 def ats_scores(attn_module, h: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
-from vitbench.patching import attach
+from vitbench.patching import attach, qkv_heads
 
 from . import sampling
 from .tokens import TokenSets
@@ -93,9 +93,7 @@ class ATSAttention(Attention):
     def heads(self, h: Tensor, tokens: TokenSets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q, k, v as ``[B, H, Nmax, d]`` (qkv runs on the valid rows only), and the padded ``[B, Nmax, 3C]`` qkv."""
         qkv = tokens.pad(self.qkv(h))
-        B, N, _ = qkv.shape
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.q_norm(q), self.k_norm(k), v, qkv
+        return *qkv_heads(self, qkv), qkv
 
     def queries(self, qkv: Tensor, positions: Tensor) -> Tensor:
         """The queries of ``positions`` (``[B, K]``, -1 padded) as ``[B, H, K, d]``, gathered as whole rows."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Attention, VisionTransformer
+from vitbench.patching import qkv_heads
 
 from .focus import focus_sequence, upsample_tokens
 from .localization import (REGION_MODES, check_region_size, cls_attention, global_class_attention,
@@ -49,9 +50,7 @@ class LFAttention(Attention):
         if self.cls_rows is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = qkv_heads(self, self.qkv(x))
         if self.fused_attn:
             self.cls_rows.append(cls_attention(q, k, self.scale))
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)

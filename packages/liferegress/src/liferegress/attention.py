@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
+from vitbench.patching import qkv_heads
 
 __all__ = ["key_bias_attention", "LifeRegressionAttention"]
 
@@ -74,9 +75,7 @@ class LifeRegressionAttention(Attention):
         # Note: from timm.layers.attention.Attention.forward, with the fused call replaced.
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = qkv_heads(self, self.qkv(x))
         x = key_bias_attention(q, k, v, attn_mask, self.scale)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)

@@ -27,6 +27,7 @@ from timm.layers import Attention, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from vitbench.patching import qkv_heads
 
 ARCHS = ("timesformer", "xvit")
 Selector = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -45,11 +46,10 @@ class VideoAttention(Attention):
 
     def heads(self, x: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``x`` ``[B', N, C]`` -> q, k, v ``[B', H, N, d]``; rows outside ``keep`` ``[B', N]`` get zero k and v."""
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv_heads(self, self.qkv(x))
         if keep is not None:
             k, v = (t * keep[:, None, :, None] for t in (k, v))
-        return self.q_norm(q), self.k_norm(k), v
+        return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
