@@ -7,7 +7,8 @@ from ats import sampling
 
 
 def released_semantics(scores: torch.Tensor, points: int) -> torch.Tensor:
-    """Spec section 3.4-3.7 for one image, brute force: kept candidates in ascending-score order."""
+    """The released sampler for one image, brute force (sort, min-max normalised CDF, nearest-value picks, dedup):
+    kept candidates in ascending-score order."""
     s, order = torch.sort(scores)
     cdf = torch.cumsum(s, 0)
     ncdf = (cdf - cdf.min()) / ((cdf.max() - cdf.min()) / 1.0)

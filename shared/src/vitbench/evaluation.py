@@ -233,12 +233,12 @@ def timing_batch(loader, size: int, device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # Settings, rows and the schema
 
-RunHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+StepHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
 class Setting:
-    """One evaluated setting. ``run(images, labels, index) -> (logits [B, C], gflops [B])`` is the per-batch hook
+    """One evaluated setting. ``step(images, labels, index) -> (logits [B, C], gflops [B])`` is the per-batch hook
     (it may record method state); ``finish(row, out_dir)`` fills ``row["extra"]`` / ``row["figures"]`` after the
     pass. ``timed`` is what the timing run calls (default ``model``); ``evaluate=False`` gives a timing-only row.
     ``gflops`` is the data-free count used by ``--flops-only``; ``extra`` the method fields known without data."""
@@ -248,7 +248,7 @@ class Setting:
     point: str
     params: dict
     model: torch.nn.Module
-    run: RunHook | None = None
+    step: StepHook | None = None
     gflops: float | None = None
     timed: Callable[[torch.Tensor], Any] | None = None
     finish: Callable[[dict, Path], None] | None = None
@@ -349,7 +349,7 @@ def evaluate(cfg: EvalConfig, settings: Sequence[Setting], loader, device: torch
             for images, labels, index in tqdm(loader, desc="batches", leave=False, file=sys.stderr):
                 images, labels = images.to(device), labels.to(device)
                 for s, _, acc in active:
-                    logits, g = s.run(images, labels, index)
+                    logits, g = s.step(images, labels, index)
                     top = logits.topk(min(5, logits.shape[-1]), -1).indices
                     acc["correct1"] += int((top[:, 0] == labels).sum())
                     acc["correct5"] += int((top == labels[:, None]).any(-1).sum())
@@ -454,7 +454,7 @@ def clear_figures(out_dir: Path, patterns: Sequence[str]) -> None:
             path.unlink()
 
 
-def run(cfg: EvalConfig, options: Any, model: torch.nn.Module,
+def harness(cfg: EvalConfig, options: Any, model: torch.nn.Module,
         make_settings: Callable[[Any, InputSpec | None], list[Setting]],
         figure_patterns: Sequence[str] = (), sweep_title: str | None = None, sweep_unit: str = "image") -> dict:
     """The whole ``*-eval`` flow after parsing: outputs checked, ``--flops-only`` rows or the data, the settings'

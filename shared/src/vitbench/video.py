@@ -296,7 +296,7 @@ def build_video_dataset(spec: str | DataSpec, split: str, sampling: ClipSampling
 
 
 def model_sampling(spec: str | DataSpec, model: torch.nn.Module, img_size: int | None = None) -> ClipSampling:
-    """The spec's clip sampling at the model's frames and frame stride (``num_frames`` / ``frame_stride`` when it
+    """The data spec's clip sampling at the model's frames and frame stride (``num_frames`` / ``frame_stride`` when it
     has them), crop (scale jitter scaled with it) and normalisation."""
     base = default_sampling(spec)
     resolved = resolve_data_config({}, model=model)

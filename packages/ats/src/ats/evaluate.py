@@ -108,7 +108,7 @@ def build_settings(cfg, opts, model, finetuned, loader, spec) -> list[ev.Setting
     dense_g = dense_gmacs(geom)
     shared = SharedBlocks({name or "": {min(run.stages) for run in runs} for _, _, runs, name in plans})
     settings = [ev.Setting("dense", "dense", "", {}, model, gflops=dense_g, paper=DENSE,
-                           run=lambda x, y, i: (model.forward_head(model.norm(shared.hidden("", model, x, i,
+                           step=lambda x, y, i: (model.forward_head(model.norm(shared.hidden("", model, x, i,
                                                                                              geom.depth))),
                                                 torch.tensor(dense_g)))]
     for tag, base, runs, name in plans:
@@ -193,7 +193,7 @@ def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg, shared:
                 images, spec.mean, spec.std, [kept[i] for i in idx], stages, geom.grid, out_dir / f"tokens_{slug}.png",
                 spec.boxes(ds, idx), idx, title))
 
-    s.run, s.finish = step, finish
+    s.step, s.finish = step, finish
 
 
 def command(args: argparse.Namespace) -> int:
@@ -211,7 +211,7 @@ def command(args: argparse.Namespace) -> int:
     if opts.preset:
         print(PRESETS[opts.preset][0])
     title = f"ATS on {cfg.model}, {cfg.data}: top-1 vs GFLOPs"
-    ev.run(cfg, opts, model, lambda loader, spec: build_settings(cfg, opts, model, finetuned, loader, spec),
+    ev.harness(cfg, opts, model, lambda loader, spec: build_settings(cfg, opts, model, finetuned, loader, spec),
            figure_patterns=("hist_*.png", "tokens_*.png"), sweep_title=title)
     return 0
 

@@ -223,7 +223,7 @@ def _two_stage(cfg, model, loader, spec, series, point, params, paper, main: boo
     flops = stage_flops(model)
     rec: dict[str, list] = {k: [] for k in ("p_loc", "p_focus", "labels", "index", "window", "cells")}
 
-    def run_batch(images, labels, index):
+    def step(images, labels, index):
         z = model(images)
         r = model.record
         for key, value in (("p_loc", z.location.float().softmax(-1)), ("p_focus", z.focus.float().softmax(-1)),
@@ -250,7 +250,7 @@ def _two_stage(cfg, model, loader, spec, series, point, params, paper, main: boo
             row["figures"]["regions"] = str(plot_regions(loader.dataset, r, order, model, out_dir / "regions.png",
                                                          title))
 
-    return ev.Setting("lfvit", series, point, params, model, run=run_batch if loader else None, gflops=flops.cumulative,
+    return ev.Setting("lfvit", series, point, params, model, step=step if loader else None, gflops=flops.cumulative,
                       finish=finish if loader else None, paper=paper,
                       extra={"location_gflops": flops.location, "focus_tokens": flops.focus_tokens})
 
@@ -263,7 +263,7 @@ def _early_exit(model, eta: float, params: dict, paper: dict) -> ev.Setting:
     def forward(x):
         return model.forward_early_exit(x, eta)
 
-    def run_batch(images, labels, index):
+    def step(images, labels, index):
         logits = forward(images)
         go = model.record.exit_stage.bool()
         right = logits.argmax(-1) == labels
@@ -276,7 +276,7 @@ def _early_exit(model, eta: float, params: dict, paper: dict) -> ev.Setting:
     def finish(row: dict, out_dir: Path) -> None:
         row["extra"].update(counts, focus_fraction=counts["n_focus"] / row["images"])
 
-    return ev.Setting("lfvit", "LF-ViT early exit", f"eta {eta:g}", {**params, "eta": eta}, model, run=run_batch,
+    return ev.Setting("lfvit", "LF-ViT early exit", f"eta {eta:g}", {**params, "eta": eta}, model, step=step,
                       gflops=flops.cumulative, timed=forward, finish=finish, paper=paper)
 
 
@@ -309,7 +309,7 @@ def command(args: argparse.Namespace) -> int:
     cfg, opts = ev.EvalConfig.from_args(args), LFEvalConfig.from_args(args)
     ev.prepare_outputs(cfg)
     model = build_model(cfg, opts)
-    ev.run(cfg, opts, model, lambda loader, spec: build_settings(cfg, opts, model, loader, spec),
+    ev.harness(cfg, opts, model, lambda loader, spec: build_settings(cfg, opts, model, loader, spec),
            figure_patterns=("budgeted.png", "regions.png"))
     return 0
 

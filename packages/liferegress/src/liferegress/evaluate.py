@@ -105,7 +105,7 @@ def _paper(model: str, rho: float | None) -> dict:
 def build_settings(cfg, opts, backbone, patched, loader, spec) -> list[ev.Setting]:
     dense_g = model_gmacs(backbone)
     settings = [ev.Setting("dense", "unpruned backbone", "", {"keep_rate": 1.0}, backbone, gflops=dense_g,
-                           paper=_paper(cfg.model, None), run=lambda x, y, i: (backbone(x), torch.tensor(dense_g)))]
+                           paper=_paper(cfg.model, None), step=lambda x, y, i: (backbone(x), torch.tensor(dense_g)))]
     last = opts.keep_rate[-1]
     for rho, model in patched.items():
         s = ev.Setting("liferegress", f"Life-Regression ({opts.mode})", f"rho {rho:g}",
@@ -125,7 +125,7 @@ def _attach_probe(s: ev.Setting, cfg, loader, spec, draw: bool) -> None:
     geom = ViTGeometry.from_model(model)
     lives, in_box, chance = [], [], []
 
-    def run_batch(images, labels, index):
+    def step(images, labels, index):
         logits = model(images)
         info, c = model.record, model.life_cfg
         lives.append(info.lives[:, 1:].clamp(c.t_base, c.depth).mean(1).float().cpu())
@@ -145,7 +145,7 @@ def _attach_probe(s: ev.Setting, cfg, loader, spec, draw: bool) -> None:
             row["figures"]["life_maps"] = str(_life_maps(cfg, model, loader.dataset, geom, spec, idx, out_dir,
                                                          f"{cfg.model} + {s.label}, {cfg.data}"))
 
-    s.run, s.finish = run_batch, finish
+    s.step, s.finish = step, finish
 
 
 def _life_maps(cfg, model, dataset, geom, spec, idx, out: Path, title: str) -> Path:
@@ -167,7 +167,7 @@ def command(args: argparse.Namespace) -> int:
     cfg, opts = ev.EvalConfig.from_args(args), LifeEvalConfig.from_args(args)
     ev.prepare_outputs(cfg)
     backbone, patched = build_models(cfg, opts)
-    ev.run(cfg, opts, backbone, lambda loader, spec: build_settings(cfg, opts, backbone, patched, loader,
+    ev.harness(cfg, opts, backbone, lambda loader, spec: build_settings(cfg, opts, backbone, patched, loader,
                                                                              spec),
            figure_patterns=("life_maps_*.png",), sweep_title=f"Life Regression on {cfg.model}, {cfg.data}")
     return 0

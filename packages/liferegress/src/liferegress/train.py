@@ -43,7 +43,7 @@ from .patch import apply, set_mode
 SCHEMES = ("two-stage", "single-stage")
 RUN_FILES = ("stage1", "stage2", "single", "model.safetensors", "results.json")
 
-# The released recipe (spec section 4): 1 epoch per stage, batch 128, AdamW wd 0.05 on every trained tensor, linear
+# The released recipe (package README): 1 epoch per stage, batch 128, AdamW wd 0.05 on every trained tensor, linear
 # warm-up over 1 % of the updates then linear decay to 0 (timm "poly" with power 1), label smoothing 0.1, no mixup,
 # cutmix, repeated augmentation or drop path; learning rates are absolute (not scaled by the batch size).
 RECIPE = dict(
@@ -173,7 +173,7 @@ def loss_trend(path: Path, frac: float = 0.1) -> dict:
 
 
 def released_augmentation(data: str) -> dict | None:
-    """The released training transform (spec section 4): random-resized crop, flip and colour jitter 0.4, without
+    """The released training transform (package README): random-resized crop, flip and colour jitter 0.4, without
     RandAugment or random erasing. The embedded digits keep their own defaults (no crops or flips)."""
     return None if data.startswith("digits") else {"auto_augment": None, "reprob": 0.0, "color_jitter": 0.4}
 

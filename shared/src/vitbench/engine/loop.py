@@ -57,20 +57,20 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
     """
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
-    run = RunFolder.claim(cfg, accelerator, extra_config)
+    folder = RunFolder.claim(cfg, accelerator, extra_config)
     set_seed(cfg.seed)
     model = build_model()
     defaults = recipe_defaults(cfg, model, recipe_overrides)
     source = data_source(cfg.data, model, cfg.img_size, defaults=defaults)
-    train_set, val_loader = load_data(cfg, source, model, run)
-    recipe = Recipe.build(cfg, model, param_groups, defaults, train_set, run, accelerator)
+    train_set, val_loader = load_data(cfg, source, model, folder)
+    recipe = Recipe.build(cfg, model, param_groups, defaults, train_set, folder, accelerator)
     val_set = val_loader.dataset
     model, recipe.optimizer, val_loader = accelerator.prepare(model, recipe.optimizer, val_loader)
-    loop = Loop(cfg, accelerator, run, model, recipe, train_set, (val_set, val_loader), loss_fn,
+    loop = Loop(cfg, accelerator, folder, model, recipe, train_set, (val_set, val_loader), loss_fn,
                 eval_forward or source.forward, on_epoch_start)
     loop.resume()
     with stop_signals() as received:
-        loop.run(received)
+        loop.train_epochs(received)
     return loop.finish()
 
 
@@ -88,7 +88,7 @@ def recipe_defaults(cfg: TrainConfig, model: torch.nn.Module, overrides: dict | 
 
 
 def load_data(cfg: TrainConfig, source: DataSource, model: torch.nn.Module,
-              run: RunFolder) -> tuple[LabelledSet, DataLoader]:
+              folder: RunFolder) -> tuple[LabelledSet, DataLoader]:
     """The training split and the validation loader (``--batch-size`` inputs per batch, so clips of several views
     come fewer per batch); refuses a class count other than the model's and, on resume, a changed training set."""
     train_set = source.train_set(cfg.limit_train, cfg.skip_corrupt, cfg.seed)
@@ -99,8 +99,8 @@ def load_data(cfg: TrainConfig, source: DataSource, model: torch.nn.Module,
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != len(train_set.classes):
         raise ValueError(f"model {cfg.model} has {num_classes} classes but {cfg.data} has {len(train_set.classes)}")
-    run.record["train_samples"] = len(train_set)
-    run.check_settings(run.out)
+    folder.record["train_samples"] = len(train_set)
+    folder.check_settings(folder.out)
     return train_set, val_loader
 
 
@@ -118,9 +118,9 @@ class Recipe:
 
     @classmethod
     def build(cls, cfg: TrainConfig, model: torch.nn.Module, param_groups: Callable | None, dd: DataDefaults,
-              train_set: LabelledSet, run: RunFolder, accelerator: Accelerator) -> Recipe:
+              train_set: LabelledSet, folder: RunFolder, accelerator: Accelerator) -> Recipe:
         params = param_groups(model) if param_groups else model
-        optimizer = create_optimizer_v2(params, opt=cfg.opt, lr=run.record["scaled_lr"],
+        optimizer = create_optimizer_v2(params, opt=cfg.opt, lr=folder.record["scaled_lr"],
                                         weight_decay=cfg.weight_decay)
         repeats = (3 if dd.repeated_aug else 0) if cfg.repeated_aug is None else cfg.repeated_aug
         samples_per_rank = len(train_sampler_indices(len(train_set), 0, cfg.seed, accelerator.process_index,
@@ -156,10 +156,10 @@ def mixing(cfg: TrainConfig, dd: DataDefaults, num_classes: int) -> tuple[Mixup 
 class Loop:
     """The epochs of one run over a prepared model, with its checkpoints, evaluations, log and preemption."""
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, run: RunFolder, model: torch.nn.Module,
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, folder: RunFolder, model: torch.nn.Module,
                  recipe: Recipe, train_set: LabelledSet, val: tuple[LabelledSet, DataLoader], loss_fn: LossFn | None,
                  eval_forward: Callable | None, on_epoch_start: Callable | None):
-        self.cfg, self.accelerator, self.run_folder, self.model, self.recipe = cfg, accelerator, run, model, recipe
+        self.cfg, self.accelerator, self.run_folder, self.model, self.recipe = cfg, accelerator, folder, model, recipe
         self.train_set, (self.val_set, self.val_loader), self.loss_fn = train_set, val, loss_fn
         self.eval_forward, self.on_epoch_start = eval_forward, on_epoch_start
         self.world = accelerator.num_processes
@@ -176,16 +176,16 @@ class Loop:
 
     def resume(self) -> None:
         """Load the newest checkpoint that loads (if resuming), write ``config.json`` and the start of the log."""
-        run, progress, accelerator = self.run_folder, self.progress, self.accelerator
-        resumed_from, failures = run.load(accelerator)
-        accepted = run.resumed(resumed_from, progress.num_updates)
+        folder, progress, accelerator = self.run_folder, self.progress, self.accelerator
+        resumed_from, failures = folder.load(accelerator)
+        accepted = folder.resumed(resumed_from, progress.num_updates)
         if self.main:
             for failure in failures:
                 print(f"checkpoint {failure} does not load; resuming from {resumed_from}", file=sys.stderr)
             if self.cfg.resume:
-                rewind(run.out, progress.num_updates)
-            write_json(run.out / "config.json", run.record)
-            append_log(run.log, {"event": "resume" if resumed_from else "start", "epoch": progress.epoch,
+                rewind(folder.out, progress.num_updates)
+            write_json(folder.out / "config.json", folder.record)
+            append_log(folder.log, {"event": "resume" if resumed_from else "start", "epoch": progress.epoch,
                                  "updates": progress.num_updates, "checkpoint": resumed_from and str(resumed_from),
                                  "overrides": accepted, "world_size": self.world,
                                  "skipped_images": {"train": self.train_set.skipped,
@@ -201,7 +201,7 @@ class Loop:
         return (self.progress.epoch * self.recipe.updates_per_epoch
                 + self.progress.samples_done // self.run_folder.record["global_batch"])
 
-    def run(self, received: list[str]) -> None:
+    def train_epochs(self, received: list[str]) -> None:
         """Every remaining epoch (none when resumed at ``--max-steps``); ``received`` collects stop signals."""
         cfg, progress = self.cfg, self.progress
         self.received = received

@@ -113,7 +113,7 @@ def build_settings(cfg, model, finetuned, ats_runs, paper, loader) -> list[ev.Se
     dense_g = VIEWS * float(clip_gmacs(geom)[0])
     dense_paper = {} if paper is None else {"top1": paper[1][0], "gflops": paper[1][1]}
     settings = [ev.Setting("dense", "dense", "", {"views": VIEWS}, model, gflops=dense_g, paper=dense_paper,
-                           run=lambda x, y, i: (views_forward(model, x), torch.tensor(dense_g)),
+                           step=lambda x, y, i: (views_forward(model, x), torch.tensor(dense_g)),
                            timed=_fold(model))]
     bases = [("", model)] + ([("fine-tuned", finetuned)] if finetuned is not None else [])
     for tag, base in bases:
@@ -154,7 +154,7 @@ def _attach_probe(s: ev.Setting, cfg: ev.EvalConfig) -> None:
         row["figures"]["frames"] = str(kept_over_frames(f, stages, model.grid[0] * model.grid[1],
                                                         out_dir / f"frames_{slug}.png", title))
 
-    s.run, s.finish = step, finish
+    s.step, s.finish = step, finish
 
 
 def kept_over_frames(per_frame: torch.Tensor, stages, patches: int, path: Path, title: str) -> Path:
@@ -196,6 +196,6 @@ def evaluate_clips(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> int:
         ev.status(f"paper: {paper[0]}, 1 x 3 views")
     title = (f"ATS on {cfg.model} (blocks {stage_text(ats_runs[0].stages)}), {cfg.data}, 1 x {VIEWS} views: "
              "top-1 vs GFLOPs per clip")
-    ev.run(cfg, opts, model, lambda loader, spec: build_settings(cfg, model, finetuned, ats_runs, paper, loader),
+    ev.harness(cfg, opts, model, lambda loader, spec: build_settings(cfg, model, finetuned, ats_runs, paper, loader),
            figure_patterns=("frames_*.png",), sweep_title=title, sweep_unit="clip")
     return 0
