@@ -45,7 +45,7 @@ def embedded_models() -> dict[str, torch.nn.Module]:
             "lfvit": build_lfvit(EvalConfig(), LFEvalConfig()).eval(), "liferegress": lr[0.7].eval()}
 
 
-def _main(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     from gpu_check import run_methods
     from lfvit.model import check_eta
     from vitbench import build_eval_loader
@@ -107,7 +107,7 @@ def _main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from vitbench.cli import run
 
-    return run(build_parser(), _main, argv)
+    return run(build_parser(), command, argv)
 
 
 if __name__ == "__main__":

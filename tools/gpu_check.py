@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise ValueError("no CUDA device here: this check compares CUDA against CPU and times CUDA; run it on a "
                          "machine with a GPU (nothing was run)")
@@ -196,7 +196,7 @@ def _main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from vitbench.cli import run
 
-    return run(build_parser(), _main, argv)
+    return run(build_parser(), command, argv)
 
 
 if __name__ == "__main__":

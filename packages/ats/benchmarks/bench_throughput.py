@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     if released_path(args.released) is not None and (1.0 not in args.rho or args.mode != "official"):
         raise ValueError("--released compares against ATS rho 1 in official mode: add 1 to --rho")
     cfg = bench.config(args)
@@ -199,7 +199,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), _main, argv)
+    return run(build_parser(), command, argv)
 
 
 if __name__ == "__main__":

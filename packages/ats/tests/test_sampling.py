@@ -189,3 +189,12 @@ def test_rows_of_equal_and_ragged_counts(packed):
         rows = tokens.rows_of(positions, torch.tensor(sizes), sizes)
         ref = [starts[b] + int(p) for b in range(3) for p in positions[b, : sizes[b]]]
         assert rows.tolist() == ref
+
+
+def test_value_norms_of_the_concatenation_and_per_head():
+    v = torch.randn(2, 3, 5, 4)
+    per_head = sampling.value_norms(v, per_head=True)
+    concat = torch.cat(list(v.unbind(1)), -1)  # [B, N, H*d], head-major as the released code concatenates
+    torch.testing.assert_close(sampling.value_norms(v), concat.norm(dim=-1))
+    torch.testing.assert_close(per_head.pow(2).sum(1), sampling.value_norms(v).pow(2))
+    assert per_head.shape == (2, 3, 5)

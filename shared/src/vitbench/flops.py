@@ -181,10 +181,10 @@ def create_vit(name: str, img_size: int | None = None) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), _main, argv)
+    return run(build_parser(), command, argv)
 
 
-def _main(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     if args.json:
         check_writable_file(args.json)
     model = create_vit(args.model, args.img_size)

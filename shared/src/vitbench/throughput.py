@@ -254,10 +254,10 @@ def _dtype(args: argparse.Namespace, device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), _main, argv)
+    return run(build_parser(), command, argv)
 
 
-def _main(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     if any(b < 1 for b in args.batch_size) or args.repeats < 1 or args.warmup < 0:
         raise ValueError("--batch-sizes and --repeats must be >= 1 and --warmup >= 0")
     try:

@@ -21,10 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), _train, argv)
+    return run(build_parser(), command, argv)
 
 
-def _train(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_args(args)
 
     def build():

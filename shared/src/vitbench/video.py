@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _body(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     cfg = MovingDigitsConfig(**{k: getattr(args, k) for k in MOVING_DIGITS_OPTIONS})
     if args.command == "export":
         if not args.directory:
@@ -362,7 +362,7 @@ def _body(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), _body, argv)
+    return run(build_parser(), command, argv)
 
 
 if __name__ == "__main__":

@@ -102,8 +102,7 @@ def ats_scores(attn_module, h: Tensor) -> Tensor:
     q, k, v = _qkv(attn_module, h)
     n = torch.full((B,), N, dtype=torch.long, device=h.device)
     attn = sampling.cls_attention(q[:, :, :1], k, attn_module.scale, n, sampling.OFFICIAL_EPS)
-    v_norm = v.transpose(1, 2).reshape(B, N, -1).norm(dim=-1)
-    return sampling.significance_scores(attn[..., 1:], v_norm[:, 1:], n - 1)
+    return sampling.significance_scores(attn[..., 1:], sampling.value_norms(v)[:, 1:], n - 1)
 
 
 def cls_attention_row(attn_module, h: Tensor) -> Tensor:

@@ -143,10 +143,8 @@ class ATSAttention(Attention):
         n_cand = n - first
         if "no_vnorm" in cfg.variant:
             v_norm = torch.ones_like(attn if cfg.mode == "paper" else attn[:, 0])
-        elif cfg.mode == "paper":
-            v_norm = v.float().norm(dim=-1)
         else:
-            v_norm = v.transpose(1, 2).reshape(v.shape[0], v.shape[2], -1).float().norm(dim=-1)
+            v_norm = sampling.value_norms(v.float(), per_head=cfg.mode == "paper")
         cand = (attn[..., first:], v_norm[..., first:])
         if cfg.mode == "paper":
             scores = sampling.significance_scores_per_head(*cand, n_cand)

@@ -86,6 +86,14 @@ def cls_attention(q_row: Tensor, k: Tensor, scale: float, n: Tensor, eps: float 
     return attn.masked_fill(~keep, 0.0).to(logits.dtype)
 
 
+def value_norms(v: Tensor, per_head: bool = False) -> Tensor:
+    """``||V_j||`` of Eq. 3 from ``v`` ``[B, H, N, d]``: ``[B, N]``, the norm of the concatenation of all heads'
+    values (the released code), or ``[B, H, N]`` per head (``per_head``, the paper's reading)."""
+    if per_head:
+        return v.norm(dim=-1)
+    return v.transpose(1, 2).reshape(v.shape[0], v.shape[2], -1).norm(dim=-1)
+
+
 def significance_scores(attn: Tensor, v_norm: Tensor, n: Tensor) -> Tensor:
     """Released-code score: ``S_j = (sum_h A_h[j]) * ||V_j|| / sum_i (...)`` (Eq. 3).
 

@@ -21,7 +21,16 @@ from .life import (
     step_weights,
     tokens_per_block,
 )
-from .patch import MODES, LifePredictor, LifeRecord, LifeRegressionConfig, apply, is_patched, set_mode
+from .patch import (
+    MODES,
+    LifePredictor,
+    LifeRecord,
+    LifeRegressionConfig,
+    apply,
+    check_structure,
+    is_patched,
+    set_mode,
+)
 
 __version__ = "0.1.0"
 
@@ -32,6 +41,7 @@ __all__ = [
     "LifeRecord",
     "LifeRegressionConfig",
     "apply",
+    "check_structure",
     "convert_state_dict",
     "global_importance",
     "is_patched",

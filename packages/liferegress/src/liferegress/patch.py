@@ -159,7 +159,9 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(model, LifeRegressionMixin)
 
 
-def _check_structure(model: nn.Module) -> None:
+def check_structure(model: nn.Module) -> None:
+    """Refuse a model Life Regression cannot patch: a timm ``VisionTransformer`` with one CLS token read by the
+    classifier and plain timm blocks is needed."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
     if model.cls_token is None or model.num_prefix_tokens != 1 or model.global_pool != "token":
@@ -187,7 +189,7 @@ def apply(
     ``temperature`` is U of Eq. 7. Re-applying to a patched model changes the schedule and keeps the trained ``W``.
     """
     if not is_patched(model):
-        _check_structure(model)
+        check_structure(model)
     depth = len(model.blocks)
     num_tokens = model.patch_embed.num_patches + 1
     if keep_counts is None:
