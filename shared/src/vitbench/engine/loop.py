@@ -159,7 +159,7 @@ class Loop:
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator, folder: RunFolder, model: torch.nn.Module,
                  recipe: Recipe, train_set: LabelledSet, val: tuple[LabelledSet, DataLoader], loss_fn: LossFn | None,
                  eval_forward: Callable | None, on_epoch_start: Callable | None):
-        self.cfg, self.accelerator, self.run_folder, self.model, self.recipe = cfg, accelerator, folder, model, recipe
+        self.cfg, self.accelerator, self.folder, self.model, self.recipe = cfg, accelerator, folder, model, recipe
         self.train_set, (self.val_set, self.val_loader), self.loss_fn = train_set, val, loss_fn
         self.eval_forward, self.on_epoch_start = eval_forward, on_epoch_start
         self.world = accelerator.num_processes
@@ -176,7 +176,7 @@ class Loop:
 
     def resume(self) -> None:
         """Load the newest checkpoint that loads (if resuming), write ``config.json`` and the start of the log."""
-        folder, progress, accelerator = self.run_folder, self.progress, self.accelerator
+        folder, progress, accelerator = self.folder, self.progress, self.accelerator
         resumed_from, failures = folder.load(accelerator)
         accepted = folder.resumed(resumed_from, progress.num_updates)
         if self.main:
@@ -199,7 +199,7 @@ class Loop:
 
     def schedule_position(self) -> int:
         return (self.progress.epoch * self.recipe.updates_per_epoch
-                + self.progress.samples_done // self.run_folder.record["global_batch"])
+                + self.progress.samples_done // self.folder.record["global_batch"])
 
     def train_epochs(self, received: list[str]) -> None:
         """Every remaining epoch (none when resumed at ``--max-steps``); ``received`` collects stop signals."""
@@ -305,12 +305,12 @@ class Loop:
         return False
 
     def save(self) -> None:
-        self.checkpoint = save_checkpoint(self.accelerator, self.run_folder.checkpoints, self.progress,
-                                          self.cfg.keep_checkpoints, self.run_folder.record)
+        self.checkpoint = save_checkpoint(self.accelerator, self.folder.checkpoints, self.progress,
+                                          self.cfg.keep_checkpoints, self.folder.record)
         self.saved_at = self.progress.num_updates
 
     def stop(self, epoch: int):
-        preempted(self.accelerator, self.run_folder.log, self.received, self.checkpoint, self.progress, epoch)
+        preempted(self.accelerator, self.folder.log, self.received, self.checkpoint, self.progress, epoch)
 
     def end_epoch(self, epoch: int, epoch_finished: bool) -> None:
         """Close the epoch: schedule, checkpoint (before evaluating: a failing evaluation loses no training),
@@ -331,7 +331,7 @@ class Loop:
             entry.update(self.metrics)
         self.accelerator.print(json.dumps(entry))
         if self.main:
-            append_log(self.run_folder.log, entry)
+            append_log(self.folder.log, entry)
         if stop:
             self.stop(epoch)
 
@@ -346,7 +346,7 @@ class Loop:
 
     def finish(self) -> dict:
         """The final metrics (evaluating once more if the last epoch did not), the weights and ``results.json``."""
-        accelerator, progress, out = self.accelerator, self.progress, self.run_folder.out
+        accelerator, progress, out = self.accelerator, self.progress, self.folder.out
         if not self.metrics:
             self.metrics = self.evaluate()
         result = {"train_loss": self.train_loss, **self.metrics, "updates": progress.num_updates,
