@@ -24,6 +24,7 @@ reads the official and the HuggingFace (``CvtForImageClassification``) layouts, 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -32,6 +33,7 @@ from timm.layers import DropPath, LayerNorm, Mlp, QuickGELU, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from vitbench.flops import layernorm_macs, linear_macs
 
 PROJECTIONS = ("dw_bn", "linear")
 ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
@@ -181,9 +183,10 @@ def grid_to_map(x: Tensor, grid: Grid, prefix: int) -> Tensor:
 class CvT(nn.Module):
     """Convolutional vision Transformer: ``stage0..stage2``, ``norm``, ``head`` (the official module names).
 
-    ``forward_features`` returns stage 3's tokens (CLS first) after ``norm``, like timm's ``VisionTransformer``;
-    ``forward_head`` classifies the CLS token. ``img_size`` is the nominal input size (the FLOPs geometry and the
-    pretrained config): CvT has no positional table, so any input size runs."""
+    ``forward_features`` returns stage 3's tokens (CLS first); ``forward_head`` takes the CLS token, ``norm``
+    (the official final LayerNorm, on the CLS token only, like timm's ``fc_norm`` after pooling) and ``head``.
+    ``img_size`` is the nominal input size (the FLOPs geometry and the pretrained config): CvT has no positional
+    table, so any input size runs."""
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  depths: tuple[int, ...] = DEPTHS[13], dims: tuple[int, ...] = DIMS, heads: tuple[int, ...] = HEADS,
@@ -239,10 +242,10 @@ class CvT(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         x, _ = self.stages[-1](self.stem(x))
-        return self.norm(x)
+        return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_drop(x[:, 0])
+        x = self.head_drop(self.norm(x[:, 0]))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -423,3 +426,80 @@ def convert_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
                          f"{' ...' if len(unknown) > 8 else ''}, missing keys {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}")
     return {k: out[k] for k in expected}
+
+
+# ----------------------------------------------------------------------------------------------------------- FLOPs
+@dataclass(frozen=True)
+class CvTGeometry:
+    """What the FLOPs of a CvT depend on."""
+
+    img_size: Grid
+    depths: tuple[int, ...] = DEPTHS[13]
+    dims: tuple[int, ...] = DIMS
+    mlp_ratio: float = 4.0
+    projection: str = "dw_bn"
+    in_chans: int = 3
+    num_classes: int = 1000
+
+    @classmethod
+    def from_model(cls, model: CvT, img_size: int | Grid | None = None) -> CvTGeometry:
+        size = model.img_size if img_size is None else img_size
+        return cls(tuple(size) if isinstance(size, (tuple, list)) else (size, size), model.depths, model.dims,
+                   model.mlp_ratio, model.projection, model.in_chans, model.num_classes)
+
+    def grids(self) -> list[Grid]:
+        """Every stage's token grid."""
+        out, (h, w) = [], self.img_size
+        for kernel, stride, padding in EMBED[: len(self.dims)]:
+            h, w = conv_out(h, kernel, stride, padding), conv_out(w, kernel, stride, padding)
+            out.append((h, w))
+        return out
+
+
+def attention_macs(dim: int, grid: Grid, prefix: int, conv: bool, batchnorm: bool = True) -> float:
+    """One CvT attention: the q / k / v projections (``dw_bn``: depthwise 3x3 conv + BatchNorm on the grid, keys and
+    values at stride 2, the prefix bypassing the conv; ``linear``: none), the q / k / v linears, ``QK^T`` and ``AV``
+    with the strided keys and values, and ``proj``."""
+    n = grid[0] * grid[1]
+    n_kv = conv_out(grid[0], 3, KV_STRIDE, 1) * conv_out(grid[1], 3, KV_STRIDE, 1) if conv else n
+    macs = 0.0
+    if conv:
+        macs += 9 * dim * (n + 2 * n_kv)  # depthwise 3x3: q at stride 1, k and v at stride 2
+        macs += BN_PER_ELEMENT * dim * (n + 2 * n_kv) if batchnorm else 0.0
+    n, n_kv = n + prefix, n_kv + prefix
+    macs += linear_macs(n, dim, dim) + 2 * linear_macs(n_kv, dim, dim)  # proj_q, proj_k, proj_v (or packed qkv)
+    macs += 2 * n * n_kv * dim  # Q K^T and A V (summed over heads: the whole width)
+    return macs + linear_macs(n, dim, dim)  # proj
+
+
+def cvt_block_macs(dim: int, grid: Grid, prefix: int, conv: bool, mlp_ratio: float = 4.0, layernorm: bool = True,
+                   batchnorm: bool = True) -> float:
+    """One pre-norm CvT block on ``prefix + H W`` tokens: attention, MLP and its two LayerNorms."""
+    n = grid[0] * grid[1] + prefix
+    macs = attention_macs(dim, grid, prefix, conv, batchnorm) + 2 * linear_macs(n, dim, mlp_ratio * dim)
+    return macs + (2 * layernorm_macs(n, dim) if layernorm else 0.0)
+
+
+def cvt_macs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None = None) -> float:
+    """MACs of one image through a dense CvT: convolutional embeddings (+ LayerNorm), blocks, the final LayerNorm on
+    the CLS token and the head. ``layernorm``: LayerNorm at 5 per element; ``batchnorm`` (default: as ``layernorm``):
+    the ``dw_bn`` projections' eval-mode BatchNorm at 2 per element (both fvcore's counts). Without either the count
+    is what ``FlopCounterMode`` measures (:func:`vitbench.flops.flop_counter_gmacs`)."""
+    batchnorm = layernorm if batchnorm is None else batchnorm
+    norms = dict(layernorm=layernorm, batchnorm=batchnorm)
+    macs, chans, last = 0.0, geom.in_chans, len(geom.dims) - 1
+    for i, (grid, dim, depth) in enumerate(zip(geom.grids(), geom.dims, geom.depths)):
+        kernel = EMBED[i][0]
+        n = grid[0] * grid[1]
+        macs += n * kernel * kernel * chans * dim + (layernorm_macs(n, dim) if layernorm else 0.0)
+        prefix = 1 if i == last else 0
+        conv = i < last or geom.projection == "dw_bn"
+        macs += depth * cvt_block_macs(dim, grid, prefix, conv, geom.mlp_ratio, **norms)
+        chans = dim
+    macs += layernorm_macs(1, geom.dims[-1]) if layernorm else 0.0  # the final norm, on the CLS token
+    return macs + geom.dims[-1] * geom.num_classes
+
+
+def cvt_gmacs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None = None) -> float:
+    """:func:`cvt_macs` in G (the papers' "GFLOPs")."""
+    return cvt_macs(geom, layernorm, batchnorm) / 1e9
