@@ -503,3 +503,44 @@ def cvt_macs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None =
 def cvt_gmacs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None = None) -> float:
     """:func:`cvt_macs` in G (the papers' "GFLOPs")."""
     return cvt_macs(geom, layernorm, batchnorm) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------- dw_bn -> linear
+def fold_projections(state: dict[str, Tensor], stage: int = 2, eps: float = 1e-5) -> dict[str, Tensor]:
+    """A ``dw_bn`` state dict (this module's layout, :func:`convert_state_dict`) as the weights of a ``linear``
+    stage ``stage`` (timm ``Block``: packed ``attn.qkv``): each depthwise conv keeps only its centre tap, which with
+    the eval-mode BatchNorm is a per-channel affine map ``a * x + b`` folded into the following linear layer
+    (``W diag(a)``, ``bias + W b``).
+
+    Not exact: the conv's other eight taps are dropped, keys and values are no longer strided (7 x 7 -> 14 x 14
+    at 224 px), and the CLS token, which bypassed the convolution, now goes through the folded affine map. It is a
+    training-free starting point; the ATS paper fine-tunes the linear stage 3 for 30 epochs (App. E.2)."""
+    prefix = f"stage{stage}.blocks."
+    blocks = sorted({int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)})
+    folded = {k: v for k, v in state.items()
+              if not (k.startswith(prefix) and re.search(r"\.attn\.(conv_proj_[qkv]|proj_[qkv])\.", k))}
+    for j in blocks:
+        b = f"{prefix}{j}.attn."
+        weights, biases = [], []
+        for x in "qkv":
+            gamma, beta, mean, var = (state[f"{b}conv_proj_{x}.bn.{p}"].double()
+                                      for p in ("weight", "bias", "running_mean", "running_var"))
+            inv = gamma / torch.sqrt(var + eps)
+            scale = state[f"{b}conv_proj_{x}.conv.weight"][:, 0, 1, 1].double() * inv
+            shift = beta - mean * inv
+            w = state[f"{b}proj_{x}.weight"]
+            bias = state.get(f"{b}proj_{x}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
+            weights.append((w.double() * scale[None]).to(w.dtype))
+            biases.append((bias.double() + w.double() @ shift).to(w.dtype))
+        folded[f"{b}qkv.weight"], folded[f"{b}qkv.bias"] = torch.cat(weights), torch.cat(biases)
+    return folded
+
+
+def load_cvt_state(model: CvT, state: dict[str, Tensor]) -> CvT:
+    """Load official or HuggingFace CvT weights into ``model`` (strict): :func:`convert_state_dict`, then
+    :func:`fold_projections` when ``model``'s stage 3 is ``linear``. Returns ``model``."""
+    state = convert_state_dict(state)
+    if model.projection == "linear":
+        state = fold_projections(state, len(model.depths) - 1)
+    model.load_state_dict(state)
+    return model
