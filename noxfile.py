@@ -31,7 +31,8 @@ def _install(session: nox.Session, package: str) -> None:
         session.install(*(a for p in PACKAGES for a in ("-e", f"packages/{p}")), "pytest")
         session.install("--no-deps", "-e", "shared")
     else:
-        session.install("-e", f"packages/{package}", "pytest")
+        extra = ["transformers"] if package == "ats" else []  # HF's CvT: the reference of ats.backbones.cvt's tests
+        session.install("-e", f"packages/{package}", "pytest", *extra)
         session.install("--no-deps", "-e", "shared")  # editable too, so edits to vitbench are seen
 
 
