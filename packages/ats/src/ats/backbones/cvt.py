@@ -216,7 +216,7 @@ class CvT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
-        trunc_normal_(self.stage2.cls_token, std=0.02)
+        trunc_normal_(self.stages[-1].cls_token, std=0.02)
 
     @property
     def stages(self) -> list[CvTStage]:
@@ -226,6 +226,10 @@ class CvT(nn.Module):
     def blocks(self) -> nn.ModuleList:
         """Stage 3's blocks (the tokens with the CLS, where the ATS paper samples)."""
         return self.stages[-1].blocks
+
+    def no_weight_decay(self) -> set[str]:
+        """The CLS token, as the official ``no_weight_decay``."""
+        return {f"stage{len(self.depths) - 1}.cls_token"}
 
     def get_classifier(self) -> nn.Module:
         return self.head
