@@ -104,7 +104,7 @@ class ATSAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0
+            q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
         )
 
     def output(self, o: Tensor, tokens: TokenSets) -> Tensor:
@@ -228,18 +228,26 @@ class ATSVisionTransformer(VisionTransformer):
             raise ValueError("ATS models do not take an attention mask")
         if self.grad_checkpointing and self.training:
             raise ValueError("gradient checkpointing is not supported with ATS")
-        if start > min(self.record.config.stages, default=len(self.blocks)) or (hidden is None and start):
-            raise ValueError("hidden states can only skip the dense blocks before the first ATS stage")
         grid = self.patch_embed.dynamic_feat_size(x.shape[-2:]) if self.dynamic_img_size else self.patch_embed.grid_size
         x = embed(self, x) if hidden is None else hidden
-        self.record.reset(x.shape[1], tuple(grid))
-        tokens = TokenSets.full(x)
-        self.record.tokens_in += [tokens.lengths] * start
-        self.record.tokens_out += [tokens.lengths] * start
-        for i, blk in enumerate(self.blocks):
-            if i >= start:
-                tokens = blk.forward_tokens(tokens, self.record, i)
-        return self.norm(tokens.padded())
+        return self.norm(run_blocks(self.blocks, x, self.record, tuple(grid), start, hidden is not None))
+
+
+def run_blocks(blocks: Sequence[ATSBlock], x: Tensor, record: ATSRecord, grid: tuple[int, int], start: int = 0,
+               resumed: bool = False) -> Tensor:
+    """``blocks[start:]`` on per-image token sets from ``x`` ``[B, N, C]`` (CLS first; the output of
+    ``blocks[:start]``, which ``resumed`` says were run elsewhere), recording every block's token counts and the
+    ATS stages' kept tokens in ``record``; returns the last block's tokens, ``[B, K'max, C]`` padded."""
+    if start > min(record.config.stages, default=len(blocks)) or (start and not resumed):
+        raise ValueError("hidden states can only skip the dense blocks before the first ATS stage")
+    record.reset(x.shape[1], grid)
+    tokens = TokenSets.full(x)
+    record.tokens_in += [tokens.lengths] * start
+    record.tokens_out += [tokens.lengths] * start
+    for i, blk in enumerate(blocks):
+        if i >= start:
+            tokens = blk.forward_tokens(tokens, record, i)
+    return tokens.padded()
 
 
 def embed(model: VisionTransformer, x: Tensor) -> Tensor:
@@ -258,7 +266,7 @@ def dense_hidden(model: VisionTransformer, x: Tensor, stop: int, hidden: Tensor 
     return h
 
 
-def compile_ats(model: ATSVisionTransformer, **options) -> ATSVisionTransformer:
+def compile_ats(model: nn.Module, **options) -> nn.Module:
     """``torch.compile`` (in place, ``state_dict`` keys unchanged) the parts of an ATS model that gain from it.
 
     Whole blocks run compiled while every image still has all its tokens, and each stage's scoring and sampling
@@ -268,7 +276,7 @@ def compile_ats(model: ATSVisionTransformer, **options) -> ATSVisionTransformer:
     call costs a guard check). A whole-model ``torch.compile`` breaks its graph at each of those reads (their values
     are output shapes) and recompiles for each new set of counts. ``options`` go to ``torch.compile`` (e.g.
     ``mode``, ``backend``)."""
-    if not isinstance(model, ATSVisionTransformer):
+    if not all(isinstance(blk, ATSBlock) for blk in model.blocks):
         raise TypeError("compile_ats needs a model patched with ats.apply")
     options = {"dynamic": True, **options}
     for blk in model.blocks:
@@ -287,7 +295,12 @@ def check_structure(model: nn.Module) -> None:
                          "(global_pool='token'); distilled / register / pooled ViTs are not supported")
     if model.attn_pool is not None or not isinstance(model.patch_drop, nn.Identity):
         raise ValueError("ATS does not support attention pooling or patch dropout")
-    for i, blk in enumerate(model.blocks):
+    check_blocks(model.blocks)
+
+
+def check_blocks(blocks: Sequence[nn.Module]) -> None:
+    """Refuse blocks ATS cannot patch: plain timm ``Block`` with ``Attention`` (or ATS-patched ones), no gate."""
+    for i, blk in enumerate(blocks):
         if type(blk) not in (Block, ATSBlock) or type(blk.attn) not in (Attention, ATSAttention):
             raise TypeError(f"block {i} is {type(blk).__name__}/{type(blk.attn).__name__}; "
                             "ATS supports timm Block with Attention")
@@ -330,10 +343,17 @@ def apply(
     ``VARIANTS`` (a name or several). Calling it again on a patched model reconfigures it.
     """
     check_structure(model)
+    return attach_ats(model, ATSVisionTransformer, stages, rho, k, mode, variant, seed)
+
+
+def attach_ats(model: nn.Module, mixin: type, stages: Iterable[int], rho: float | None,
+               k: float | Sequence[float] | None, mode: str, variant: str | Iterable[str], seed: int) -> nn.Module:
+    """Give ``model`` its ATS ``mixin`` (a ``forward_features`` that runs :func:`run_blocks`), a fresh
+    :class:`ATSRecord` and ATS blocks in ``model.blocks``; the arguments are :func:`apply`'s."""
     stages, ks = schedule(stages, rho, k, len(model.blocks))
     variants = frozenset([variant] if isinstance(variant, str) else variant)
     model.record = ATSRecord(ATSConfig(stages, ks, mode, variants, seed))
-    attach(model, ATSVisionTransformer)
+    attach(model, mixin)
     for blk in model.blocks:
         attach(blk, ATSBlock)
         attach(blk.attn, ATSAttention)
