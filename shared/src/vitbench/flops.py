@@ -6,6 +6,14 @@ per block (per image), and report the mean of per-image counts. ``flop_counter_g
 ``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 FLOPs per MAC and no LayerNorm). It runs the forward with
 the math attention backend, so ``q k^T`` and ``A V`` show up as matrix products on every torch version (the fused CPU
 kernel has no FLOP formula on some versions, which silently dropped attention from the count).
+
+Models that are not plain ViTs (no patch grid: e.g. a convolutional backbone a ``vitbench.models`` plugin registers,
+see :mod:`vitbench.models`) count themselves through the analytic-count protocol :data:`OWN_COUNT`: a method
+``gmacs(self, img_size: int | None = None, layernorm: bool = True) -> float``, GMACs of one image at ``img_size`` px
+(square; ``None``: the model's own size) in the papers' convention. ``layernorm=True`` counts the normalisation
+layers at fvcore's costs (LayerNorm 5 per element, eval-mode BatchNorm 2); ``layernorm=False`` counts NO
+normalisation at all (neither LayerNorm nor BatchNorm) and must then equal ``FlopCounterMode / 2``, which is what the
+cross-check of ``vitbench-flops`` compares. A size the model cannot take raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -14,16 +22,17 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-import timm
 import torch
+from timm.data import resolve_model_data_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import models  # noqa: F401  (registers the embedded backbone)
 from .cli import check_writable_file, run
+from .models import create_model, is_model
 from .report import markdown_table, write_json
 
 LN_PER_ELEMENT = 5
+OWN_COUNT = "gmacs"  # the analytic-count protocol: model.gmacs(img_size=None, layernorm=True) -> GMACs per image
 
 
 def linear_macs(n: float, d_in: float, d_out: float) -> float:
@@ -133,7 +142,7 @@ def vit_gmacs(geom: ViTGeometry, tokens_per_block: Sequence | None = None, layer
 
 
 CROSS_CHECK_COUNTS = ("torch FlopCounterMode / 2: convolution, linear and matrix-product MACs, attention included "
-                      "(math attention backend); no LayerNorm, softmax or GELU")
+                      "(math attention backend); no LayerNorm, BatchNorm, softmax or GELU")
 
 
 def flop_counter_gmacs(fn: Callable, inputs: torch.Tensor) -> float:
@@ -144,35 +153,64 @@ def flop_counter_gmacs(fn: Callable, inputs: torch.Tensor) -> float:
     return counter.get_total_flops() / 2 / inputs.shape[0] / 1e9
 
 
+def has_own_count(model: torch.nn.Module) -> bool:
+    """Whether ``model`` counts its own FLOPs (the :data:`OWN_COUNT` protocol, see the module docstring)."""
+    return callable(getattr(model, OWN_COUNT, None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vitbench-flops",
-        description="GFLOPs (= GMACs, the papers' convention) of a timm ViT: analytic count with fvcore's "
+        description="GFLOPs (= GMACs, the papers' convention) of a timm ViT, or of a model with its own analytic "
+        "count (a gmacs(img_size, layernorm) method, e.g. CvT from a vitbench.models plugin): fvcore's "
         "conventions, cross-checked against torch's FlopCounterMode.",
     )
-    p.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
+    p.add_argument("--model", default="deit_small_patch16_224",
+                   help="timm model name (models of the installed vitbench.models plugins included)")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
-    p.add_argument("--no-layernorm", action="store_true", help="do not count LayerNorm (5 MACs per element)")
+    p.add_argument("--no-layernorm", action="store_true",
+                   help="do not count LayerNorm (5 MACs per element; for a model with its own count: no norm layers)")
     p.add_argument("--no-cross-check", action="store_true", help="skip the FlopCounterMode measurement")
     p.add_argument("--json", default=None, help="write the result to this JSON file (default: none)")
     return p
 
 
+def build(name: str, **kwargs) -> torch.nn.Module:
+    """``name`` randomly initialised, in eval mode; ``ValueError`` when it cannot be built with ``kwargs``."""
+    try:
+        return create_model(name, pretrained=False, **kwargs).eval()
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"cannot build {name!r} with {kwargs or 'its defaults'}: {e}") from None
+
+
+def create_flops_model(name: str, img_size: int | None = None) -> torch.nn.Module:
+    """What ``vitbench-flops`` counts: a model with its own count (:func:`has_own_count`, built at its defaults: the
+    size goes to its ``gmacs``), else a ViT as :func:`create_vit` builds it. ``ValueError`` for an unknown name."""
+    check_name_and_size(name, img_size)
+    model = build(name)
+    if has_own_count(model):
+        return model
+    return check_vit(build(name, img_size=img_size) if img_size else model, name, img_size)
+
+
 def create_vit(name: str, img_size: int | None = None) -> torch.nn.Module:
     """A randomly initialised timm ViT in eval mode; ``ValueError`` for an unknown name, a model without a patch grid
     or an ``img_size`` that is not a positive multiple of the patch size."""
+    check_name_and_size(name, img_size)
+    return check_vit(build(name, **({"img_size": img_size} if img_size else {})), name, img_size)
 
-    if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
+
+def check_name_and_size(name: str, img_size: int | None) -> None:
+    if not is_model(name):
+        raise ValueError(f"unknown timm model {name!r} (see timm.list_models() and the vitbench.models plugins)")
     if img_size is not None and img_size < 1:
         raise ValueError(f"--img-size must be positive, got {img_size}")
-    kwargs = {"img_size": img_size} if img_size else {}
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"cannot build {name!r} with {kwargs or 'its defaults'}: {e}") from None
+
+
+def check_vit(model: torch.nn.Module, name: str, img_size: int | None) -> torch.nn.Module:
+    """``model`` when it is a ViT with a patch grid that divides ``img_size``, else ``ValueError``."""
     if not (hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "embed_dim")):
-        raise ValueError(f"{name!r} is not a ViT with a patch grid")
+        raise ValueError(f"{name!r} is not a ViT with a patch grid and has no {OWN_COUNT}() count of its own")
     patch = model.patch_embed.patch_size
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
     if img_size is not None and img_size % patch:
@@ -184,23 +222,53 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser(), command, argv)
 
 
-def command(args: argparse.Namespace) -> int:
-    if args.json:
-        check_writable_file(args.json)
-    model = create_vit(args.model, args.img_size)
+def vit_result(model: torch.nn.Module, args: argparse.Namespace) -> dict:
+    """The ViT path: :func:`vit_gmacs` of the model's geometry, cross-checked without LayerNorm."""
     geom = ViTGeometry.from_model(model)
     size = geom.grid[0] * geom.patch_size
     result = {"model": args.model, "img_size": size, "tokens": geom.num_tokens,
-              "gmacs": vit_gmacs(geom, layernorm=not args.no_layernorm), "layernorm": not args.no_layernorm}
+              "counted_by": "vitbench.flops.vit_gmacs", "gmacs": vit_gmacs(geom, layernorm=not args.no_layernorm),
+              "layernorm": not args.no_layernorm}
     if not args.no_cross_check:
         measured = flop_counter_gmacs(model, torch.randn(1, geom.in_chans, size, size))
-        analytic = vit_gmacs(geom, layernorm=False)
-        result.update(flop_counter_gmacs=measured, analytic_without_layernorm=analytic,
-                      cross_check_difference=measured / analytic - 1, cross_check_counts=CROSS_CHECK_COUNTS)
+        result.update(cross_check(measured, vit_gmacs(geom, layernorm=False)))
+    return result
+
+
+def own_result(model: torch.nn.Module, args: argparse.Namespace) -> dict:
+    """The :data:`OWN_COUNT` path: ``model.gmacs`` at ``--img-size`` (default: the model's input size), cross-checked
+    with ``layernorm=False`` (no norm layers at all) against ``FlopCounterMode``; no ``tokens`` field."""
+    chans, height, _ = resolve_model_data_config(model)["input_size"]
+    size = args.img_size or height
+    count = getattr(model, OWN_COUNT)
+    result = {"model": args.model, "img_size": size, "counted_by": f"{type(model).__name__}.{OWN_COUNT}",
+              "gmacs": float(count(size, layernorm=not args.no_layernorm)), "layernorm": not args.no_layernorm}
+    if not args.no_cross_check:
+        try:
+            measured = flop_counter_gmacs(model, torch.randn(1, chans, size, size))
+        except RuntimeError as e:
+            raise ValueError(f"{args.model} does not run at --img-size {size}: {str(e)[:200]}") from None
+        result.update(cross_check(measured, float(count(size, layernorm=False))))
+    return result
+
+
+def cross_check(measured: float, analytic: float) -> dict:
+    """The JSON fields of the cross-check: ``analytic_without_layernorm`` is the analytic count without any norm
+    layer (LayerNorm, and BatchNorm for a model with its own count)."""
+    return dict(flop_counter_gmacs=measured, analytic_without_layernorm=analytic,
+                cross_check_difference=measured / analytic - 1, cross_check_counts=CROSS_CHECK_COUNTS)
+
+
+def command(args: argparse.Namespace) -> int:
+    if args.json:
+        check_writable_file(args.json)
+    model = create_flops_model(args.model, args.img_size)
+    result = (own_result if has_own_count(model) else vit_result)(model, args)
     print(markdown_table([result], [c for c in ("model", "img_size", "tokens", "gmacs", "flop_counter_gmacs")
                                     if c in result], digits=3))
     if not args.no_cross_check:
-        print(f"flop_counter_gmacs = {CROSS_CHECK_COUNTS}; analytic count without LayerNorm "
+        norms = "norms" if has_own_count(model) else "LayerNorm"
+        print(f"flop_counter_gmacs = {CROSS_CHECK_COUNTS}; analytic count ({result['counted_by']}) without {norms} "
               f"{result['analytic_without_layernorm']:.3f}, difference {100 * result['cross_check_difference']:+.2f} %")
     if args.json:
         write_json(args.json, result)

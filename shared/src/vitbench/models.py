@@ -1,10 +1,24 @@
-"""The embedded backbone (a timm-registered ViT with the papers' token geometry) and checkpoint loading."""
+"""The embedded backbone (a timm-registered ViT with the papers' token geometry), model-name resolution with the
+``vitbench.models`` plugins, and checkpoint loading.
+
+Plugins: a package that registers timm models of its own (e.g. ``ats``, whose ``ats.backbones`` registers the CvT
+models) declares a module under the ``vitbench.models`` entry-point group::
+
+    [project.entry-points."vitbench.models"]
+    ats = "ats.backbones"
+
+Before vitbench gives up on a model name timm does not know (:func:`is_model`, :func:`check_model_name`,
+:func:`create_model`, ``vitbench-flops``, the training configuration), it imports every module of that group once
+(:func:`load_model_plugins`), so ``--model cvt_13_224`` works without vitbench naming any method package.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import warnings
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import timm
@@ -19,6 +33,8 @@ DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
 EMBEDDED_MODEL = "vit_digits_patch8_112"
 EMBEDDED_WEIGHTS = WEIGHTS_DIR / f"{EMBEDDED_MODEL}.safetensors"
+PLUGIN_GROUP = "vitbench.models"
+LOADED_PLUGINS: set[str] = set()  # entry-point values already imported (each is imported once)
 
 default_cfgs = generate_default_cfgs(
     {
@@ -133,9 +149,36 @@ def _resample_pos_embed(model: torch.nn.Module, state: dict[str, torch.Tensor]) 
                                                 num_prefix_tokens=prefix).to(pos.dtype)
 
 
+def load_model_plugins() -> list[str]:
+    """Import the modules registered under the ``vitbench.models`` entry-point group that are not imported yet (they
+    register their models with timm). Returns the entry-point values imported by this call. A plugin that fails to
+    import is reported with a warning naming it and skipped (its models then stay unknown)."""
+    loaded = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.value in LOADED_PLUGINS:
+            continue
+        LOADED_PLUGINS.add(ep.value)
+        try:
+            ep.load()
+        except Exception as e:  # any error of a third-party import: report it, keep the other plugins
+            warnings.warn(f"{PLUGIN_GROUP} plugin {ep.name} = {ep.value!r} failed to import "
+                          f"({type(e).__name__}: {e}); its models are not registered", stacklevel=2)
+            continue
+        loaded.append(ep.value)
+    return loaded
+
+
+def is_model(name: str) -> bool:
+    """``timm.is_model``, after importing the ``vitbench.models`` plugins when timm does not know ``name`` yet."""
+    if timm.is_model(name):
+        return True
+    return bool(load_model_plugins()) and timm.is_model(name)
+
+
 def check_model_name(name: str) -> None:
-    """Refuse a name timm does not know (``ValueError``), before any weights are looked for."""
-    if not timm.is_model(name):
+    """Refuse a name neither timm nor a ``vitbench.models`` plugin knows (``ValueError``), before any weights are
+    looked for."""
+    if not is_model(name):
         raise ValueError(f"unknown model {name!r}; see timm.list_models() or `{EMBEDDED_MODEL}`")
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-import timm
-
 from ..cli import flag_defaults
 from ..dataspec import is_video, parse_data_spec
+from ..models import is_model
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ class TrainConfig:
             if given:
                 raise ValueError(f"{', '.join(given)}: image augmentation; clips are augmented by their sampling "
                                  f"(vitbench.video: random start, scale jitter, crop, flip), {self.data} is video")
-        if not (self.model.startswith(("hf-hub:", "local-dir:")) or timm.is_model(self.model)):
+        if not (self.model.startswith(("hf-hub:", "local-dir:")) or is_model(self.model)):
             raise ValueError(f"unknown model {self.model!r}; see timm.list_models() (embedded: vit_digits_patch8_112)")
 
     @classmethod
