@@ -105,6 +105,10 @@ class ViTGeometry:
     def at_grid(self, grid: tuple[int, int]) -> ViTGeometry:
         return ViTGeometry(**{**asdict(self), "grid": tuple(grid)})
 
+    def gmacs(self, tokens_per_block: Sequence | None = None, layernorm: bool = True) -> float:
+        """:func:`vit_gmacs` of this geometry (token-reduction methods count any backbone geometry this way)."""
+        return vit_gmacs(self, tokens_per_block, layernorm)
+
 
 def patch_embed_macs(geom: ViTGeometry, num_patches: int | None = None) -> float:
     n = geom.num_patches if num_patches is None else num_patches

@@ -1,9 +1,12 @@
-"""Per-image FLOPs (GMACs, the papers' convention) of an ATS model from its recorded token counts."""
+"""Per-image FLOPs (GMACs, the papers' convention) of an ATS model from its recorded token counts.
+
+``geometry`` is the backbone's FLOPs geometry (:func:`ats.backbones.geometry`: a timm ViT's
+:class:`~vitbench.flops.ViTGeometry` or a CvT's): its ATS-able blocks (``depth``, ``num_tokens``, ``grid``) and
+``gmacs(tokens_per_block, layernorm)``."""
 
 from __future__ import annotations
 
 import torch
-from vitbench.flops import ViTGeometry, vit_gmacs
 
 from .patch import ATSConfig, ATSRecord
 from .sampling import stage_k
@@ -15,7 +18,7 @@ def _query_rows(config: ATSConfig, n_in, n_out):
     return n_in + n_out if "self_attention" in config.variant else n_out + 1
 
 
-def per_image_gmacs(geometry: ViTGeometry, info: ATSRecord, layernorm: bool = True) -> torch.Tensor:
+def per_image_gmacs(geometry, info: ATSRecord, layernorm: bool = True) -> torch.Tensor:
     """``[B]`` GMACs of every image of the last forward, from its own token counts (padding never counted)."""
     n_in, n_out = (t.double() for t in info.token_counts())
     counts = []
@@ -24,10 +27,10 @@ def per_image_gmacs(geometry: ViTGeometry, info: ATSRecord, layernorm: bool = Tr
             counts.append((n_in[:, i], n_out[:, i], _query_rows(info.config, n_in[:, i], n_out[:, i])))
         else:
             counts.append(n_in[:, i])
-    return vit_gmacs(geometry.at_grid(info.grid) if info.grid != (0, 0) else geometry, counts, layernorm)
+    return (geometry.at_grid(info.grid) if info.grid != (0, 0) else geometry).gmacs(counts, layernorm)
 
 
-def upper_bound_gmacs(geometry: ViTGeometry, config: ATSConfig, layernorm: bool = True) -> float:
+def upper_bound_gmacs(geometry, config: ATSConfig, layernorm: bool = True) -> float:
     """GMACs when every ATS stage keeps its maximum, K_n tokens (CLS included): no data needed.
 
     Exact for single-stage ATS at an absolute K (the paper's 2.0 / 2.5 / 3.0 G levels for K = 48 / 78 / 108)."""
@@ -40,8 +43,8 @@ def upper_bound_gmacs(geometry: ViTGeometry, config: ATSConfig, layernorm: bool 
             n = k
         else:
             counts.append(n)
-    return vit_gmacs(geometry, counts, layernorm)
+    return geometry.gmacs(counts, layernorm)
 
 
-def dense_gmacs(geometry: ViTGeometry, layernorm: bool = True) -> float:
-    return vit_gmacs(geometry, None, layernorm)
+def dense_gmacs(geometry, layernorm: bool = True) -> float:
+    return geometry.gmacs(None, layernorm)

@@ -250,12 +250,16 @@ def run_blocks(blocks: Sequence[ATSBlock], x: Tensor, record: ATSRecord, grid: t
     return tokens.padded()
 
 
-def embed(model: VisionTransformer, x: Tensor) -> Tensor:
-    """timm's token embedding (patches, CLS, positions, pre-norm): the input of block 0."""
+def embed(model: nn.Module, x: Tensor) -> Tensor:
+    """The input of ``model.blocks[0]``: timm's token embedding (patches, CLS, positions, pre-norm), or the
+    backbone's own ``embed_tokens`` where it has one (:mod:`ats.backbones`, e.g. CvT's stages 1-2 and stage-3
+    embedding)."""
+    if hasattr(model, "embed_tokens"):
+        return model.embed_tokens(x)
     return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
 
 
-def dense_hidden(model: VisionTransformer, x: Tensor, stop: int, hidden: Tensor | None = None,
+def dense_hidden(model: nn.Module, x: Tensor, stop: int, hidden: Tensor | None = None,
                  start: int = 0) -> Tensor:
     """Output of blocks ``start..stop-1`` run dense (timm's ``Block.forward``) on ``hidden``, the output of the first
     ``start`` blocks for ``x`` (default: the embedding of ``x``); ``model`` is dense or ATS-patched (its blocks

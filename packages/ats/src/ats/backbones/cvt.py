@@ -19,6 +19,9 @@ Parameter names are the official checkpoint's (``stage{i}.patch_embed.proj``, ``
 conv_proj_q.conv``, ``...attn.proj_q``, ``stage2.cls_token``, ``norm``, ``head``); :func:`convert_state_dict`
 reads the official and the HuggingFace (``CvtForImageClassification``) layouts, :func:`fold_projections` turns
 ``dw_bn`` stage-3 weights into ``linear`` ones, :func:`cvt_gmacs` counts FLOPs (GMACs) analytically.
+
+ATS (:func:`apply`) samples in stage 3 of a ``linear`` CvT, by default in its blocks 1-9 (0-based 0..8, stage-local;
+App. E.2), with the image ViT's blocks and :mod:`ats.sampling` functions (:func:`ats.patch.run_blocks`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from timm.layers import DropPath, LayerNorm, Mlp, QuickGELU, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
-from vitbench.flops import layernorm_macs, linear_macs
+from vitbench.flops import block_macs, layernorm_macs, linear_macs
+
+from ..patch import ATSRecord, attach_ats, check_blocks, run_blocks
 
 PROJECTIONS = ("dw_bn", "linear")
 ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
@@ -227,6 +232,16 @@ class CvT(nn.Module):
         """Stage 3's blocks (the tokens with the CLS, where the ATS paper samples)."""
         return self.stages[-1].blocks
 
+    def gmacs(self, img_size: int | None = None, layernorm: bool = True) -> float:
+        """GMACs of one image at ``img_size`` px (default ``self.img_size``): :func:`cvt_gmacs`, the analytic-count
+        protocol of ``vitbench-flops`` (:mod:`vitbench.flops`). ``layernorm=False`` counts no norm at all (neither
+        LayerNorm nor the ``dw_bn`` BatchNorm): what ``FlopCounterMode`` measures. ``ValueError`` for a size the
+        convolutional embeddings reduce to an empty grid."""
+        geom = CvTGeometry.from_model(self, img_size)
+        if min(min(grid) for grid in geom.grids()) < 1:
+            raise ValueError(f"CvT cannot take {img_size} px: its token grids would be {geom.grids()}")
+        return cvt_gmacs(geom, layernorm=layernorm)
+
     def no_weight_decay(self) -> set[str]:
         """The CLS token, as the official ``no_weight_decay``."""
         return {f"stage{len(self.depths) - 1}.cls_token"}
@@ -243,6 +258,14 @@ class CvT(nn.Module):
         for stage in self.stages[:-1]:
             x = grid_to_map(*stage(x), stage.num_prefix_tokens)
         return x
+
+    def embed_tokens(self, x: Tensor) -> Tensor:
+        """The tokens entering stage 3's blocks (CLS first): stages 1 and 2, then stage 3's embedding."""
+        return self.stages[-1].embed(self.stem(x))[0]
+
+    def token_grid(self, x: Tensor) -> Grid:
+        """Stage 3's token grid for the images ``x``."""
+        return CvTGeometry(tuple(x.shape[-2:]), self.depths, self.dims).grids()[-1]
 
     def forward_features(self, x: Tensor) -> Tensor:
         x, _ = self.stages[-1](self.stem(x))
@@ -451,6 +474,32 @@ class CvTGeometry:
         return cls(tuple(size) if isinstance(size, (tuple, list)) else (size, size), model.depths, model.dims,
                    model.mlp_ratio, model.projection, model.in_chans, model.num_classes)
 
+    @property
+    def depth(self) -> int:
+        """Stage 3's blocks (those :func:`apply` may sample in)."""
+        return self.depths[-1]
+
+    @property
+    def grid(self) -> Grid:
+        """Stage 3's token grid."""
+        return self.grids()[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Stage 3's tokens, the CLS included."""
+        return self.grid[0] * self.grid[1] + 1
+
+    def at_grid(self, grid: Grid) -> CvTGeometry:
+        """This geometry, checked to have stage-3 grid ``grid`` (a CvT's grid follows from its input size)."""
+        if tuple(grid) != self.grid:
+            raise ValueError(f"stage-3 grid {tuple(grid)} is not this geometry's {self.grid}; count at that input size")
+        return self
+
+    def gmacs(self, tokens_per_block=None, layernorm: bool = True) -> float:
+        """:func:`cvt_gmacs`, with stage 3's token counts per block as :func:`vitbench.flops.vit_macs` takes them
+        (a ``linear`` stage 3 only; default dense)."""
+        return cvt_gmacs(self, layernorm, tokens_per_block=tokens_per_block)
+
     def grids(self) -> list[Grid]:
         """Every stage's token grid."""
         out, (h, w) = [], self.img_size
@@ -484,11 +533,15 @@ def cvt_block_macs(dim: int, grid: Grid, prefix: int, conv: bool, mlp_ratio: flo
     return macs + (2 * layernorm_macs(n, dim) if layernorm else 0.0)
 
 
-def cvt_macs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None = None) -> float:
-    """MACs of one image through a dense CvT: convolutional embeddings (+ LayerNorm), blocks, the final LayerNorm on
-    the CLS token and the head. ``layernorm``: LayerNorm at 5 per element; ``batchnorm`` (default: as ``layernorm``):
+def cvt_macs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None = None,
+             tokens_per_block=None) -> float:
+    """MACs of one image through a CvT: convolutional embeddings (+ LayerNorm), blocks, the final LayerNorm on the
+    CLS token and the head. ``layernorm``: LayerNorm at 5 per element; ``batchnorm`` (default: as ``layernorm``):
     the ``dw_bn`` projections' eval-mode BatchNorm at 2 per element (both fvcore's counts). Without either the count
-    is what ``FlopCounterMode`` measures (:func:`vitbench.flops.flop_counter_gmacs`)."""
+    is what ``FlopCounterMode`` measures (:func:`vitbench.flops.flop_counter_gmacs`). ``tokens_per_block``: the
+    token counts of a ``linear`` stage 3's blocks, each ``n`` or ``(n_in, n_out[, n_query])`` (ATS; default dense)."""
+    if tokens_per_block is not None and geom.projection != "linear":
+        raise ValueError("token counts per block need a linear stage 3 (ATS runs only there)")
     batchnorm = layernorm if batchnorm is None else batchnorm
     norms = dict(layernorm=layernorm, batchnorm=batchnorm)
     macs, chans, last = 0.0, geom.in_chans, len(geom.dims) - 1
@@ -498,15 +551,28 @@ def cvt_macs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None =
         macs += n * kernel * kernel * chans * dim + (layernorm_macs(n, dim) if layernorm else 0.0)
         prefix = 1 if i == last else 0
         conv = i < last or geom.projection == "dw_bn"
-        macs += depth * cvt_block_macs(dim, grid, prefix, conv, geom.mlp_ratio, **norms)
+        if i == last and tokens_per_block is not None:
+            macs += sampled_blocks_macs(dim, tokens_per_block, geom.mlp_ratio, layernorm)
+        else:
+            macs += depth * cvt_block_macs(dim, grid, prefix, conv, geom.mlp_ratio, **norms)
         chans = dim
     macs += layernorm_macs(1, geom.dims[-1]) if layernorm else 0.0  # the final norm, on the CLS token
     return macs + geom.dims[-1] * geom.num_classes
 
 
-def cvt_gmacs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None = None) -> float:
+def sampled_blocks_macs(dim: int, tokens_per_block, mlp_ratio: float, layernorm: bool) -> float:
+    """Plain transformer blocks (a ``linear`` stage 3) at the given token counts (see :func:`cvt_macs`)."""
+    macs = 0.0
+    for c in tokens_per_block:
+        n_in, n_out, *rest = c if isinstance(c, (tuple, list)) else (c, c)
+        macs += block_macs(dim, n_in, n_out, rest[0] if rest else n_in, mlp_ratio, layernorm)
+    return macs
+
+
+def cvt_gmacs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None = None,
+              tokens_per_block=None) -> float:
     """:func:`cvt_macs` in G (the papers' "GFLOPs")."""
-    return cvt_macs(geom, layernorm, batchnorm) / 1e9
+    return cvt_macs(geom, layernorm, batchnorm, tokens_per_block) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------- dw_bn -> linear
@@ -548,3 +614,40 @@ def load_cvt_state(model: CvT, state: dict[str, Tensor]) -> CvT:
         state = fold_projections(state, len(model.depths) - 1)
     model.load_state_dict(state)
     return model
+
+
+# ------------------------------------------------------------------------------------------------------------- ATS
+STAGES = tuple(range(9))  # stage 3's blocks 1-9 (App. E.2), 0-based and stage-local
+
+
+class ATSCvT:
+    """A CvT whose stage-3 blocks run on per-image token sets, ATS sampling in the blocks of ``record``'s stages.
+
+    Modifications: ``forward_features`` runs stages 1 and 2 and stage 3's embedding as CvT does, then stage 3's
+    blocks through :func:`ats.patch.run_blocks` (padded output, CLS first: ``forward_head`` reads the CLS token)."""
+
+    record: ATSRecord
+
+    def forward_features(self, x: Tensor, *, hidden: Tensor | None = None, start: int = 0) -> Tensor:
+        """``hidden``: the output of stage 3's first ``start`` blocks for ``x`` (see :func:`ats.patch.dense_hidden`)."""
+        tokens = self.embed_tokens(x) if hidden is None else hidden
+        return run_blocks(self.blocks, tokens, self.record, self.token_grid(x), start, hidden is not None)
+
+
+def check_structure(model: nn.Module) -> None:
+    """Refuse a CvT that ATS cannot sample in: stage 3 must have the ``linear`` projection (a token set, App. E.2)."""
+    if not isinstance(model, CvT):
+        raise TypeError(f"expected a CvT, got {type(model).__name__}")
+    if model.projection != "linear":
+        raise ValueError(f"ATS samples stage 3 of a CvT without convolutional projections (projection='linear', "
+                         f"ATS paper App. E.2); this one has {model.projection!r}: build it with projection='linear' "
+                         "(load_cvt_state folds dw_bn weights into it)")
+    check_blocks(model.blocks)
+
+
+def apply(model: CvT, stages=STAGES, rho: float | None = None, k=None, mode: str = "official", variant=(),
+          seed: int = 0) -> CvT:
+    """:func:`ats.patch.apply` for a ``linear`` CvT: ATS in stage 3's blocks ``stages`` (0-based, stage-local;
+    default 0..8, the paper's blocks 1-9), the same K schedule, modes and variants. Returns ``model``."""
+    check_structure(model)
+    return attach_ats(model, ATSCvT, stages, rho, k, mode, variant, seed)
