@@ -196,7 +196,8 @@ class CvT(nn.Module):
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  depths: tuple[int, ...] = DEPTHS[13], dims: tuple[int, ...] = DIMS, heads: tuple[int, ...] = HEADS,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, projection: str = "dw_bn", activation: str = "quick_gelu"):
+                 drop_path_rate: float = 0.0, projection: str = "dw_bn", activation: str = "quick_gelu",
+                 embed: tuple[tuple[int, int, int], ...] = EMBED):
         super().__init__()
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
@@ -204,7 +205,7 @@ class CvT(nn.Module):
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
         self.depths, self.dims, self.heads, self.mlp_ratio = tuple(depths), tuple(dims), tuple(heads), mlp_ratio
-        self.projection, self.activation = projection, activation
+        self.projection, self.activation, self.embed = projection, activation, tuple(tuple(e) for e in embed)
         self.embed_dim = self.num_features = dims[-1]
         self.num_prefix_tokens = 1
         block_args = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
@@ -213,7 +214,7 @@ class CvT(nn.Module):
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             last = i == len(dims) - 1
             dpr = torch.linspace(0, drop_path_rate, depth).tolist() if last else [0.0] * depth
-            stage = CvTStage(chans, dim, depth, heads[i], EMBED[i], cls_token=last,
+            stage = CvTStage(chans, dim, depth, heads[i], self.embed[i], cls_token=last,
                              projection=projection if last else "dw_bn", drop_path=dpr, **block_args)
             setattr(self, f"stage{i}", stage)
             chans = dim
@@ -265,7 +266,7 @@ class CvT(nn.Module):
 
     def token_grid(self, x: Tensor) -> Grid:
         """Stage 3's token grid for the images ``x``."""
-        return CvTGeometry(tuple(x.shape[-2:]), self.depths, self.dims).grids()[-1]
+        return CvTGeometry(tuple(x.shape[-2:]), self.depths, self.dims, embed=self.embed).grids()[-1]
 
     def forward_features(self, x: Tensor) -> Tensor:
         x, _ = self.stages[-1](self.stem(x))
@@ -293,30 +294,37 @@ def init_weights(m: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------- registration
 _IMAGENET = dict(num_classes=1000, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
                  first_conv="stage0.patch_embed.proj", classifier="head", license="mit")
+# The embedded geometry: 112 px digits, stage 3 on the papers' 14 x 14 grid + CLS (its embedding at stride 1, not 2),
+# widths 16 / 32 / 64 (the embedded ViT's 64), CvT-13's depths.
+_DIGITS = dict(_IMAGENET, num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0,
+               license="apache-2.0")
 CVT_MODELS = {
-    # name: (depth, img_size, crop_pct); the 384 px models are the ImageNet-22k-pretrained ones fine-tuned at 384
-    "cvt_13_224": (13, 224, 0.875),
-    "cvt_21_224": (21, 224, 0.875),
-    "cvt_13_384": (13, 384, 1.0),
-    "cvt_21_384": (21, 384, 1.0),
+    # name: (constructor arguments, pretrained config); the 384 px models are the ImageNet-22k-pretrained ones
+    # fine-tuned at 384
+    "cvt_13_224": (dict(depths=DEPTHS[13], img_size=224), dict(_IMAGENET, crop_pct=0.875)),
+    "cvt_21_224": (dict(depths=DEPTHS[21], img_size=224), dict(_IMAGENET, crop_pct=0.875)),
+    "cvt_13_384": (dict(depths=DEPTHS[13], img_size=384), dict(_IMAGENET, crop_pct=1.0)),
+    "cvt_21_384": (dict(depths=DEPTHS[21], img_size=384), dict(_IMAGENET, crop_pct=1.0)),
+    "cvt_digits_112": (dict(depths=DEPTHS[13], img_size=112, dims=(16, 32, 64), heads=(1, 1, 2), num_classes=10,
+                            embed=((7, 4, 2), (3, 2, 1), (3, 1, 1))), _DIGITS),
 }
 default_cfgs = generate_default_cfgs({
-    f"{name}.untrained": dict(_IMAGENET, input_size=(3, size, size), crop_pct=crop)
-    for name, (_, size, crop) in CVT_MODELS.items()
+    f"{name}.untrained": dict(cfg, input_size=(3, kw["img_size"], kw["img_size"]))
+    for name, (kw, cfg) in CVT_MODELS.items()
 })
 
 
 def _builder(name: str):
-    depth, size, _ = CVT_MODELS[name]
+    base, _ = CVT_MODELS[name]
 
     def create(pretrained: bool = False, **kwargs) -> CvT:
         if pretrained:
             raise FileNotFoundError(f"no weights are shipped for {name}; build it with pretrained=False and load the "
                                     "official or HuggingFace weights with ats.backbones.cvt.load_cvt_state")
-        return build_model_with_cfg(CvT, name, False, **{"depths": DEPTHS[depth], "img_size": size, **kwargs})
+        return build_model_with_cfg(CvT, name, False, **{**base, **kwargs})
 
     create.__name__ = name
-    create.__doc__ = f"CvT-{depth} at {size} px (ats.backbones.cvt)."
+    create.__doc__ = f"CvT {base} (ats.backbones.cvt)."
     create.__module__ = __name__
     return register_model(create)
 
@@ -467,12 +475,13 @@ class CvTGeometry:
     projection: str = "dw_bn"
     in_chans: int = 3
     num_classes: int = 1000
+    embed: tuple[tuple[int, int, int], ...] = EMBED
 
     @classmethod
     def from_model(cls, model: CvT, img_size: int | Grid | None = None) -> CvTGeometry:
         size = model.img_size if img_size is None else img_size
         return cls(tuple(size) if isinstance(size, (tuple, list)) else (size, size), model.depths, model.dims,
-                   model.mlp_ratio, model.projection, model.in_chans, model.num_classes)
+                   model.mlp_ratio, model.projection, model.in_chans, model.num_classes, model.embed)
 
     @property
     def depth(self) -> int:
@@ -503,7 +512,7 @@ class CvTGeometry:
     def grids(self) -> list[Grid]:
         """Every stage's token grid."""
         out, (h, w) = [], self.img_size
-        for kernel, stride, padding in EMBED[: len(self.dims)]:
+        for kernel, stride, padding in self.embed[: len(self.dims)]:
             h, w = conv_out(h, kernel, stride, padding), conv_out(w, kernel, stride, padding)
             out.append((h, w))
         return out
@@ -546,7 +555,7 @@ def cvt_macs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None =
     norms = dict(layernorm=layernorm, batchnorm=batchnorm)
     macs, chans, last = 0.0, geom.in_chans, len(geom.dims) - 1
     for i, (grid, dim, depth) in enumerate(zip(geom.grids(), geom.dims, geom.depths)):
-        kernel = EMBED[i][0]
+        kernel = geom.embed[i][0]
         n = grid[0] * grid[1]
         macs += n * kernel * kernel * chans * dim + (layernorm_macs(n, dim) if layernorm else 0.0)
         prefix = 1 if i == last else 0
