@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
 from vitbench import cli
 from vitbench import evaluation as ev
-from vitbench.flops import ViTGeometry
 from vitbench.localization import on_box_share, random_share
-from vitbench.models import load_checkpoint
 
-from . import patch
+from . import backbones, patch
 from .flops import dense_gmacs, per_image_gmacs, upper_bound_gmacs
-from .options import SHIPPED, ATSEvalConfig, figure_slug, given_finetuned, parse_stages
-from .paper import DENSE, FINETUNED, MULTI, PRESETS, Run, stage_text
+from .options import SHIPPED, SHIPPED_ATS, ATSEvalConfig, figure_slug, given_finetuned, parse_stages, shipped_dense
+from .paper import DEFAULT_RHO, FINETUNED, MULTI, PRESETS, Run, cvt_finetuned_paper, dense_paper, stage_text
 from .video import evaluate as video_evaluate
 
 
@@ -39,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.build_parser("ats-eval", __doc__, "runs/ats-eval")
     g = p.add_argument_group("ATS")
     g.add_argument("--stages", type=parse_stages, default=d.stages,
-                   help="ATS blocks, 0-based: 3-11, 3 or 0,3,6 (default: 3-11; TimeSformer: 3-5)")
+                   help="ATS blocks, 0-based: 3-11, 3 or 0,3,6 (default: 3-11; TimeSformer: 3-5; CvT: stage 3's "
+                   "blocks, stage-local, default 0-8)")
     g.add_argument("--rho", type=float, nargs="+", default=[],
                    help="K_n = max(round(rho*N_n), 8); several = sweep (default: 1 0.87 0.72; video: 1)")
     g.add_argument("--k", type=float, nargs="+", default=[],
@@ -62,13 +62,24 @@ def _embedded(cfg: ev.EvalConfig) -> bool:
     return cfg.model == ev.EvalConfig.model and cfg.checkpoint is None and not cfg.flops_only
 
 
-def finetuned_plans(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> list[tuple[Path, tuple[Run, ...]]]:
-    """The fine-tuned weights to evaluate and the runs for each: ``--finetuned`` at the requested runs; on the
-    embedded default, each shipped file at its own runs (no arguments) or at the requested runs when it was
-    trained at the requested ``--stages``."""
+def finetuned_plans(cfg: ev.EvalConfig, opts: ATSEvalConfig,
+                    runs: tuple[Run, ...] | None = None) -> list[tuple[Path, tuple[Run, ...]]]:
+    """The fine-tuned weights to evaluate and the runs for each: ``--finetuned`` at the requested runs (``runs``,
+    default ``opts.runs()``); on the embedded default, each shipped file at its own runs (no arguments) or at the
+    requested runs when it was trained at the requested ``--stages``; on another embedded backbone (the CvT) its
+    shipped file at ``runs`` when they are at its stages."""
+    runs = opts.runs() if runs is None else runs
     given = given_finetuned(opts)
     if given is not None:
-        return [(given, opts.runs())]
+        return [(given, runs)]
+    if cfg.model in SHIPPED_ATS:
+        w = SHIPPED_ATS[cfg.model]
+        if cfg.checkpoint is not None or cfg.flops_only or any(r.stages != w.stages for r in runs):
+            return []
+        if w.path.is_file():
+            return [(w.path, runs)]
+        ev.status(f"no fine-tuned ATS weights shipped for {cfg.model} yet ({w.file}); its fine-tuned rows skipped")
+        return []
     if not _embedded(cfg) or opts.preset:
         return []
     plans = []
@@ -82,45 +93,99 @@ def finetuned_plans(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> list[tuple[Path,
     return plans
 
 
+def load_model(cfg: ev.EvalConfig) -> torch.nn.Module:
+    """The dense model as given, in eval mode: vitbench's loader, or for a backbone that reads its own checkpoints
+    (a CvT: official / HuggingFace layouts) :func:`ats.backbones.load_weights` with ``--checkpoint`` or the shipped
+    weights of an embedded one."""
+    if not backbones.owns_weights(cfg.model):
+        return ev.load_model(cfg)
+    if cfg.pretrained:
+        raise ValueError(f"timm has no pretrained weights for {cfg.model}; give --checkpoint PATH "
+                         "(official or HuggingFace CvT weights)")
+    model = ev.load_model(dataclasses.replace(cfg, checkpoint=None, flops_only=True))  # built, not loaded
+    if cfg.flops_only:
+        return model
+    return backbones.load_weights(model, cfg.checkpoint or shipped_dense(cfg.model)).eval()
+
+
+def model_runs(cfg: ev.EvalConfig, opts: ATSEvalConfig, base: torch.nn.Module) -> tuple[Run, ...]:
+    """The ATS configurations for ``base``: :meth:`ATSEvalConfig.runs` on a ViT; on another backbone (CvT) rho 1
+    (K = N) and the requested ``--rho`` / ``--k`` (default 1 / 0.87 / 0.72) in ``--stages`` (default: the backbone's,
+    :func:`ats.backbones.default_stages`), the paper's fine-tuned point on rho 1 at the paper's placement."""
+    default = backbones.default_stages(base)
+    if default == MULTI:
+        return opts.runs(embedded=_embedded(cfg))
+    if opts.preset:
+        raise ValueError(f"--preset {opts.preset} is a DeiT-S configuration; drop it for {cfg.model}")
+    stages = default if opts.stages == MULTI else opts.stages
+    paper_ft = cvt_finetuned_paper(cfg.model) if stages == default and not opts.variant else ()
+    series = "ATS " + "+".join(opts.variant) if opts.variant else "ATS"
+    return tuple(Run(tuple(stages), v, opts.mode, opts.variant, series, paper_finetuned=paper_ft if v == 1 else ())
+                 for v in dict.fromkeys((1.0, *map(float, opts.k or opts.rho or DEFAULT_RHO))))
+
+
 def _patched(model, run: Run, seed: int):
-    return patch.apply(copy.deepcopy(model), stages=run.stages, mode=run.mode, variant=run.variant, seed=seed,
-                       **run.size).eval()
+    return backbones.apply(copy.deepcopy(model), stages=run.stages, mode=run.mode, variant=run.variant, seed=seed,
+                           **run.size).eval()
 
 
-def _check_runs(runs, geom: ViTGeometry, name: str) -> None:
+def _check_runs(runs, geom, name: str, scope: str = "blocks") -> None:
     for run in runs:
         if any(s >= geom.depth for s in run.stages):
-            raise ValueError(f"--stages {stage_text(run.stages)}: {name} has blocks 0..{geom.depth - 1}")
+            raise ValueError(f"--stages {stage_text(run.stages)}: {name} has {scope} 0..{geom.depth - 1}")
         if run.k > geom.num_tokens:
             raise ValueError(f"--k {run.k:g} exceeds the {geom.num_tokens} tokens (CLS included) of {name}")
 
 
-def build_settings(cfg, opts, model, finetuned, loader, spec) -> list[ev.Setting]:
-    """Dense first, then every ATS configuration on the given weights and on each ``(model, runs, file name)`` of
-    ``finetuned``."""
+def dense_settings(cfg, model, base, geom, shared: SharedBlocks) -> list[ev.Setting]:
+    """The dense row (the model as given, the paper's dense numbers beside it) and, when ATS runs on another
+    model (a CvT's linear stage 3, weights folded), that model dense: what ATS starts from."""
+    dense_g = dense_gmacs(backbones.geometry(model))
+
+    def on_base(gflops):
+        return lambda x, y, i: (backbones.head_from_hidden(base, shared.hidden("", base, x, i, geom.depth)),
+                                torch.tensor(gflops))
+
+    if base is model:
+        return [ev.Setting("dense", "dense", "", {}, model, gflops=dense_g, paper=dense_paper(cfg.model),
+                           step=on_base(dense_g))]
+    linear_g = dense_gmacs(geom)
+    return [ev.Setting("dense", "dense", "", {"weights": "given"}, model, gflops=dense_g, paper=dense_paper(cfg.model),
+                       step=lambda x, y, i: (model(x), torch.tensor(dense_g))),
+            ev.Setting("dense", "dense linear stage 3", "", {"weights": "folded"}, base, gflops=linear_g,
+                       step=on_base(linear_g))]
+
+
+def build_settings(cfg, opts, model, finetuned, loader, spec, base=None, runs=None) -> list[ev.Setting]:
+    """Dense first, then every ATS configuration (``runs``, default :meth:`ATSEvalConfig.runs`) on ``base`` (the
+    model ATS samples in, default ``model``) and on each ``(model, runs, file name)`` of ``finetuned``. Without
+    data or fine-tuned weights, a paper's fine-tuned point (``Run.paper_finetuned``) gets a row at its data-free
+    count."""
     from . import figures  # matplotlib: imported only where a pass over data draws figures
 
-    geom = ViTGeometry.from_model(model)
-    plans = [("", model, opts.runs(embedded=_embedded(cfg)), None)]
-    plans += [("fine-tuned", m, runs, name) for m, runs, name in finetuned]
-    for _, _, runs, _ in plans:
-        _check_runs(runs, geom, cfg.model)
-    dense_g = dense_gmacs(geom)
-    shared = SharedBlocks({name or "": {min(run.stages) for run in runs} for _, _, runs, name in plans})
-    settings = [ev.Setting("dense", "dense", "", {}, model, gflops=dense_g, paper=DENSE,
-                           step=lambda x, y, i: (model.forward_head(model.norm(shared.hidden("", model, x, i,
-                                                                                             geom.depth))),
-                                                torch.tensor(dense_g)))]
-    for tag, base, runs, name in plans:
-        for run in runs:
+    base = model if base is None else base
+    runs = opts.runs(embedded=_embedded(cfg)) if runs is None else runs
+    geom = backbones.geometry(base)
+    plans = [("", base, runs, None)]
+    plans += [("fine-tuned", m, r, name) for m, r, name in finetuned]
+    reference = tuple(r for r in runs if r.paper_finetuned)
+    if cfg.flops_only and not finetuned and reference and base is not model:
+        plans.append(("fine-tuned", base, reference, None))
+    for _, _, rs, _ in plans:
+        _check_runs(rs, geom, cfg.model, backbones.block_scope(base))
+    shared = SharedBlocks({name or "": {min(run.stages) for run in rs} for _, _, rs, name in plans})
+    settings = dense_settings(cfg, model, base, geom, shared)
+    for tag, weights, rs, name in plans:
+        for run in rs:
             paper = dict(run.paper_finetuned if tag else run.paper)
             if tag and not paper and run.stages == MULTI and run.k in FINETUNED:
                 paper = FINETUNED[run.k]
-            m = _patched(base, run, cfg.seed)
+            m = _patched(weights, run, cfg.seed)
             bound = upper_bound_gmacs(geom, m.record.config)
             params = {**run.params(), "weights": tag or "given", **({"weights_file": name} if name else {})}
-            s = ev.Setting("ats", run.series_for(tag or ("off-the-shelf" if finetuned else "")), run.point, params,
-                           m, gflops=bound, paper=paper, extra={"gflops_upper_bound": bound})
+            series = run.series_for(tag or ("off-the-shelf" if len(plans) > 1 else ""))
+            s = ev.Setting("ats", series, run.point, params, m, gflops=bound, paper=paper,
+                           extra={"gflops_upper_bound": bound})
             if loader is not None:
                 _attach_probe(s, geom, set(cfg.visualize), loader, spec, figures, cfg, shared, name or "")
             settings.append(s)
@@ -186,7 +251,7 @@ def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg, shared:
         title = f"{cfg.model} + {s.label}, {cfg.data} ({row['images']} images)"
         row["figures"]["histogram"] = str(figures.token_histograms(torch.cat(counts), stages,
                                                                    out_dir / f"hist_{slug}.png", title))
-        if kept:
+        if kept and not (spec.img_size % geom.grid[0] or spec.img_size % geom.grid[1]):  # maps need whole cells
             ds, idx = loader.dataset, sorted(kept)
             images = torch.stack([ds[i][0] for i in idx])
             row["figures"]["tokens"] = str(figures.kept_tokens(
@@ -201,18 +266,22 @@ def command(args: argparse.Namespace) -> int:
     if video_evaluate.wants_video(cfg):  # clips: 1 x 3 views, Tables 2 / 3 / A.2
         return video_evaluate.evaluate_clips(cfg, opts)
     ev.prepare_outputs(cfg)
-    model = ev.load_model(cfg)
+    model = load_model(cfg)
+    base = backbones.linear_variant(model)  # what ATS samples in: a CvT's linear stage 3 (folded), a ViT itself
     try:
-        patch.check_structure(model)
+        backbones.check_structure(base)
     except TypeError as e:
         raise ValueError(f"{cfg.model}: {e}") from None
-    finetuned = [(load_checkpoint(copy.deepcopy(model), path).eval(), runs, path.name)
-                 for path, runs in finetuned_plans(cfg, opts)]
+    runs = model_runs(cfg, opts, base)
+    plan_runs = None if backbones.default_stages(base) == MULTI else runs  # a ViT's files: opts.runs()
+    finetuned = [(backbones.load_weights(copy.deepcopy(base), path).eval(), r, path.name)
+                 for path, r in finetuned_plans(cfg, opts, plan_runs)]
     if opts.preset:
         print(PRESETS[opts.preset][0])
     title = f"ATS on {cfg.model}, {cfg.data}: top-1 vs GFLOPs"
-    ev.harness(cfg, opts, model, lambda loader, spec: build_settings(cfg, opts, model, finetuned, loader, spec),
-           figure_patterns=("hist_*.png", "tokens_*.png"), sweep_title=title)
+    ev.harness(cfg, opts, model,
+               lambda loader, spec: build_settings(cfg, opts, model, finetuned, loader, spec, base, runs),
+               figure_patterns=("hist_*.png", "tokens_*.png"), sweep_title=title)
     return 0
 
 

@@ -33,6 +33,11 @@ class Shipped:
 EMBEDDED_RUNS = (*DEFAULT_RUNS, late(1.0))
 SHIPPED = (Shipped("vit_digits_patch8_112_ats.safetensors", MULTI, (DEFAULT_RUNS[0],)),
            Shipped("vit_digits_patch8_112_ats_7-11.safetensors", LATE, (late(1.0, 79.7), late(0.87), late(0.72))))
+# Other embedded backbones: the dense weights ``ats-eval --model NAME`` loads without --checkpoint, and the
+# fine-tuned ATS weights (trained at ``stages``) evaluated next to them at the requested runs. The embedded CvT:
+# dw_bn dense, linear stage 3 fine-tuned with ATS in stage 3's blocks 0..8.
+SHIPPED_DENSE = {"cvt_digits_112": "cvt_digits_112.safetensors"}
+SHIPPED_ATS = {"cvt_digits_112": Shipped("cvt_digits_112_ats.safetensors", tuple(range(9)), ())}
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,16 @@ def parse_stages(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"cannot parse stages {text!r}; use e.g. 3-11, 3 or 0,3,6") from None
+
+
+def shipped_dense(model: str) -> Path:
+    """The shipped dense weights of embedded backbone ``model`` (``ValueError`` in one line when there are none)."""
+    if model not in SHIPPED_DENSE:
+        raise ValueError(f"no weights for {model}: give --checkpoint PATH (official or HuggingFace CvT weights)")
+    path = WEIGHTS / SHIPPED_DENSE[model]
+    if not path.is_file():
+        raise ValueError(f"the weights of {model} are not shipped yet ({path.name}); give --checkpoint PATH")
+    return path
 
 
 def given_finetuned(opts: ATSEvalConfig) -> Path | None:

@@ -94,6 +94,29 @@ PRESETS: dict[str, tuple[str, tuple[Run, ...]]] = {
 }
 FINETUNED = {1.0: {"top1": 79.7, "gflops": 2.9}}  # Table 1: the fine-tuned rho 1 point
 
+# Table 1, CvT on ImageNet: model -> (dense top-1 / GFLOPs, ATS fine-tuned top-1 / GFLOPs). ATS in stage 3's blocks
+# 1-9 of a linear stage 3 at K = N (rho 1), fine-tuned 30 epochs from the pretrained CvT (App. E.2); the dense
+# numbers are CvT's own (dw_bn).
+CVT = {
+    "cvt_13_224": ((81.6, 4.5), (81.4, 3.2)),
+    "cvt_21_224": ((82.5, 7.1), (82.3, 5.1)),
+    "cvt_13_384": ((83.0, 16.3), (82.9, 11.7)),
+    "cvt_21_384": ((83.3, 24.9), (83.1, 17.4)),
+}
+
+
+def dense_paper(model: str, default: dict = DENSE) -> dict:
+    """The paper's dense numbers shown next to ``model``: its Table 1 row for a CvT (none for a CvT the paper
+    does not report), ``default`` (DeiT-S's) for any other model."""
+    if model.startswith("cvt_"):
+        return dict(zip(("top1", "gflops"), CVT[model][0])) if model in CVT else {}
+    return dict(default)
+
+
+def cvt_finetuned_paper(model: str) -> tuple[tuple[str, float], ...]:
+    """Table 1's fine-tuned ATS point of CvT ``model`` as ``Run.paper_finetuned`` holds it (empty when not in it)."""
+    return numbers(*CVT[model][1]) if model in CVT else ()
+
 # Video, 1 x 3 views, as printed. (model, classes): (table, dense top-1 / GFLOPs, ATS fine-tuned top-1 / GFLOPs).
 VIDEO = {
     ("xvit_base_patch16_224_16f", 400): ("Table 2 (K400)", (80.2, 425.0), (80.0, 259.0)),

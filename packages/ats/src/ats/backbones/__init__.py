@@ -10,8 +10,11 @@ with ``depth``, ``num_tokens``, ``grid``, ``at_grid`` and ``gmacs(tokens_per_blo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 from vitbench.flops import ViTGeometry
+from vitbench.models import load_checkpoint, load_state, read_state_dict
 
 from .. import patch
 from . import cvt
@@ -37,3 +40,63 @@ def geometry(model: nn.Module):
 def default_stages(model: nn.Module) -> tuple[int, ...]:
     """The paper's ATS blocks for ``model``: CvT stage 3's 0..8 (App. E.2), a ViT's 3..11."""
     return cvt.STAGES if isinstance(model, cvt.CvT) else tuple(range(3, 12))
+
+
+def default_stages_for(name: str) -> tuple[int, ...] | None:
+    """:func:`default_stages` by model name, before the model is built (None: not a backbone of this package)."""
+    return cvt.STAGES if name in cvt.CVT_MODELS else None
+
+
+def owns_weights(name: str) -> bool:
+    """Whether model ``name`` reads its checkpoints through :func:`load_weights` (a CvT: the official and HF layouts)
+    rather than vitbench's timm loader."""
+    return name in cvt.CVT_MODELS
+
+
+def ats_build_kwargs(name: str) -> dict:
+    """What model ``name`` is built with to take ATS: a CvT's ``projection="linear"`` stage 3 (App. E.2)."""
+    return {"projection": "linear"} if name in cvt.CVT_MODELS else {}
+
+
+def block_scope(model: nn.Module) -> str:
+    """Where ``model``'s ATS block indices count, for messages: ``"stage-3 blocks"`` (CvT) or ``"blocks"``."""
+    return "stage-3 blocks" if isinstance(model, cvt.CvT) else "blocks"
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load the checkpoint ``path`` into ``model`` (strict; ``ValueError`` naming the file when it does not fit).
+
+    A CvT reads the official and HuggingFace layouts (:func:`~ats.backbones.cvt.load_cvt_state`: ``dw_bn`` weights,
+    folded for a ``linear`` stage 3) and this package's own ``linear`` checkpoints (``ats-train`` output) as they are;
+    any other model goes through vitbench's loader."""
+    if not isinstance(model, cvt.CvT):
+        return load_checkpoint(model, path)
+    state = read_state_dict(path)
+    if any(".attn.qkv." in k for k in state):  # a linear stage 3 (ours): no conversion
+        if model.projection != "linear":
+            raise ValueError(f"checkpoint {path} has a linear stage 3 (an ATS CvT); it does not fit a dw_bn CvT")
+        load_state(model, state, path)
+        return model
+    try:
+        return cvt.load_cvt_state(model, state)
+    except (ValueError, RuntimeError) as e:  # a foreign layout or mis-shaped tensors (another class count)
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: {str(e).splitlines()[0][:300]}") \
+            from None
+
+
+def linear_variant(model: nn.Module) -> nn.Module:
+    """The model ATS samples in, in eval mode: for a ``dw_bn`` CvT a ``linear``-stage-3 copy with its weights folded
+    (:func:`~ats.backbones.cvt.fold_projections`, the training-free start); ``model`` itself otherwise."""
+    if not isinstance(model, cvt.CvT) or model.projection == "linear":
+        return model
+    qkv_bias = model.stages[0].blocks[0].attn.proj_q.bias is not None
+    linear = cvt.CvT(model.img_size, model.in_chans, model.num_classes, model.depths, model.dims, model.heads,
+                     model.mlp_ratio, qkv_bias, projection="linear", activation=model.activation, embed=model.embed)
+    linear.pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    linear.load_state_dict(cvt.fold_projections(model.state_dict(), len(model.depths) - 1))
+    return linear.to(next(model.parameters()).device).eval()
+
+
+def head_from_hidden(model: nn.Module, hidden):
+    """Logits from the output of all of ``model``'s ATS-able blocks run dense (:func:`ats.patch.dense_hidden`)."""
+    return model.forward_head(hidden if isinstance(model, cvt.CvT) else model.norm(hidden))
