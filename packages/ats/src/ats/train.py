@@ -7,6 +7,11 @@ K = all tokens during training (``--ats-rho 1``: multi-stage blocks 3..11). ``--
 multi-process CPU: ``torchrun --nproc_per_node 2 -m ats.train --cpu ...``. The weights keep timm's layout, so
 ``ats-eval --checkpoint OUTPUT_DIR/model.safetensors`` evaluates them at any rho or K. Video models
 (``--model xvit_digits_patch8_64 --data moving-digits``) train on clips (:mod:`ats.video.train`).
+
+CvT (``--model cvt_13_224`` ...; App. E.2): with ATS on, the model is built with a ``linear`` stage 3 and ATS in
+stage 3's blocks 0..8 (``--ats-stages`` is stage-local); ``--checkpoint`` takes official or HuggingFace ``dw_bn``
+weights (folded into the linear stage 3) or a linear checkpoint of ours as it is. With ``--no-ats`` the CvT trains
+as given (``dw_bn``). ``ats-eval --model cvt_13_224 --finetuned OUTPUT_DIR/model.safetensors`` evaluates the output.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import vitbench
 from vitbench.cli import run
 from vitbench.engine import TrainConfig, add_train_args, train
 
-from . import patch
+from . import backbones, patch
 from .options import parse_stages
 from .video import train as video_train
 from .video.models import VIDEO_MODELS
@@ -51,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("ATS")
     g.add_argument("--no-ats", action="store_true", help="train the plain model (ATS off)")
     g.add_argument("--ats-stages", type=parse_stages, default=None,
-                   help="ATS blocks (default 3-11; video: X-ViT 3-11, TimeSformer 3-5, App. E.4/E.5)")
+                   help="ATS blocks (default 3-11; video: X-ViT 3-11, TimeSformer 3-5, App. E.4/E.5; CvT: stage 3's "
+                   "blocks, stage-local, default 0-8, App. E.2)")
     g.add_argument("--ats-rho", type=float, default=None, help="training rho (default 1: K = all tokens, as the paper)")
     g.add_argument("--ats-k", type=float, default=None, help="training absolute K instead of rho")
     g.add_argument("--ats-mode", choices=patch.MODES, default="official")
@@ -64,7 +70,8 @@ def ats_config_from_args(ns: argparse.Namespace) -> ATSTrainConfig:
     if ns.ats_rho is not None and ns.ats_k is not None:
         raise ValueError("give --ats-rho or --ats-k, not both")
     rho = None if ns.ats_k is not None else (1.0 if ns.ats_rho is None else ns.ats_rho)
-    stages = ns.ats_stages or video_train.default_stages(ns.model) or tuple(range(3, 12))
+    stages = (ns.ats_stages or video_train.default_stages(ns.model) or backbones.default_stages_for(ns.model)
+              or tuple(range(3, 12)))
     return ATSTrainConfig(None if ns.no_ats else tuple(stages), rho, ns.ats_k, ns.ats_mode,
                           tuple(ns.ats_variant))
 
@@ -73,11 +80,17 @@ def build_model(cfg: TrainConfig, ats_cfg: ATSTrainConfig):
     if cfg.model in VIDEO_MODELS:
         return video_train.build_model(cfg, ats_cfg)
     kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
-    model = vitbench.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
-                                  drop_path_rate=cfg.drop_path, **kwargs)
+    if backbones.owns_weights(cfg.model):  # a CvT: linear stage 3 for ATS, its own checkpoint layouts
+        kwargs.update(backbones.ats_build_kwargs(cfg.model) if ats_cfg.stages is not None else {})
+        model = vitbench.create_model(cfg.model, pretrained=cfg.pretrained, drop_path_rate=cfg.drop_path, **kwargs)
+        if cfg.checkpoint:
+            backbones.load_weights(model, cfg.checkpoint)
+    else:
+        model = vitbench.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
+                                      drop_path_rate=cfg.drop_path, **kwargs)
     if ats_cfg.stages is not None:
-        patch.apply(model, stages=ats_cfg.stages, rho=ats_cfg.rho, k=ats_cfg.k, mode=ats_cfg.mode,
-                    variant=ats_cfg.variant)
+        backbones.apply(model, stages=ats_cfg.stages, rho=ats_cfg.rho, k=ats_cfg.k, mode=ats_cfg.mode,
+                        variant=ats_cfg.variant)
     return model
 
 
