@@ -117,6 +117,7 @@ def cvt_finetuned_paper(model: str) -> tuple[tuple[str, float], ...]:
     """Table 1's fine-tuned ATS point of CvT ``model`` as ``Run.paper_finetuned`` holds it (empty when not in it)."""
     return numbers(*CVT[model][1]) if model in CVT else ()
 
+
 # Video, 1 x 3 views, as printed. (model, classes): (table, dense top-1 / GFLOPs, ATS fine-tuned top-1 / GFLOPs).
 VIDEO = {
     ("xvit_base_patch16_224_16f", 400): ("Table 2 (K400)", (80.2, 425.0), (80.0, 259.0)),
