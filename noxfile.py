@@ -55,8 +55,9 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """CPU speed of every method against eager and compiled dense DeiT-S at batch 1 and 32 (side by side in one
-    process per package; JSON under runs/bench/), then one table of all of them. Arguments go to every script,
-    e.g. ``nox -s bench -- --compile all``. About 12 minutes on two shared cores."""
+    process per script; JSON under runs/bench/: ``<package>.json``, or ``<package>_<name>.json`` for
+    ``bench_<name>.py`` in a package with several), then one table of all of them. Arguments go to every script,
+    e.g. ``nox -s bench -- --compile all``. About 14 minutes on two shared cores."""
     for package in PACKAGES:
         session.install("-e", f"packages/{package}")
     session.install("--no-deps", "-e", "shared")
@@ -65,7 +66,9 @@ def bench(session: nox.Session) -> None:
         session.skip("no benchmarks")
     results = []
     for script in scripts:
-        results.append(f"runs/bench/{script.parent.parent.name}.json")
+        package = script.parent.parent.name
+        several = sum(s.parent == script.parent for s in scripts) > 1  # then each script writes its own file
+        results.append(f"runs/bench/{package}{'_' + script.stem.removeprefix('bench_') if several else ''}.json")
         session.run("python", str(script.relative_to(ROOT)), "--json", results[-1], *session.posargs, env=OFFLINE)
     session.run("python", "-m", "vitbench.bench", *results)
 

@@ -30,19 +30,22 @@ from vitbench.cli import run
 from vitbench.flops import ViTGeometry, vit_gmacs
 
 import ats
+from ats.backbones import geometry
 from ats.flops import dense_gmacs, per_image_gmacs
 from ats.patch import compile_ats
 
 
-def ideal_speedup(model: torch.nn.Module, pool: torch.Tensor) -> tuple[float, list[float]]:
-    """Dense GMACs / mean per-image GMACs of ``pool`` (ATS is batch-invariant: one forward), and the mean output
-    tokens of every block."""
+def ideal_speedup(model: torch.nn.Module, pool: torch.Tensor,
+                  reference: torch.nn.Module | None = None) -> tuple[float, list[float]]:
+    """Dense GMACs (of ``reference``, by default of ``model`` run dense) / mean per-image GMACs of ``pool`` (ATS is
+    batch-invariant: one forward), and the mean output tokens of every block. Any backbone of
+    :func:`ats.backbones.geometry` (a timm ViT, a CvT)."""
     with torch.inference_mode():
         model(pool)
-    geom = ViTGeometry.from_model(model)
+    geom = geometry(model)
     tokens = model.record.token_counts()[1].double().mean(0)
-    return dense_gmacs(geom) / float(per_image_gmacs(geom, model.record).mean()), [round(float(t), 1)
-                                                                                     for t in tokens]
+    dense = dense_gmacs(geom if reference is None else geometry(reference))
+    return dense / float(per_image_gmacs(geom, model.record).mean()), [round(float(t), 1) for t in tokens]
 
 
 def counts_floor(dense: torch.nn.Module, tokens_out: list[float]) -> bench.Method:

@@ -41,8 +41,9 @@ from .throughput import CLOCKS, compare, repeat_ratios, transpose_linear_weights
 MIN_IMAGES = 9  # at batch 1, nine forwards (LF-ViT: 2 of 9 = 22 % reach the focus stage)
 COMPILE_CHOICES = ("none", "dense", "all")
 WEIGHT_LAYOUTS = ("transposed", "timm")
-COLUMNS = ["name", "batch_size", "ms_per_image", "speedup", "speedup_vs_compiled", "ideal_speedup", "fraction_of_ideal",
-           "fraction_of_ideal_vs_compiled", "syncs", "vs_released", "vs_released_per_image", "vs_released_compiled"]
+COLUMNS = ["name", "batch_size", "ms_per_image", "speedup", "speedup_vs_compiled", "gmacs", "ideal_speedup",
+           "fraction_of_ideal", "fraction_of_ideal_vs_compiled", "syncs", "vs_released", "vs_released_per_image",
+           "vs_released_compiled"]  # a column is printed only when some row has it (gmacs: per image, optional)
 
 
 @dataclass(frozen=True)
@@ -69,15 +70,16 @@ class BenchConfig:
     json: str = ""
 
 
-def add_arguments(parser: argparse.ArgumentParser, json_default: str) -> None:
-    """The flags every benchmark shares (read back with :func:`config`)."""
-    d = BenchConfig()
+def add_arguments(parser: argparse.ArgumentParser, json_default: str, **defaults: Any) -> None:
+    """The flags every benchmark shares (read back with :func:`config`); ``defaults`` override
+    :class:`BenchConfig`'s (e.g. ``compile="none"`` for a benchmark that would otherwise take long)."""
+    d = BenchConfig(**defaults)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes),
                         help="images per forward, each timed on its own (default: 1 32); at batch 1 the pool holds "
                         f"{MIN_IMAGES} images")
     parser.add_argument("--compile", choices=COMPILE_CHOICES, default=d.compile,
                         help="what else to time torch.compile'd (inductor): dense only, or dense and every method "
-                        "(default: dense; 'all' adds several minutes of compiling per batch size on 2 cores)")
+                        f"(default: {d.compile}; 'all' adds several minutes of compiling per batch size on 2 cores)")
     parser.add_argument("--peak", type=float, default=d.peak,
                         help=f"scale of the random q/k projections, so attention is peaked (default: {d.peak:g})")
     parser.add_argument("--weight-layout", choices=WEIGHT_LAYOUTS, default=d.weight_layout,
