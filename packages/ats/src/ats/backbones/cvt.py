@@ -33,12 +33,13 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm, Mlp, QuickGELU, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from vitbench.flops import block_macs, layernorm_macs, linear_macs
 
 from ..patch import ATSRecord, attach_ats, check_blocks, run_blocks
+from ..registry import register_unshipped
 
 PROJECTIONS = ("dw_bn", "linear")
 ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
@@ -314,23 +315,9 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _builder(name: str):
-    base, _ = CVT_MODELS[name]
-
-    def create(pretrained: bool = False, **kwargs) -> CvT:
-        if pretrained:
-            raise FileNotFoundError(f"no weights are shipped for {name}; build it with pretrained=False and load the "
-                                    "official or HuggingFace weights with ats.backbones.cvt.load_cvt_state")
-        return build_model_with_cfg(CvT, name, False, **{**base, **kwargs})
-
-    create.__name__ = name
-    create.__doc__ = f"CvT {base} (ats.backbones.cvt)."
-    create.__module__ = __name__
-    return register_model(create)
-
-
-for _name in CVT_MODELS:
-    globals()[_name] = _builder(_name)
+for _name, (_kwargs, _) in CVT_MODELS.items():
+    globals()[_name] = register_unshipped(_name, CvT, _kwargs, __name__, "the official or HuggingFace weights with "
+                                          "ats.backbones.cvt.load_cvt_state")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint layouts

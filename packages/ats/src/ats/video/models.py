@@ -24,10 +24,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from vitbench.patching import qkv_heads
+
+from ..registry import register_unshipped
 
 ARCHS = ("timesformer", "xvit")
 Selector = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -339,20 +341,6 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _builder(name: str):
-    cls, base, _ = VIDEO_MODELS[name]
-
-    def create(pretrained: bool = False, **kwargs) -> VideoTransformer:
-        if pretrained:
-            raise FileNotFoundError(f"no weights are shipped for {name}; build it with pretrained=False and load "
-                                    "the authors' checkpoint with ats.video.load_released(model, path)")
-        return build_model_with_cfg(cls, name, False, **{**base, **kwargs})
-
-    create.__name__ = name
-    create.__doc__ = f"{cls.__name__} {base} (ats.video.models)."
-    create.__module__ = __name__
-    return register_model(create)
-
-
-for _name in VIDEO_MODELS:
-    globals()[_name] = _builder(_name)
+for _name, (_cls, _kwargs, _) in VIDEO_MODELS.items():
+    globals()[_name] = register_unshipped(_name, _cls, _kwargs, __name__, "the authors' checkpoint with "
+                                          "ats.video.load_released(model, path)")
