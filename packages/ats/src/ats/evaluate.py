@@ -108,11 +108,11 @@ def load_model(cfg: ev.EvalConfig) -> torch.nn.Module:
     return backbones.load_weights(model, cfg.checkpoint or shipped_dense(cfg.model)).eval()
 
 
-def model_runs(cfg: ev.EvalConfig, opts: ATSEvalConfig, base: torch.nn.Module) -> tuple[Run, ...]:
-    """The ATS configurations for ``base``: :meth:`ATSEvalConfig.runs` on a ViT; on another backbone (CvT) rho 1
+def model_runs(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> tuple[Run, ...]:
+    """The ATS configurations for ``cfg.model``: :meth:`ATSEvalConfig.runs` on a ViT; on another backbone (CvT) rho 1
     (K = N) and the requested ``--rho`` / ``--k`` (default 1 / 0.87 / 0.72) in ``--stages`` (default: the backbone's,
     :func:`ats.backbones.default_stages`), the paper's fine-tuned point on rho 1 at the paper's placement."""
-    default = backbones.default_stages(base)
+    default = backbones.default_stages(cfg.model)
     if default == MULTI:
         return opts.runs(embedded=_embedded(cfg))
     if opts.preset:
@@ -272,8 +272,8 @@ def command(args: argparse.Namespace) -> int:
         backbones.check_structure(base)
     except TypeError as e:
         raise ValueError(f"{cfg.model}: {e}") from None
-    runs = model_runs(cfg, opts, base)
-    plan_runs = None if backbones.default_stages(base) == MULTI else runs  # a ViT's files: opts.runs()
+    runs = model_runs(cfg, opts)
+    plan_runs = None if backbones.default_stages(cfg.model) == MULTI else runs  # a ViT's files: opts.runs()
     finetuned = [(backbones.load_weights(copy.deepcopy(base), path).eval(), r, path.name)
                  for path, r in finetuned_plans(cfg, opts, plan_runs)]
     if opts.preset:

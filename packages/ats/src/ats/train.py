@@ -70,8 +70,7 @@ def ats_config_from_args(ns: argparse.Namespace) -> ATSTrainConfig:
     if ns.ats_rho is not None and ns.ats_k is not None:
         raise ValueError("give --ats-rho or --ats-k, not both")
     rho = None if ns.ats_k is not None else (1.0 if ns.ats_rho is None else ns.ats_rho)
-    stages = (ns.ats_stages or video_train.default_stages(ns.model) or backbones.default_stages_for(ns.model)
-              or tuple(range(3, 12)))
+    stages = ns.ats_stages or video_train.default_stages(ns.model) or backbones.default_stages(ns.model)
     return ATSTrainConfig(None if ns.no_ats else tuple(stages), rho, ns.ats_k, ns.ats_mode,
                           tuple(ns.ats_variant))
 

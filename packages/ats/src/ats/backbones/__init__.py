@@ -37,14 +37,10 @@ def geometry(model: nn.Module):
     return cvt.CvTGeometry.from_model(model) if isinstance(model, cvt.CvT) else ViTGeometry.from_model(model)
 
 
-def default_stages(model: nn.Module) -> tuple[int, ...]:
-    """The paper's ATS blocks for ``model``: CvT stage 3's 0..8 (App. E.2), a ViT's 3..11."""
-    return cvt.STAGES if isinstance(model, cvt.CvT) else tuple(range(3, 12))
-
-
-def default_stages_for(name: str) -> tuple[int, ...] | None:
-    """:func:`default_stages` by model name, before the model is built (None: not a backbone of this package)."""
-    return cvt.STAGES if name in cvt.CVT_MODELS else None
+def default_stages(name: str) -> tuple[int, ...]:
+    """The paper's ATS blocks for model ``name``, known before it is built: CvT stage 3's 0..8 (App. E.2), a ViT's
+    3..11."""
+    return cvt.STAGES if name in cvt.CVT_MODELS else tuple(range(3, 12))
 
 
 def owns_weights(name: str) -> bool:
