@@ -29,7 +29,8 @@ from vitbench.localization import on_box_share, random_share
 from . import backbones, patch
 from .flops import dense_gmacs, per_image_gmacs, upper_bound_gmacs
 from .options import SHIPPED, SHIPPED_ATS, ATSEvalConfig, figure_slug, given_finetuned, parse_stages, shipped_dense
-from .paper import DEFAULT_RHO, FINETUNED, MULTI, PRESETS, Run, cvt_finetuned_paper, dense_paper, stage_text
+from .paper import (DEFAULT_RHO, FINETUNED, MULTI, PRESETS, Run, cvt_finetuned_paper, dense_paper, reports_deit_s,
+                    stage_text)
 from .video import evaluate as video_evaluate
 
 
@@ -114,11 +115,15 @@ def model_runs(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> tuple[Run, ...]:
     :func:`ats.backbones.default_stages`), the paper's fine-tuned point on rho 1 at the paper's placement."""
     default = backbones.default_stages(cfg.model)
     if default == MULTI:
-        return opts.runs(embedded=_embedded(cfg))
+        runs = opts.runs(embedded=_embedded(cfg))
+        if reports_deit_s(cfg.model, cfg.img_size):
+            return runs
+        return tuple(dataclasses.replace(r, paper=(), paper_finetuned=()) for r in runs)  # DeiT-S's numbers
     if opts.preset:
         raise ValueError(f"--preset {opts.preset} is a DeiT-S configuration; drop it for {cfg.model}")
     stages = default if opts.stages == MULTI else opts.stages
-    paper_ft = cvt_finetuned_paper(cfg.model) if stages == default and not opts.variant else ()
+    paper_ft = cvt_finetuned_paper(cfg.model) if stages == default and not opts.variant and dense_paper(
+        cfg.model, cfg.img_size) else ()
     series = "ATS " + "+".join(opts.variant) if opts.variant else "ATS"
     return tuple(Run(tuple(stages), v, opts.mode, opts.variant, series, paper_finetuned=paper_ft if v == 1 else ())
                  for v in dict.fromkeys((1.0, *map(float, opts.k or opts.rho or DEFAULT_RHO))))
@@ -140,17 +145,17 @@ def _check_runs(runs, geom, name: str, scope: str = "blocks") -> None:
 def dense_settings(cfg, model, base, geom, shared: SharedBlocks) -> list[ev.Setting]:
     """The dense row (the model as given, the paper's dense numbers beside it) and, when ATS runs on another
     model (a CvT's linear stage 3, weights folded), that model dense: what ATS starts from."""
-    dense_g = dense_gmacs(backbones.geometry(model))
+    dense_g, paper = dense_gmacs(backbones.geometry(model)), dense_paper(cfg.model, cfg.img_size)
 
     def on_base(gflops):
         return lambda x, y, i: (backbones.head_from_hidden(base, shared.hidden("", base, x, i, geom.depth)),
                                 torch.tensor(gflops))
 
     if base is model:
-        return [ev.Setting("dense", "dense", "", {}, model, gflops=dense_g, paper=dense_paper(cfg.model),
+        return [ev.Setting("dense", "dense", "", {}, model, gflops=dense_g, paper=paper,
                            step=on_base(dense_g))]
     linear_g = dense_gmacs(geom)
-    return [ev.Setting("dense", "dense", "", {"weights": "given"}, model, gflops=dense_g, paper=dense_paper(cfg.model),
+    return [ev.Setting("dense", "dense", "", {"weights": "given"}, model, gflops=dense_g, paper=paper,
                        step=lambda x, y, i: (model(x), torch.tensor(dense_g))),
             ev.Setting("dense", "dense linear stage 3", "", {"weights": "folded"}, base, gflops=linear_g,
                        step=on_base(linear_g))]
@@ -178,7 +183,8 @@ def build_settings(cfg, opts, model, finetuned, loader, spec, base=None, runs=No
     for tag, weights, rs, name in plans:
         for run in rs:
             paper = dict(run.paper_finetuned if tag else run.paper)
-            if tag and not paper and run.stages == MULTI and run.k in FINETUNED:
+            if tag and not paper and run.stages == MULTI and run.k in FINETUNED and reports_deit_s(cfg.model,
+                                                                                                     cfg.img_size):
                 paper = FINETUNED[run.k]
             m = _patched(weights, run, cfg.seed)
             bound = upper_bound_gmacs(geom, m.record.config)

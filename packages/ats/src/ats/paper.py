@@ -105,12 +105,40 @@ CVT = {
 }
 
 
-def dense_paper(model: str, default: dict = DENSE) -> dict:
-    """The paper's dense numbers shown next to ``model``: its Table 1 row for a CvT (none for a CvT the paper
-    does not report), ``default`` (DeiT-S's) for any other model."""
-    if model.startswith("cvt_"):
-        return dict(zip(("top1", "gflops"), CVT[model][0])) if model in CVT else {}
-    return dict(default)
+# The models whose dense numbers Table 1 prints, by timm architecture: model -> (top-1, GFLOPs). DeiT-S is the
+# backbone of every DeiT-S+ATS setting of this module; DeiT-B/16 is a comparison row; the CvTs are CVT's dense rows.
+DENSE_MODELS: dict[str, tuple[float, float]] = {
+    "deit_small_patch16_224": (DENSE["top1"], DENSE["gflops"]),
+    "deit_base_patch16_224": (81.8, 17.6),
+    **{m: dense for m, (dense, _) in CVT.items()},
+}
+DEIT_S = "deit_small_patch16_224"  # the model of DEFAULT_RUNS, PRESETS and FINETUNED
+
+
+def architecture(model: str) -> str:
+    """timm's architecture of a model name: ``deit_small_patch16_224.fb_in1k`` -> ``deit_small_patch16_224``."""
+    return model.split(".")[0]
+
+
+def paper_input(model: str, img_size: int | None) -> bool:
+    """Whether an evaluation of ``model`` at ``--img-size img_size`` (None: the model's own) is at the resolution
+    Table 1 reports it at (384 px for the ``*_384`` models, 224 px for the others)."""
+    return img_size in (None, 384 if architecture(model).endswith("_384") else 224)
+
+
+def dense_paper(model: str, img_size: int | None = None) -> dict:
+    """The paper's dense numbers for ``model`` (its Table 1 row: DeiT-S, DeiT-B, CvT); empty for a model the
+    paper does not report, or at another input size than the paper's."""
+    row = DENSE_MODELS.get(architecture(model))
+    if row is None or not paper_input(model, img_size):
+        return {}
+    return dict(zip(("top1", "gflops"), row))
+
+
+def reports_deit_s(model: str, img_size: int | None = None) -> bool:
+    """Whether the DeiT-S settings' numbers (``Run.paper``, ``Run.paper_finetuned``, ``FINETUNED``) belong beside
+    ``model``'s rows: DeiT-S at 224 px only."""
+    return architecture(model) == DEIT_S and paper_input(model, img_size)
 
 
 def cvt_finetuned_paper(model: str) -> tuple[tuple[str, float], ...]:
