@@ -161,7 +161,9 @@ def nearest_index(values: Tensor, queries: Tensor, n: Tensor) -> Tensor:
     d_lo = (queries - values.gather(1, lo)).abs()
     d_hi = (queries - values.gather(1, hi)).abs()
     pick = torch.where(d_lo <= d_hi, lo, hi)
-    return torch.searchsorted(values, values.gather(1, pick).contiguous())
+    # the clamp only matters for non-finite scores (a NaN CDF sorts past the end): the indices stay in range and
+    # the NaN reaches the output, where the training loop's divergence check names it instead of an index error
+    return torch.minimum(torch.searchsorted(values, values.gather(1, pick).contiguous()), last)
 
 
 def unique_sorted(picks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,9 +11,14 @@ losses, optimiser and scheduler. What this package adds:
   ``progress.json`` listing every file's size (a truncated checkpoint is recognised and skipped on resume) and the
   run's configuration (a resume with other settings is refused unless ``--resume-override`` names them)
   (:mod:`.runs`);
-* one run, one output folder (``--overwrite`` to start over), checked writable before any work (:mod:`.runs`);
+* one run, one output folder (``--overwrite`` to start over, once every input of the new run loaded), checked
+  writable before any work and locked for the run's lifetime (:mod:`.runs`, :mod:`.lock`);
+* divergence: a non-finite loss, weights or outputs stop the run in one line naming the update and the newest intact
+  checkpoint; non-finite weights are never saved (:mod:`.health`);
+* a failed write (disk full, I/O error) names the path and the free space, earlier checkpoints intact (:mod:`.runs`);
 * preemption: SIGTERM / SIGUSR1 finish the current update, write a checkpoint and exit with
-  :data:`EXIT_PREEMPTED` (:mod:`.signals`);
+  :data:`EXIT_PREEMPTED`; Ctrl-C the same with :data:`EXIT_INTERRUPTED` (:mod:`.signals`);
+* ``--num-classes`` (a new head) and ``--report-to`` (Accelerate's trackers, :mod:`.tracking`);
 * the repeated-augmentation sampler is applied per rank by hand, never sharded a second time by ``prepare``.
 
 The configuration and its flags are in :mod:`.config`; image and video data come through
@@ -22,7 +27,9 @@ The configuration and its flags are in :mod:`.config`; image and video data come
 
 from ..sources import resolve_input
 from .config import TrainConfig, add_train_args
-from .loop import LossFn, Recipe, train
+from .health import Diverged
+from .lock import RunLock, RunLocked, run_lock
+from .loop import LossFn, Recipe, new_head, train
 from .metrics import evaluate_classifier, ranks_in_sync
 from .runs import (
     RUN_FILES,
@@ -38,11 +45,12 @@ from .runs import (
     remove_run_files,
     resume_candidates,
 )
-from .signals import EXIT_PREEMPTED, Preempted, stop_signals
+from .signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, stop_signals
 
 __all__ = [
-    "EXIT_PREEMPTED", "RUN_FILES", "RUN_ONLY_FIELDS", "LossFn", "Preempted", "Recipe", "RunFolder", "TrainConfig",
-    "TrainProgress", "accept_changes", "add_train_args", "check_override_names", "checkpoint_problem",
-    "claim_output_dir", "config_changes", "evaluate_classifier", "held_run_files", "ranks_in_sync",
-    "remove_run_files", "resolve_input", "resume_candidates", "stop_signals", "train",
+    "EXIT_INTERRUPTED", "EXIT_PREEMPTED", "RUN_FILES", "RUN_ONLY_FIELDS", "Diverged", "LossFn", "Preempted",
+    "Recipe", "RunFolder", "RunLock", "RunLocked", "TrainConfig", "TrainProgress", "accept_changes",
+    "add_train_args", "check_override_names", "checkpoint_problem", "claim_output_dir", "config_changes",
+    "evaluate_classifier", "held_run_files", "new_head", "ranks_in_sync", "remove_run_files", "resolve_input",
+    "resume_candidates", "run_lock", "stop_signals", "train",
 ]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from ..cli import flag_defaults
 from ..dataspec import is_video, parse_data_spec
 from ..models import is_model
+from .tracking import REPORT_TO
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class TrainConfig:
     model: str = "vit_digits_patch8_112"
     pretrained: bool = False
     checkpoint: str | None = None
+    num_classes: int | None = None
     output_dir: str = "runs/train"
     epochs: int = 300
     batch_size: int = 64
@@ -55,6 +57,7 @@ class TrainConfig:
     limit_train: int | None = None
     limit_val: int | None = None
     skip_corrupt: bool = False
+    report_to: str = "none"
 
     def __post_init__(self):
         checks = [
@@ -75,6 +78,8 @@ class TrainConfig:
             (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
             (self.limit_train is None or self.limit_train >= 1, f"--limit-train must be >= 1, got {self.limit_train}"),
             (self.limit_val is None or self.limit_val >= 1, f"--limit-val must be >= 1, got {self.limit_val}"),
+            (self.num_classes is None or self.num_classes >= 1,
+             f"--num-classes must be >= 1, got {self.num_classes}"),
             (not (self.overwrite and self.resume), "give --resume (continue the run) or --overwrite (start over), "
                                                     "not both"),
             (self.resume or not self.resume_override, "--resume-override needs --resume"),
@@ -118,6 +123,8 @@ def _add_data_args(parser: argparse.ArgumentParser, d: dict) -> None:
     g.add_argument("--pretrained", action="store_true", default=d["pretrained"],
                    help="initialise from timm's pretrained weights for --model")
     g.add_argument("--checkpoint", default=d["checkpoint"], help="initialise from a local .safetensors/.pth")
+    g.add_argument("--num-classes", type=int, default=d["num_classes"],
+                   help="train a new N-class head (the initial weights' head is dropped; default: the model's own)")
     g.add_argument("--img-size", type=int, default=d["img_size"], help="input size (default: the model's)")
     g.add_argument("--num-workers", type=int, default=d["num_workers"])
     g.add_argument("--limit-train", type=int, default=d["limit_train"], help="use only the first N train images")
@@ -178,3 +185,6 @@ def _add_run_args(parser: argparse.ArgumentParser, d: dict) -> None:
                         "checkpoints, weights and results")
     g.add_argument("--max-steps", type=int, default=d["max_steps"], help="stop after N updates")
     g.add_argument("--eval-every", type=int, default=d["eval_every"], help="evaluate every N epochs (0: at end)")
+    g.add_argument("--report-to", choices=REPORT_TO, default=d["report_to"],
+                   help="also send log.jsonl's records to experiment trackers through Accelerate (tensorboard: "
+                        "OUTPUT_DIR/tracking; all: every one installed; default: none)")

@@ -9,6 +9,7 @@ sharded a second time by ``prepare``.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -32,8 +33,20 @@ from ..sources import DataSource, LabelledSet, data_source, resolve_input
 from ..video import CorruptVideoError
 from .config import TrainConfig
 from .metrics import decode_message, evaluate_classifier, ranks_in_sync
-from .runs import RunFolder, TrainProgress, append_log, rewind, save_checkpoint
+from .health import Diverged, diverged, first_nonfinite, resume_hint, weights_max
+from .runs import (
+    RunFolder,
+    TrainProgress,
+    append_log,
+    guarded_write,
+    intact_note,
+    lock_run,
+    read_json,
+    rewind,
+    save_checkpoint,
+)
 from .signals import preempted, stop_requested, stop_signals
+from .tracking import end_trackers, log_record, start_trackers, tracker_kwargs
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Callable], torch.Tensor]
 
@@ -42,36 +55,63 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
           param_groups: Callable[[torch.nn.Module], list] | None = None,
           on_epoch_start: Callable[[int, torch.nn.Module], None] | None = None,
           eval_forward: Callable | None = None, extra_config: dict | None = None,
-          recipe_overrides: dict | None = None) -> dict:
+          recipe_overrides: dict | None = None, before_start: Callable[[], None] | None = None) -> dict:
     """Train ``build_model()`` with the DeiT recipe; returns the final metrics.
 
     ``loss_fn(model, images, targets, criterion)`` computes the loss (default ``criterion(model(images), targets)``);
     ``param_groups(model)`` returns optimiser groups (dicts may set their own ``lr``; default: every trainable
     parameter, no weight decay on norms/biases); ``on_epoch_start(epoch, model)`` may switch phases;
     ``eval_forward(model, images)`` returns logits for evaluation; ``recipe_overrides`` replaces fields of the
-    dataset's :class:`~vitbench.data.DataDefaults` (e.g. a paper's own augmentation). Writes ``config.json``,
-    ``log.jsonl``, ``checkpoints/step_*`` and finally ``model.safetensors`` and ``results.json`` to ``cfg.output_dir``
-    (main process only). Raises :class:`Preempted` when SIGTERM/SIGUSR1 stopped the run at a checkpoint.
-    The process group is left up (no ``end_training``), so several ``train`` calls (stages) can run in one process:
-    tearing it down and re-creating it on the same torchrun store races on stale addresses.
+    dataset's :class:`~vitbench.data.DataDefaults` (e.g. a paper's own augmentation); ``before_start()`` runs on
+    the main process once every input loaded, just before the run writes (a caller's own ``--overwrite``). Writes
+    ``config.json``, ``log.jsonl``, ``checkpoints/step_*`` and finally ``model.safetensors`` and ``results.json`` to
+    ``cfg.output_dir`` (main process only), holding the folder's lock (:mod:`.lock`) throughout. Raises
+    :class:`Preempted` when SIGTERM/SIGUSR1/SIGINT stopped the run at a checkpoint, :class:`Diverged` on a
+    non-finite loss, weights or outputs. The process group is left up (no ``end_training``), so several ``train``
+    calls (stages) can run in one process: tearing it down and re-creating it on the same torchrun store races on
+    stale addresses.
     """
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
-    folder = RunFolder.claim(cfg, accelerator, extra_config)
-    set_seed(cfg.seed)
-    model = build_model()
-    defaults = recipe_defaults(cfg, model, recipe_overrides)
-    source = data_source(cfg.data, model, cfg.img_size, defaults=defaults)
-    train_set, val_loader = load_data(cfg, source, model, folder)
-    recipe = Recipe.build(cfg, model, param_groups, defaults, train_set, folder, accelerator)
-    val_set = val_loader.dataset
-    model, recipe.optimizer, val_loader = accelerator.prepare(model, recipe.optimizer, val_loader)
-    loop = Loop(cfg, accelerator, folder, model, recipe, train_set, (val_set, val_loader), loss_fn,
-                eval_forward or source.forward, on_epoch_start)
-    loop.resume()
-    with stop_signals() as received:
-        loop.train_epochs(received)
-    return loop.finish()
+                              gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False,
+                              **tracker_kwargs(cfg))
+    lock = lock_run(Path(cfg.output_dir), accelerator)
+    try:
+        folder = RunFolder.claim(cfg, accelerator, extra_config)
+        set_seed(cfg.seed)
+        model = build_model()
+        new_head(model, cfg, accelerator, resuming=bool(folder.candidates))
+        defaults = recipe_defaults(cfg, model, recipe_overrides)
+        source = data_source(cfg.data, model, cfg.img_size, defaults=defaults)
+        train_set, val_loader = load_data(cfg, source, model, folder)
+        recipe = Recipe.build(cfg, model, param_groups, defaults, train_set, folder, accelerator)
+        val_set = val_loader.dataset
+        model, recipe.optimizer, val_loader = accelerator.prepare(model, recipe.optimizer, val_loader)
+        loop = Loop(cfg, accelerator, folder, model, recipe, train_set, (val_set, val_loader), loss_fn,
+                    eval_forward or source.forward, on_epoch_start)
+        loop.resume(before_start)
+        with stop_signals() as received:
+            loop.train_epochs(received)
+        return loop.finish()
+    finally:
+        end_trackers(accelerator)
+        lock.release()
+
+
+def new_head(model: torch.nn.Module, cfg: TrainConfig, accelerator: Accelerator, resuming: bool) -> None:
+    """``--num-classes N``: replace the classifier by a new ``N``-class head (timm's ``reset_classifier``),
+    saying that the initial weights' head was dropped. A resume loads the new head from its checkpoint."""
+    n = cfg.num_classes
+    old = getattr(model, "num_classes", None)
+    if n is None or old == n:
+        return
+    if old is None or not hasattr(model, "reset_classifier"):
+        raise ValueError(f"--num-classes {n}: {cfg.model} has no classifier head to replace")
+    model.reset_classifier(n)
+    if not resuming:
+        source = "the --checkpoint's" if cfg.checkpoint else "the pretrained" if cfg.pretrained else "the model's"
+        dropped = "dropped" if cfg.checkpoint or cfg.pretrained else "replaced (it was untrained)"
+        accelerator.print(f"--num-classes {n}: a new {n}-class head; {source} {old}-class head weights {dropped}",
+                          file=sys.stderr)
 
 
 def recipe_defaults(cfg: TrainConfig, model: torch.nn.Module, overrides: dict | None) -> DataDefaults:
@@ -98,7 +138,8 @@ def load_data(cfg: TrainConfig, source: DataSource, model: torch.nn.Module,
         source.check_headers(val_loader.dataset)  # cheap: a broken validation file fails now, not after an epoch
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != len(train_set.classes):
-        raise ValueError(f"model {cfg.model} has {num_classes} classes but {cfg.data} has {len(train_set.classes)}")
+        raise ValueError(f"model {cfg.model} has {num_classes} classes but {cfg.data} has {len(train_set.classes)}; "
+                         f"train a new head with --num-classes {len(train_set.classes)}")
     folder.record["train_samples"] = len(train_set)
     folder.check_settings(folder.out)
     return train_set, val_loader
@@ -167,35 +208,70 @@ class Loop:
         self.progress = TrainProgress()
         accelerator.register_for_checkpointing(self.progress)
         self.checkpoint: Path | None = None
+        self.resumed_from: Path | None = None
         self.saved_at: int | None = None
         self.metrics: dict = {}
         self.train_loss = float("nan")
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self.loss_batches = 0
         self.received: list[str] = []
         self.done = False
+        self.finished: dict | None = None  # the results of a run that a resume found complete
         self.started = 0.0
 
-    def resume(self) -> None:
-        """Load the newest checkpoint that loads (if resuming), write ``config.json`` and the start of the log."""
+    def resume(self, before_start: Callable[[], None] | None = None) -> None:
+        """Load the newest intact checkpoint (if resuming), then -- every input loaded -- clear the folder for
+        ``--overwrite`` and write ``config.json`` and the start of the log. A resume of a complete run writes
+        nothing and :meth:`finish` returns its results."""
         folder, progress, accelerator = self.folder, self.progress, self.accelerator
-        resumed_from, failures = folder.load(accelerator)
+        resumed_from, failures = folder.load(accelerator, self.loaded_problem)
         accepted = folder.resumed(resumed_from, progress.num_updates)
+        self.checkpoint = self.resumed_from = resumed_from
         if self.main:
             for failure in failures:
-                print(f"checkpoint {failure} does not load; resuming from {resumed_from}", file=sys.stderr)
+                print(f"checkpoint {failure}; resuming from {resumed_from}", file=sys.stderr)
+        self.finished = self.complete_results() if resumed_from is not None else None
+        if self.finished is not None:
+            accelerator.print(f"{folder.out} holds a finished run (update {progress.num_updates}, results.json); "
+                              "nothing to do", file=sys.stderr)
+            return
+        if self.main:
+            folder.start()
+            if before_start is not None:
+                before_start()
             if self.cfg.resume:
                 rewind(folder.out, progress.num_updates)
-            write_json(folder.out / "config.json", folder.record)
-            append_log(folder.log, {"event": "resume" if resumed_from else "start", "epoch": progress.epoch,
-                                 "updates": progress.num_updates, "checkpoint": resumed_from and str(resumed_from),
-                                 "overrides": accepted, "world_size": self.world,
-                                 "skipped_images": {"train": self.train_set.skipped,
-                                                    "val": self.val_set.skipped}})
+            start_trackers(accelerator, folder.record, folder.saved)
+            self.write(folder.out / "config.json", lambda: write_json(folder.out / "config.json", folder.record))
+            self.log({"event": "resume" if resumed_from else "start", "epoch": progress.epoch,
+                      "updates": progress.num_updates, "checkpoint": resumed_from and str(resumed_from),
+                      "overrides": accepted, "world_size": self.world,
+                      "skipped_images": {"train": self.train_set.skipped, "val": self.val_set.skipped}})
         if resumed_from is not None:
             accelerator.print(f"resumed from {resumed_from} at epoch {progress.epoch}, update {progress.num_updates}"
                               + (f" with {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in accepted.items())}"
                                  if accepted else ""))
         accelerator.wait_for_everyone()
-        self.checkpoint = resumed_from
+
+    def loaded_problem(self) -> str | None:
+        """Why freshly loaded checkpoint weights cannot be trained from (a non-finite tensor), or ``None``."""
+        if math.isfinite(weights_max(self.model).item()):
+            return None
+        return f"holds non-finite weights ({first_nonfinite(self.accelerator.unwrap_model(self.model))})"
+
+    def complete_results(self) -> dict | None:
+        """The saved results when the resumed checkpoint is the run's end and ``results.json`` was written there."""
+        cfg, progress = self.cfg, self.progress
+        at_end = progress.epoch >= cfg.epochs or (cfg.max_steps is not None and progress.num_updates >= cfg.max_steps)
+        results = read_json(self.folder.out / "results.json") if at_end else {}
+        return results if results.get("updates") == progress.num_updates else None
+
+    def write(self, path: Path, write: Callable[[], object]):
+        """A write of the run's results or log; a failure (disk full, I/O) becomes one line naming ``path``."""
+        return guarded_write(path, write, lambda: intact_note(self.folder.checkpoints))
+
+    def log(self, record: dict) -> None:
+        self.write(self.folder.log, lambda: append_log(self.folder.log, record))
 
     def schedule_position(self) -> int:
         return (self.progress.epoch * self.recipe.updates_per_epoch
@@ -205,6 +281,8 @@ class Loop:
         """Every remaining epoch (none when resumed at ``--max-steps``); ``received`` collects stop signals."""
         cfg, progress = self.cfg, self.progress
         self.received = received
+        if self.finished is not None:
+            return
         if cfg.sched_on_updates:
             self.recipe.scheduler.step_update(self.schedule_position())
         else:
@@ -225,9 +303,12 @@ class Loop:
         batches = len(loader.sampler) // cfg.batch_size
         self.model.train()
         total = self.recipe.batches_per_epoch
+        # the epoch's losses so far (a resumed epoch continues the sum its checkpoint saved)
+        self.loss_sum = torch.full((), self.progress.loss_sum, device=accelerator.device)
+        self.loss_batches = self.progress.loss_batches
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not self.main, initial=total - batches, total=total)
         try:
-            loss_sum, consumed = self.train_batches(bar, epoch, batches)
+            consumed = self.train_batches(bar, epoch, batches)
         except (CorruptImageError, CorruptVideoError) as e:
             where = f"the last checkpoint is {self.checkpoint}" if self.checkpoint else "no checkpoint was written yet"
             raise type(e)(
@@ -235,7 +316,7 @@ class Loop:
                 "--skip-corrupt --resume-override train_samples (the sample order changes)") from None
         finally:
             bar.close()
-        self.train_loss = accelerator.reduce(loss_sum / max(consumed, 1), reduction="mean").item()
+        self.train_loss = accelerator.reduce(self.loss_sum / max(self.loss_batches, 1), reduction="mean").item()
         self.end_epoch(epoch, consumed == batches)
 
     def epoch_loader(self, epoch: int) -> DataLoader:
@@ -250,27 +331,30 @@ class Loop:
                           drop_last=True, generator=torch.Generator().manual_seed(cfg.seed + epoch),
                           pin_memory=self.accelerator.device.type == "cuda")
 
-    def train_batches(self, bar, epoch: int, batches: int) -> tuple[torch.Tensor, int]:
-        """Train on the batches of ``bar``; returns the summed loss and the batches consumed. Stops early at
-        ``--max-steps`` or on a stop signal (:class:`Preempted`)."""
+    def train_batches(self, bar, epoch: int, batches: int) -> int:
+        """Train on the batches of ``bar``; returns the batches consumed. Stops early at ``--max-steps`` or on a
+        stop signal (:class:`Preempted`); a non-finite loss or weights raise :class:`Diverged`."""
         cfg, progress, device = self.cfg, self.progress, self.accelerator.device
-        loss_sum = torch.zeros((), device=device)
-        consumed = 0
+        consumed, losses = 0, []
         for images, targets, _ in bar:
-            loss = self.step(images.to(device, non_blocking=True), targets.to(device, non_blocking=True), epoch)
-            loss_sum += loss.detach()
+            loss = self.step(images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+            losses.append(loss.detach().float().reshape(1))
+            self.loss_sum += loss.detach()
+            self.loss_batches += 1
             consumed += 1
             progress.samples_done += cfg.batch_size * self.world
             if not self.accelerator.sync_gradients:
                 continue
             progress.num_updates += 1
+            last = self.check_update(losses, epoch)
+            losses = []
             self.recipe.scheduler.step_update(self.schedule_position())
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.recipe.optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(loss=f"{last:.4f}", lr=f"{self.recipe.optimizer.param_groups[0]['lr']:.2e}")
             if self.after_update(epoch, epoch_end=consumed == batches):
                 break
-        return loss_sum, consumed
+        return consumed
 
-    def step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+    def step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One forward/backward (an update every ``--grad-accum`` of them); returns the loss."""
         accelerator, recipe, model = self.accelerator, self.recipe, self.model
         if recipe.mixup is not None:
@@ -279,9 +363,6 @@ class Loop:
             with accelerator.autocast():
                 loss = (self.loss_fn(model, images, targets, recipe.criterion) if self.loss_fn
                         else recipe.criterion(model(images), targets))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, "
-                                         f"update {self.progress.num_updates}")
             accelerator.backward(loss)
             if self.cfg.clip_grad and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), self.cfg.clip_grad)
@@ -289,22 +370,62 @@ class Loop:
             recipe.optimizer.zero_grad(set_to_none=True)
         return loss
 
+    def check_update(self, losses: list[torch.Tensor], epoch: int) -> float:
+        """The update's losses and its weights' largest absolute value, read in the one host sync the progress bar
+        already made (all processes agree on the verdict); returns the last loss. Non-finite: :class:`Diverged`."""
+        values = torch.cat([*losses, weights_max(self.model).float().reshape(1).to(losses[0].device)])
+        bad = (~torch.isfinite(values)).any().float()
+        if self.world > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        *read, flag = torch.cat([values, bad.reshape(1)]).tolist()
+        *loss_values, weights = read
+        if not flag:
+            return loss_values[-1]
+        bad_loss = next((v for v in loss_values if not math.isfinite(v)), None)
+        if bad_loss is not None:
+            what = f"loss {bad_loss}"
+        elif not math.isfinite(weights):
+            what = (f"loss {loss_values[-1]:.4g}, then non-finite weights after the update "
+                    f"({first_nonfinite(self.accelerator.unwrap_model(self.model))})")
+        else:
+            what = "a non-finite loss on another process"
+        raise self.diverged(what, epoch)
+
+    def diverged(self, what: str, epoch: int) -> Diverged:
+        """Log the divergence; the error names the update, ``what`` went non-finite and where to resume."""
+        updates = self.progress.num_updates
+        if self.main:
+            self.log({"event": "diverged", "epoch": epoch, "updates": updates, "what": what,
+                      "checkpoint": self.checkpoint and str(self.checkpoint)})
+        return diverged(what, epoch, updates, resume_hint(self.checkpoint, self.cfg.lr, self.resumed_from, updates))
+
     def after_update(self, epoch: int, epoch_end: bool) -> bool:
         """Checkpoint every ``--checkpointing-steps`` updates, stop at ``--max-steps`` (returns True) or on a stop
         signal (checkpoint, then :class:`Preempted`)."""
         cfg, updates = self.cfg, self.progress.num_updates
         if cfg.checkpointing_steps and updates % cfg.checkpointing_steps == 0 and not epoch_end:
-            self.save()
+            self.save(epoch)
         if cfg.max_steps is not None and updates >= cfg.max_steps:
             self.done = True
             return True
         if not epoch_end and stop_requested(self.accelerator, self.received):
             if self.saved_at != updates:
-                self.save()
+                self.save(epoch)
             self.stop(epoch)
         return False
 
-    def save(self) -> None:
+    def check_weights(self, epoch: int) -> None:
+        """Before every save: finite weights, or :class:`Diverged` (nothing non-finite is ever written)."""
+        if not math.isfinite(weights_max(self.model).item()):
+            raise self.diverged(f"non-finite weights ({first_nonfinite(self.accelerator.unwrap_model(self.model))})",
+                                epoch)
+
+    def save(self, epoch: int) -> None:
+        """A checkpoint of finite weights, with the epoch's loss sum so far (mean over processes)."""
+        self.check_weights(epoch)
+        self.progress.loss_sum = self.accelerator.reduce(self.loss_sum.float(), reduction="mean").item() \
+            if self.progress.samples_done else 0.0
+        self.progress.loss_batches = self.loss_batches if self.progress.samples_done else 0
         self.checkpoint = save_checkpoint(self.accelerator, self.folder.checkpoints, self.progress,
                                           self.cfg.keep_checkpoints, self.folder.record)
         self.saved_at = self.progress.num_updates
@@ -322,40 +443,50 @@ class Loop:
                 self.recipe.scheduler.step(progress.epoch)
         last = progress.epoch >= cfg.epochs or self.done
         if self.saved_at != progress.num_updates or epoch_finished:
-            self.save()
+            self.save(epoch)
         stop = stop_requested(self.accelerator, self.received)
         entry = {"epoch": epoch, "updates": progress.num_updates, "train_loss": self.train_loss,
                  "lr": self.recipe.optimizer.param_groups[0]["lr"], "time_s": time.time() - self.started}
         if not stop and ((cfg.eval_every and epoch_finished and progress.epoch % cfg.eval_every == 0) or last):
-            self.metrics = self.evaluate()
+            self.metrics = self.evaluate(epoch)
             entry.update(self.metrics)
         self.accelerator.print(json.dumps(entry))
         if self.main:
-            append_log(self.folder.log, entry)
+            self.log(entry)
+        log_record(self.accelerator, entry)
         if stop:
             self.stop(epoch)
 
-    def evaluate(self) -> dict:
-        """:func:`evaluate_classifier`; an unreadable validation image names the file and the saved checkpoint."""
+    def evaluate(self, epoch: int) -> dict:
+        """:func:`evaluate_classifier`; an unreadable validation image names the file and the saved checkpoint,
+        non-finite outputs are a divergence (no accuracy is reported for them)."""
         try:
-            return evaluate_classifier(self.model, self.val_loader, self.accelerator, self.eval_forward)
+            metrics = evaluate_classifier(self.model, self.val_loader, self.accelerator, self.eval_forward)
         except (CorruptImageError, CorruptVideoError) as e:
             where = f"training up to {self.checkpoint} is saved" if self.checkpoint else "no checkpoint was written"
             raise type(e)(f"{decode_message(e)} ({where}); continue without the file: --resume auto "
                           "--skip-corrupt") from None
+        nonfinite = metrics.pop("nonfinite", 0)
+        if nonfinite:
+            raise self.diverged(f"non-finite outputs on {nonfinite} of {metrics['n']} validation inputs", epoch)
+        return metrics
 
     def finish(self) -> dict:
         """The final metrics (evaluating once more if the last epoch did not), the weights and ``results.json``."""
+        if self.finished is not None:
+            return self.finished
         accelerator, progress, out = self.accelerator, self.progress, self.folder.out
         if not self.metrics:
-            self.metrics = self.evaluate()
+            self.metrics = self.evaluate(progress.epoch)
+        self.check_weights(progress.epoch)
         result = {"train_loss": self.train_loss, **self.metrics, "updates": progress.num_updates,
                   "epochs": progress.epoch, "wall_time_s": time.time() - self.started, "world_size": self.world,
                   "ranks_in_sync": ranks_in_sync(accelerator, self.model),
                   "skipped_images": {"train": len(self.train_set.skipped),
                                      "val": len(self.val_set.skipped)}}
         if self.main:
-            save_weights(accelerator.unwrap_model(self.model), out / "model.safetensors")
-            write_json(out / "results.json", result)
+            model = accelerator.unwrap_model(self.model)
+            self.write(out / "model.safetensors", lambda: save_weights(model, out / "model.safetensors"))
+            self.write(out / "results.json", lambda: write_json(out / "results.json", result))
         accelerator.wait_for_everyone()
         return result

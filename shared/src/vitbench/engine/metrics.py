@@ -16,11 +16,13 @@ from ..data import preserved_rng
 def evaluate_classifier(model, loader: DataLoader, accelerator: Accelerator | None = None,
                         forward: Callable | None = None, progress: bool = True) -> dict:
     """Top-1/top-5 (percent) over a loader; under Accelerate, the loader must be prepared (gather_for_metrics).
-    Leaves the random states alone, so evaluating inside a training run does not change its course."""
+    Leaves the random states alone, so evaluating inside a training run does not change its course. ``nonfinite``
+    counts the inputs whose logits hold a NaN or inf (their accuracy means nothing)."""
     device = accelerator.device if accelerator else next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct1 = correct5 = total = 0.0
+    nonfinite = 0
     main = accelerator is None or accelerator.is_main_process
     with torch.inference_mode(), preserved_rng():
         for images, labels, _ in tqdm(loader, desc="eval", disable=not (progress and main), leave=False):
@@ -28,12 +30,14 @@ def evaluate_classifier(model, loader: DataLoader, accelerator: Accelerator | No
             logits = forward(model, images) if forward else model(images)
             if accelerator is not None:
                 logits, labels = accelerator.gather_for_metrics((logits, labels))
+            nonfinite += int((~torch.isfinite(logits.float())).flatten(1).any(1).sum())  # top1.item() syncs anyway
             top1, top5 = accuracy(logits.float(), labels, topk=(1, min(5, logits.shape[-1])))
             correct1 += top1.item() * len(labels) / 100
             correct5 += top5.item() * len(labels) / 100
             total += len(labels)
     model.train(was_training)
-    return {"top1": 100 * correct1 / max(total, 1), "top5": 100 * correct5 / max(total, 1), "n": int(total)}
+    return {"top1": 100 * correct1 / max(total, 1), "top5": 100 * correct5 / max(total, 1), "n": int(total),
+            "nonfinite": nonfinite}
 
 
 def ranks_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> bool:

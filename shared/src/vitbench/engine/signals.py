@@ -1,5 +1,6 @@
 """Preemption: SIGTERM / SIGUSR1 finish the current update, write a checkpoint and exit with
-:data:`EXIT_PREEMPTED`."""
+:data:`EXIT_PREEMPTED`; Ctrl-C (SIGINT) does the same and exits with :data:`EXIT_INTERRUPTED`. A second Ctrl-C
+aborts at once (Python's ``KeyboardInterrupt``), without a new checkpoint."""
 
 from __future__ import annotations
 
@@ -16,20 +17,27 @@ from accelerate import Accelerator
 from .runs import TrainProgress, append_log
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 at a checkpoint; rerun with --resume auto
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C: stopped at a checkpoint; rerun with --resume auto
+
+
+def exit_code(signal_name: str) -> int:
+    return EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_PREEMPTED
 
 
 class Preempted(SystemExit):
-    """SIGTERM / SIGUSR1 stopped the run after its checkpoint was written; exits with :data:`EXIT_PREEMPTED`."""
+    """SIGTERM / SIGUSR1 / SIGINT stopped the run after its checkpoint was written; exits with
+    :data:`EXIT_PREEMPTED` (:data:`EXIT_INTERRUPTED` for SIGINT)."""
 
     def __init__(self, signal_name: str, checkpoint: Path):
-        super().__init__(EXIT_PREEMPTED)
+        super().__init__(exit_code(signal_name))
         self.signal_name, self.checkpoint = signal_name, checkpoint
 
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[list[str]]:
-    """While the block runs, SIGTERM and SIGUSR1 (what cluster schedulers send before a kill) are collected by name
-    instead of ending the process; the training loop checks the list after every update."""
+    """While the block runs, SIGTERM and SIGUSR1 (what cluster schedulers send before a kill) and SIGINT (Ctrl-C)
+    are collected by name instead of ending the process; the training loop checks the list after every update. The
+    first SIGINT puts Python's own handler back, so a second one aborts."""
     received: list[str] = []
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
         yield received
@@ -37,8 +45,12 @@ def stop_signals() -> Iterator[list[str]]:
 
     def handler(signum, frame):
         received.append(signal.Signals(signum).name)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+            print("interrupted: stopping after this update with a checkpoint (Ctrl-C again aborts without one)",
+                  file=sys.stderr, flush=True)
 
-    wanted = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    wanted = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
     previous = {s: signal.signal(s, handler) for s in wanted}
     try:
         yield received
@@ -63,6 +75,6 @@ def preempted(accelerator: Accelerator, log_path: Path, received: list[str], che
         append_log(log_path, {"event": "preempted", "signal": name, "epoch": epoch, "updates": progress.num_updates,
                               "checkpoint": str(checkpoint)})
         print(f"stopped by {name} at update {progress.num_updates}: checkpoint {checkpoint}; continue with "
-              f"--resume auto (exit code {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+              f"--resume auto (exit code {exit_code(name)})", file=sys.stderr, flush=True)
     accelerator.wait_for_everyone()
     raise Preempted(name, checkpoint)
