@@ -5,6 +5,9 @@
     logits = model(images)          # soft weights while training, hard pruning in eval
     model.record.lives              # (B, 197) lives in layer units
     model.record.kept_indices       # original token indices kept from blocks 4, 7, 10 on
+
+The paper's configurations are timm names too (``liferegress.registry``):
+``timm.create_model("deit_small_patch16_224_liferegress_rho07", pretrained=True)``.
 """
 
 from .checkpoint import convert_state_dict, load_checkpoint, read_config, save_checkpoint
@@ -21,6 +24,7 @@ from .life import (
     step_weights,
     tokens_per_block,
 )
+from . import registry  # noqa: F401  (registers the paper's configurations with timm)
 from .patch import (
     MODES,
     LifePredictor,
