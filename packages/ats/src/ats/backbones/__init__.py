@@ -17,36 +17,44 @@ from vitbench.flops import ViTGeometry
 from vitbench.models import load_checkpoint, load_state, read_state_dict
 
 from .. import patch
-from . import cvt
+from . import cvt, psvit
 
 
 def apply(model: nn.Module, *args, **kwargs) -> nn.Module:
     """ATS on ``model``: :func:`ats.backbones.cvt.apply` for a CvT, :func:`ats.patch.apply` otherwise (the
     arguments and their defaults are theirs: CvT stage 3's blocks 0..8, a ViT's blocks 3..11)."""
+    if isinstance(model, psvit.PSViT):  # the transformer module's layers 1..9
+        return psvit.apply(model, *args, **kwargs)
     return (cvt.apply if isinstance(model, cvt.CvT) else patch.apply)(model, *args, **kwargs)
 
 
 def check_structure(model: nn.Module) -> None:
     """The backbone's structure check (``TypeError`` / ``ValueError`` naming what ATS cannot patch)."""
+    if isinstance(model, psvit.PSViT):
+        return psvit.check_structure(model)
     (cvt.check_structure if isinstance(model, cvt.CvT) else patch.check_structure)(model)
 
 
 def geometry(model: nn.Module):
     """What ``model``'s FLOPs depend on: :class:`~ats.backbones.cvt.CvTGeometry` or
-    :class:`~vitbench.flops.ViTGeometry`."""
+    :class:`~vitbench.flops.ViTGeometry` (or :class:`~ats.backbones.psvit.PSViTGeometry`)."""
+    if isinstance(model, psvit.PSViT):
+        return psvit.PSViTGeometry.from_model(model)
     return cvt.CvTGeometry.from_model(model) if isinstance(model, cvt.CvT) else ViTGeometry.from_model(model)
 
 
 def default_stages(name: str) -> tuple[int, ...]:
     """The paper's ATS blocks for model ``name``, known before it is built: CvT stage 3's 0..8 (App. E.2), a ViT's
-    3..11."""
+    3..11 (PS-ViT: its transformer module's 1..9)."""
+    if name in psvit.PSVIT_MODELS:
+        return psvit.STAGES
     return cvt.STAGES if name in cvt.CVT_MODELS else tuple(range(3, 12))
 
 
 def owns_weights(name: str) -> bool:
     """Whether model ``name`` reads its checkpoints through :func:`load_weights` (a CvT: the official and HF layouts)
     rather than vitbench's timm loader."""
-    return name in cvt.CVT_MODELS
+    return name in cvt.CVT_MODELS or name in psvit.PSVIT_MODELS
 
 
 def ats_build_kwargs(name: str) -> dict:
@@ -55,7 +63,10 @@ def ats_build_kwargs(name: str) -> dict:
 
 
 def block_scope(model: nn.Module) -> str:
-    """Where ``model``'s ATS block indices count, for messages: ``"stage-3 blocks"`` (CvT) or ``"blocks"``."""
+    """Where ``model``'s ATS block indices count, for messages: ``"stage-3 blocks"`` (CvT), ``"transformer-module
+    layers"`` (PS-ViT) or ``"blocks"``."""
+    if isinstance(model, psvit.PSViT):
+        return "transformer-module layers"
     return "stage-3 blocks" if isinstance(model, cvt.CvT) else "blocks"
 
 
@@ -65,6 +76,12 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     A CvT reads the official and HuggingFace layouts (:func:`~ats.backbones.cvt.load_cvt_state`: ``dw_bn`` weights,
     folded for a ``linear`` stage 3) and this package's own ``linear`` checkpoints (``ats-train`` output) as they are;
     any other model goes through vitbench's loader."""
+    if isinstance(model, psvit.PSViT):  # the released layout
+        try:
+            return psvit.load_psvit_state(model, read_state_dict(path))
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: "
+                             f"{str(e).splitlines()[0][:300]}") from None
     if not isinstance(model, cvt.CvT):
         return load_checkpoint(model, path)
     state = read_state_dict(path)
