@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .outputs import Interrupted
+
 EXIT_ERROR = 2
 
 
@@ -45,6 +47,12 @@ def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], in
         if os.environ.get("VITBENCH_TRACEBACK"):
             raise
         return fail(parser.prog, str(e) or type(e).__name__)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM raised as Interrupted (vitbench.evaluation): one line
+        if os.environ.get("VITBENCH_TRACEBACK"):
+            raise
+        stop = e if isinstance(e, Interrupted) else Interrupted("SIGINT")
+        print(f"{parser.prog}: {stop}", file=sys.stderr, flush=True)
+        return stop.code
 
 
 def flag_defaults(config_cls, overrides: dict) -> dict:

@@ -44,6 +44,16 @@ class CorruptImageError(DataError):
     """An image file that cannot be decoded; the message names the file."""
 
 
+def decode_message(e: Exception) -> str:
+    """The 'cannot decode image/video ...' line of an error, also when a DataLoader worker wrapped it in its
+    traceback ("Caught CorruptImageError in DataLoader worker process 0 ...")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "cannot decode " in line:
+            return line[line.index("cannot decode "):]
+    return lines[0] if lines else type(e).__name__
+
+
 @dataclass(frozen=True)
 class DataDefaults:
     """Per-dataset defaults: evaluation geometry and the training-recipe values that differ from DeiT's."""
@@ -123,13 +133,24 @@ def _seeded(seed: int):
         yield
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. 16-bit greyscale (PNG ``I;16``, read by Pillow as ``I;16`` or ``I``) is scaled to 8 bits
+    (value / 257), where Pillow's own conversion clips every value above 255 to white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def _decode(item: Any, where: str) -> Image.Image:
     try:
         if isinstance(item, Image.Image):
-            return item.convert("RGB")
+            return to_rgb(item)
         if item.get("bytes"):
-            return Image.open(io.BytesIO(item["bytes"])).convert("RGB")
-        return Image.open(item["path"]).convert("RGB")
+            return to_rgb(Image.open(io.BytesIO(item["bytes"])))
+        return to_rgb(Image.open(item["path"]))
     except Exception as e:
         raise CorruptImageError(f"cannot decode image {where}: {e}") from e
 
@@ -233,6 +254,35 @@ def _from_hf(ds, where: str, boxes_file: Path | None = None) -> ImageDataset:
                         name=where)
 
 
+@contextlib.contextmanager
+def quiet_datasets(datasets):
+    """``datasets``' progress bars off while a local folder is read (its "Downloading data" / "Generating split"
+    bars are no download), restored afterwards."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def layout_problem(root: Path, splits: list[str]) -> str:
+    """Why an image folder yields no class labels: images in a folder inside a class folder, or images beside the
+    class folders (the ImageNet layout wants ``split/<class>/<image>``)."""
+    expected = f"expected ImageNet layout: {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG"
+    for split_dir in (root / s for s in splits if (root / s).is_dir()):
+        entries = sorted(split_dir.iterdir())
+        loose = [p for p in entries if p.is_file() and not p.name.startswith(".")]
+        if loose:
+            return f"{split_dir} holds images outside class folders (e.g. {loose[0]}); {expected}"
+        nested = [q for p in entries if p.is_dir() for q in sorted(p.iterdir()) if q.is_dir()]
+        if nested:
+            return f"{split_dir} has a folder inside a class folder ({nested[0]}); one level of class folders " \
+                   f"holding the images directly, {expected}"
+    return f"{root}: no class labels found; {expected}"
+
+
 def _load_source(spec: DataSpec, split: str) -> ImageDataset:
     if spec.kind in ("moving-digits", "videofolder"):
         raise DataError(f"{spec} is video data: it needs a video model (vitbench.video.build_video_dataset)")
@@ -251,16 +301,21 @@ def _load_source(spec: DataSpec, split: str) -> ImageDataset:
             raise DataError(f"{root} has no {'/'.join(sub)} directory (expected ImageNet layout: "
                             f"{root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG)")
         try:
-            dd = datasets.load_dataset("imagefolder", data_dir=str(root))
+            with quiet_datasets(datasets):
+                dd = datasets.load_dataset("imagefolder", data_dir=str(root))
         except Exception as e:
             raise DataError(f"could not read image folder {root}: {e}") from e
-        return _from_hf(_hf_split(dd, split, str(root)), str(root), root / "boxes.json")
+        ds = _hf_split(dd, split, str(root))
+        if "label" not in ds.column_names:
+            raise DataError(layout_problem(root, sub))
+        return _from_hf(ds, str(root), root / "boxes.json")
     if spec.kind == "arrow":
         root = Path(spec.path).expanduser()
         if not root.exists():
             raise DataError(f"saved dataset not found: {root}")
         try:
-            dd = datasets.load_from_disk(str(root))
+            with quiet_datasets(datasets):
+                dd = datasets.load_from_disk(str(root))
         except Exception as e:
             raise DataError(f"{root} is not a dataset saved with save_to_disk: {e}") from e
         ds = _hf_split(dd, split, str(root)) if isinstance(dd, datasets.DatasetDict) else dd
@@ -279,14 +334,25 @@ def _load_source(spec: DataSpec, split: str) -> ImageDataset:
 
 def find_corrupt(dataset: ImageDataset, progress: bool = True) -> list[int]:
     """Indices of images that fail to decode (a full read of the dataset)."""
-    bad = []
+    return readable(dataset, progress=progress)[1]
+
+
+def readable(dataset: ImageDataset, limit: int | None = None, progress: bool = True) -> tuple[list[int], list[int]]:
+    """``(good, bad)`` indices, reading images in order until ``limit`` good ones are found (all without a limit):
+    with ``--skip-corrupt --limit N`` an unreadable file does not count toward the N."""
+    good: list[int] = []
+    bad: list[int] = []
     for i in tqdm(range(len(dataset)), desc="checking images", disable=not progress):
+        if limit is not None and len(good) >= limit:
+            break
         try:
             dataset.image(i).load()
         except CorruptImageError as e:
             log.warning("%s", e)
             bad.append(i)
-    return bad
+        else:
+            good.append(i)
+    return good, bad
 
 
 def check_headers(dataset: ImageDataset) -> None:
@@ -309,21 +375,22 @@ def build_dataset(spec: str | DataSpec, split: str, transform=None, skip_corrupt
     """Load a split (``train`` or ``val``) of a dataset spec.
 
     An unreadable image raises :class:`CorruptImageError` naming the file when it is read; with
-    ``skip_corrupt=True`` all images are checked first and the unreadable ones are dropped, logged and counted
-    (``dataset.skipped``).
+    ``skip_corrupt=True`` the images are checked first and the unreadable ones are dropped, logged and counted
+    (``dataset.skipped``); ``limit`` then counts readable images only.
     """
     if split not in SPLIT_ALIASES:
         raise DataError(f"unknown split {split!r}; use 'train' or 'val'")
     dataset = _load_source(parse_data_spec(spec), split)
-    if limit is not None:
-        dataset = dataset.select(np.arange(min(limit, len(dataset))))
     skipped: list[str] = []
-    if skip_corrupt and dataset.paths is not None:
-        bad = set(find_corrupt(dataset))
+    if skip_corrupt and dataset.paths is not None:  # files: decode each (the embedded digits cannot be corrupt)
+        good, bad = readable(dataset, limit)
         if bad:
-            skipped = [dataset.paths[i] for i in sorted(bad)]
-            log.warning("skipping %d unreadable image(s) of %d", len(bad), len(dataset))
-            dataset = dataset.select([i for i in range(len(dataset)) if i not in bad])
+            skipped = [dataset.paths[i] for i in bad]
+            log.warning("skipping %d unreadable image(s) of %d", len(bad), len(good) + len(bad))
+        if bad or len(good) < len(dataset):
+            dataset = dataset.select(good)
+    elif limit is not None and limit < len(dataset):
+        dataset = dataset.select(np.arange(min(limit, len(dataset))))
     dataset.transform = transform
     dataset.skipped = skipped
     return dataset

@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,10 +27,13 @@ from tqdm.auto import tqdm
 
 from . import throughput
 from .cli import check_writable, check_writable_file, flag_defaults
+from .data import CorruptImageError, decode_message
 from .dataspec import parse_data_spec
-from .models import EMBEDDED_MODEL, check_model_name, create_model
+from .models import EMBEDDED_MODEL, check_finite, check_model_name, create_model
+from .outputs import Interrupted, StagedOutputs, check_json_target, check_output_folder
 from .report import markdown_table, plain, write_json
 from .sources import InputSpec, data_source
+from .video import CorruptVideoError
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 
@@ -162,14 +167,17 @@ def resolve_device(text: str, check_only: bool = False) -> torch.device:
 
 
 def prepare_outputs(cfg: EvalConfig) -> Path:
-    """Prove the output folder and ``--json`` are writable before any work; ``--json`` may not be the folder's
-    own ``results.json``. Returns the output folder."""
+    """Prove the output folder and ``--json`` are writable and owned before any work: the folder is new, empty or
+    an earlier evaluation's (never a training run's), and ``--json`` replaces no file but an earlier evaluation's
+    result (never the folder's own ``results.json``). Returns the output folder."""
+    folder = Path(cfg.output_dir)
+    if folder.is_dir():
+        check_output_folder(folder)
+    if cfg.json:
+        check_json_target(Path(cfg.json), folder)
     out = check_writable(cfg.output_dir, "--output-dir")
     if cfg.json:
-        path = check_writable_file(cfg.json)
-        if path.resolve() in ((out / "results.json").resolve(), (out / "results.md").resolve()):
-            raise ValueError(f"--json {cfg.json} would replace the output folder's own {path.name}; "
-                             "give another path")
+        check_writable_file(cfg.json)
     return out
 
 
@@ -333,19 +341,20 @@ def flops_rows(settings: Sequence[Setting]) -> list[dict]:
 
 
 def evaluate(cfg: EvalConfig, settings: Sequence[Setting], loader, device: torch.device,
-             out_dir: Path) -> list[dict]:
+             out_dir: Path, unit: str = "image") -> list[dict]:
     """One labelled pass over the data in which every batch goes through every setting (the images are loaded
     and decoded once, whatever the number of settings), then one timing run of them all; rows in the schema,
-    dense row first."""
+    dense row first. Figures go to ``out_dir``. Top-5 is null when the data has 5 classes or fewer (it would be
+    100 %)."""
     rows = [empty_row(s) for s in settings]
     active = [(s, row, {"correct1": 0, "correct5": 0, "n": 0, "gflops": []})
               for s, row in zip(settings, rows) if s.evaluate]
     if active:
-        status(f"evaluating {len(active)} setting(s) on {len(loader.dataset)} images: "
+        status(f"evaluating {len(active)} setting(s) on {len(loader.dataset)} {unit}s: "
                + ", ".join(s.label for s, _, _ in active))
         for s, _, _ in active:
             s.model.to(device)
-        with torch.inference_mode(), autocast(device, cfg.amp):
+        with torch.inference_mode(), autocast(device, cfg.amp), corrupt_files_named():
             for images, labels, index in tqdm(loader, desc="batches", leave=False, file=sys.stderr):
                 images, labels = images.to(device), labels.to(device)
                 for s, _, acc in active:
@@ -355,9 +364,10 @@ def evaluate(cfg: EvalConfig, settings: Sequence[Setting], loader, device: torch
                     acc["correct5"] += int((top == labels[:, None]).any(-1).sum())
                     acc["n"] += len(labels)
                     acc["gflops"].append(torch.as_tensor(g, dtype=torch.float64).expand(len(labels)).cpu())
+    top5 = len(getattr(loader.dataset, "classes", ())) > 5
     for s, row, acc in active:
         n = acc["n"]
-        row.update(top1=100.0 * acc["correct1"] / n, top5=100.0 * acc["correct5"] / n, images=n,
+        row.update(top1=100.0 * acc["correct1"] / n, top5=100.0 * acc["correct5"] / n if top5 else None, images=n,
                    gflops=float(torch.cat(acc["gflops"]).mean()))
         if s.finish:
             s.finish(row, out_dir)
@@ -365,6 +375,18 @@ def evaluate(cfg: EvalConfig, settings: Sequence[Setting], loader, device: torch
     if cfg.throughput:
         time_rows(cfg, settings, rows, timing_batch(loader, cfg.throughput_batch, device))
     return rows
+
+
+@contextlib.contextmanager
+def corrupt_files_named():
+    """An unreadable file met during the pass (also inside a DataLoader worker, whose error carries the worker's
+    traceback) becomes one line naming the file, with the ``--skip-corrupt`` hint."""
+    try:
+        yield
+    except (CorruptImageError, CorruptVideoError) as e:
+        line = decode_message(e)
+        hint = "" if "--skip-corrupt" in line else "; drop unreadable files with --skip-corrupt"
+        raise type(e)(line + hint) from None
 
 
 def time_rows(cfg: EvalConfig, settings: Sequence[Setting], rows: list[dict], inputs: torch.Tensor,
@@ -399,8 +421,9 @@ def environment(cfg: EvalConfig, device: torch.device) -> dict:
 MD_COLUMNS = ("label", "top1", "top5", "gflops", "gflops_saved", "img_s", "speedup", "ideal_speedup")
 
 
-def markdown(rows: list[dict]) -> str:
-    """The human table: measured fields, the spread of the speedup, the paper's numbers beside them."""
+def markdown(rows: list[dict], unit: str = "image") -> str:
+    """The human table: measured fields, the spread of the speedup, the paper's numbers beside them. Throughput is
+    headed by the unit counted (``img_s`` for images, ``clip_s`` for clips; the JSON field stays ``img_s``)."""
     keys = list(dict.fromkeys(k for r in rows for k in r["paper"]))
     shown = []
     for r in rows:
@@ -409,37 +432,40 @@ def markdown(rows: list[dict]) -> str:
                       "spread": None if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}",
                       **{f"paper {k}": r["paper"].get(k) for k in keys}})
     columns = [*MD_COLUMNS, "spread", *(f"paper {k}" for k in keys)]
-    return markdown_table(shown, columns, digits=3)
+    headers = [("clip_s" if unit == "clip" else c) if c == "img_s" else c for c in columns]
+    return markdown_table(shown, columns, digits=3, headers=headers)
 
 
-def write_results(cfg: EvalConfig, method_options: Any, rows: list[dict], device: torch.device, out_dir: Path,
-                  dataset=None) -> dict:
-    """results.json + results.md in ``out_dir`` (and ``--json``); prints the table and every file written. Files
-    from an earlier run in the folder that this run did not write are named."""
+def write_results(cfg: EvalConfig, method_options: Any, rows: list[dict], device: torch.device,
+                  stage: StagedOutputs, dataset=None, unit: str = "image") -> dict:
+    """results.json + results.md (and ``--json``) written into the staging folder beside the output folder, then
+    every file of the run moved into place at once; prints the table and every file written. Files an earlier
+    evaluation listed that this one did not write are removed then, and files of another origin named."""
+    for row in rows:
+        row["figures"] = {k: str(stage.final(v)) for k, v in row["figures"].items()}
     result = {"config": {**asdict(cfg), "method": asdict(method_options) if method_options is not None else {}},
               "environment": environment(cfg, device),
               "data": {"spec": cfg.data, "images": len(dataset) if dataset is not None else None,
                        "skipped": list(getattr(dataset, "skipped", []) or [])},
               "rows": rows}
     validate_result(_round_trip(result))
-    table = markdown(rows)
+    table = markdown(rows, unit)
     print(table)
-    written = [write_json(out_dir / "results.json", result)]
-    (out_dir / "results.md").write_text(table + "\n")
-    written.append(out_dir / "results.md")
-    if cfg.json:
-        written.append(write_json(cfg.json, result))
-    figures = [Path(f) for r in rows for f in r["figures"].values()]
-    written += sorted(set(figures))
+    write_json(stage.dir / "results.json", result)
+    (stage.dir / "results.md").write_text(table + "\n")
+    stage.write_json_copy(json.dumps(plain(result), indent=2) + "\n")
+    written = stage.commit()
     mine = {p.resolve() for p in written}
-    stale = sorted(p for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.resolve() not in mine)
+    others = sorted(p.name for p in stage.out.iterdir() if p.is_file() and not p.name.startswith(".")
+                    and p.resolve() not in mine)
     if result["data"]["skipped"]:
-        status(f"skipped {len(result['data']['skipped'])} unreadable image(s): "
+        status(f"skipped {len(result['data']['skipped'])} unreadable {unit}(s): "
                + ", ".join(result["data"]["skipped"][:5]))
     status("wrote " + ", ".join(str(p) for p in written))
-    if stale:
-        status(f"from an earlier run, not rewritten: {', '.join(p.name for p in stale)}")
+    if stage.removed:
+        status(f"removed the earlier evaluation's {', '.join(stage.removed)}")
+    if others:
+        status(f"not written by this run, left as they were: {', '.join(others)}")
     return result
 
 
@@ -447,33 +473,67 @@ def _round_trip(result: dict) -> dict:
     return json.loads(json.dumps(plain(result)))
 
 
-def clear_figures(out_dir: Path, patterns: Sequence[str]) -> None:
-    """Remove a method's figures left by an earlier run, so the folder holds only this run's."""
-    for pattern in patterns:
-        for path in out_dir.glob(pattern):
-            path.unlink()
+def check_weights(settings: Sequence[Setting]) -> None:
+    """Refuse settings whose weights hold NaN or infinite values, naming the first bad tensor (whatever loaded
+    them: a checkpoint, timm's pretrained weights, a method's fine-tuned files)."""
+    seen: set[int] = set()
+    for s in settings:
+        if id(s.model) not in seen:
+            seen.add(id(s.model))
+            check_finite(s.model, f"the weights of {s.label!r}")
+
+
+@contextlib.contextmanager
+def interruption(stage: StagedOutputs):
+    """SIGTERM raised as an interruption like Ctrl-C (SIGINT); either ends as :class:`~vitbench.outputs.Interrupted`
+    saying what became of the outputs (``vitbench.cli.run`` prints one line and exits 130 / 143)."""
+    received: list[str] = []
+
+    def on_sigterm(signum, frame):
+        received.append("SIGTERM")
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        name = received[0] if received else "SIGINT"
+        done = (f"; the results were written to {stage.out} before it stopped" if stage.committed else
+                f"; nothing written, the earlier files in {stage.out} are untouched")
+        raise Interrupted(name, done) from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def harness(cfg: EvalConfig, options: Any, model: torch.nn.Module,
         make_settings: Callable[[Any, InputSpec | None], list[Setting]],
         figure_patterns: Sequence[str] = (), sweep_title: str | None = None, sweep_unit: str = "image") -> dict:
     """The whole ``*-eval`` flow after parsing: outputs checked, ``--flops-only`` rows or the data, the settings'
-    passes, one timing run, the accuracy-vs-GFLOPs figure (when ``sweep_title``; GFLOPs per ``sweep_unit``),
-    results written.
+    weights checked for non-finite values, their passes, one timing run, the accuracy-vs-GFLOPs figure (when
+    ``sweep_title``; GFLOPs per ``sweep_unit``), results written. Every file goes to a staging folder first and
+    is moved into ``--output-dir`` only when all are complete, so a failed or interrupted run leaves the earlier
+    files as they were (``figure_patterns``, the method's figure names, are kept for callers; the files an earlier
+    evaluation listed in its results.json are what a new one replaces).
 
     ``make_settings(loader, input_spec)`` builds the method's settings, dense first (``loader`` and
     ``input_spec`` are None for ``--flops-only``)."""
     out_dir = prepare_outputs(cfg)
     device = resolve_device(cfg.device)
-    if cfg.flops_only:
-        return write_results(cfg, options, flops_rows(make_settings(None, None)), device, out_dir)
-    status(f"loading the validation set of {cfg.data}" + (" (checking every image)" if cfg.skip_corrupt else ""))
-    loader, spec = build_loader(cfg, model)
-    clear_figures(out_dir, [*figure_patterns, "accuracy_vs_gflops.png"])
-    rows = evaluate(cfg, make_settings(loader, spec), loader, device, out_dir)
-    if sweep_title and sum(r["top1"] is not None for r in rows) > 2:
-        from .figures import accuracy_vs_gflops  # deferred: matplotlib takes a second to import
+    stage = StagedOutputs(out_dir, Path(cfg.json) if cfg.json else None)
+    with interruption(stage), stage:
+        if cfg.flops_only:
+            return write_results(cfg, options, flops_rows(make_settings(None, None)), device, stage)
+        check_finite(model, f"the weights of {cfg.model}")
+        status(f"loading the validation set of {cfg.data}" + (" (checking every file)" if cfg.skip_corrupt else ""))
+        loader, spec = build_loader(cfg, model)
+        settings = make_settings(loader, spec)
+        check_weights(settings)
+        rows = evaluate(cfg, settings, loader, device, stage.dir, sweep_unit)
+        if sweep_title and sum(r["top1"] is not None for r in rows) > 2:
+            from .figures import accuracy_vs_gflops  # deferred: matplotlib takes a second to import
 
-        path = accuracy_vs_gflops(rows, out_dir / "accuracy_vs_gflops.png", sweep_title, sweep_unit)
-        rows[0]["figures"]["accuracy_vs_gflops"] = str(path)
-    return write_results(cfg, options, rows, device, out_dir, loader.dataset)
+            path = accuracy_vs_gflops(rows, stage.dir / "accuracy_vs_gflops.png", sweep_title, sweep_unit)
+            rows[0]["figures"]["accuracy_vs_gflops"] = str(path)
+        return write_results(cfg, options, rows, device, stage, loader.dataset, sweep_unit)

@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import warnings
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -86,7 +87,32 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = state["model_state"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
+    check_finite(state.items(), f"checkpoint {path}")
     return state
+
+
+def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int, int] | None:
+    """``(name, non-finite count, size)`` of the first floating tensor holding a NaN or an infinity; None when all
+    are finite. One host sync per tensor: meant for loading and saving, not for every step."""
+    for name, t in tensors:
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t.detach())).sum())
+            if bad:
+                return name, bad, t.numel()
+    return None
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]] | torch.nn.Module, what: str) -> None:
+    """Refuse weights holding NaN or infinite values (``ValueError`` naming the first bad tensor): what every
+    command checks of the weights it loads, before any evaluation or training. ``tensors``: ``(name, tensor)``
+    pairs (``state.items()``) or a module (its parameters and buffers)."""
+    if isinstance(tensors, torch.nn.Module):
+        tensors = list(tensors.named_parameters()) + list(tensors.named_buffers())
+    found = first_non_finite(tensors)
+    if found:
+        name, bad, size = found
+        raise ValueError(f"{what} holds non-finite weights: {name} has {bad} NaN/inf value(s) of {size} "
+                         "(a diverged or damaged run); give intact weights")
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path,

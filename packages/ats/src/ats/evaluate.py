@@ -27,6 +27,7 @@ from vitbench import evaluation as ev
 from vitbench.localization import on_box_share, random_share
 
 from . import backbones, patch
+from .backbones import psvit
 from .flops import dense_gmacs, per_image_gmacs, upper_bound_gmacs
 from .options import SHIPPED, SHIPPED_ATS, ATSEvalConfig, figure_slug, given_finetuned, parse_stages, shipped_dense
 from .paper import (DEFAULT_RHO, FINETUNED, MULTI, PRESETS, Run, cvt_finetuned_paper, dense_paper, reports_deit_s,
@@ -102,7 +103,7 @@ def load_model(cfg: ev.EvalConfig) -> torch.nn.Module:
         return ev.load_model(cfg)
     if cfg.pretrained:
         raise ValueError(f"timm has no pretrained weights for {cfg.model}; give --checkpoint PATH "
-                         "(official or HuggingFace CvT weights)")
+                         "(the authors' weights: official or HuggingFace CvT, released PS-ViT)")
     model = ev.load_model(dataclasses.replace(cfg, checkpoint=None, flops_only=True))  # built, not loaded
     if cfg.flops_only:
         return model
@@ -174,7 +175,7 @@ def build_settings(cfg, opts, model, finetuned, loader, spec, base=None, runs=No
     plans = [("", base, runs, None)]
     plans += [("fine-tuned", m, r, name) for m, r, name in finetuned]
     reference = tuple(r for r in runs if r.paper_finetuned)
-    if cfg.flops_only and not finetuned and reference and base is not model:
+    if cfg.flops_only and not finetuned and reference and (base is not model or isinstance(base, psvit.PSViT)):
         plans.append(("fine-tuned", base, reference, None))
     for _, _, rs, _ in plans:
         _check_runs(rs, geom, cfg.model, backbones.block_scope(base))

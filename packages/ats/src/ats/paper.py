@@ -103,6 +103,12 @@ CVT = {
     "cvt_13_384": ((83.0, 16.3), (82.9, 11.7)),
     "cvt_21_384": ((83.3, 24.9), (83.1, 17.4)),
 }
+# Table 1, PS-ViT on ImageNet: model -> (dense top-1 / GFLOPs, ATS fine-tuned top-1 / GFLOPs). ATS in layers 1-9 of
+# the transformer module (Sec. 4), fine-tuned 30 epochs from the pretrained PS-ViT (App. E.3).
+PSVIT = {
+    "psvit_b14_224": ((81.7, 5.4), (81.5, 3.7)),
+    "psvit_b18_224": ((82.3, 8.8), (82.2, 5.6)),
+}
 
 
 # The models whose dense numbers Table 1 prints, by timm architecture: model -> (top-1, GFLOPs). DeiT-S is the
@@ -111,6 +117,7 @@ DENSE_MODELS: dict[str, tuple[float, float]] = {
     "deit_small_patch16_224": (DENSE["top1"], DENSE["gflops"]),
     "deit_base_patch16_224": (81.8, 17.6),
     **{m: dense for m, (dense, _) in CVT.items()},
+    **{m: dense for m, (dense, _) in PSVIT.items()},
 }
 DEIT_S = "deit_small_patch16_224"  # the model of DEFAULT_RUNS, PRESETS and FINETUNED
 
@@ -142,8 +149,10 @@ def reports_deit_s(model: str, img_size: int | None = None) -> bool:
 
 
 def cvt_finetuned_paper(model: str) -> tuple[tuple[str, float], ...]:
-    """Table 1's fine-tuned ATS point of CvT ``model`` as ``Run.paper_finetuned`` holds it (empty when not in it)."""
-    return numbers(*CVT[model][1]) if model in CVT else ()
+    """Table 1's fine-tuned ATS point of CvT (or PS-ViT) ``model`` as ``Run.paper_finetuned`` holds it (empty when
+    not in it)."""
+    table = {**CVT, **PSVIT}
+    return numbers(*table[model][1]) if model in table else ()
 
 
 # Video, 1 x 3 views, as printed. (model, classes): (table, dense top-1 / GFLOPs, ATS fine-tuned top-1 / GFLOPs).
