@@ -1,0 +1,163 @@
+"""ATS in PS-ViT's transformer module (ats.backbones.psvit.apply): the image ViT's semantics on PS-ViT's sampled
+tokens, batch invariance, per-image FLOPs against FlopCounterMode, the data-free bounds and ``ats-eval``."""
+
+import copy
+
+import pytest
+import torch
+from test_ats_patch import assert_each_alone_equals_batch, run
+from vitbench.flops import flop_counter_gmacs
+from vitbench.syncs import count_syncs
+from vitbench.testing import one_line_error, read_valid_result
+
+import ats
+from ats import evaluate, patch, sampling
+from ats.backbones import geometry, psvit
+from ats.flops import dense_gmacs, per_image_gmacs, upper_bound_gmacs
+
+CONFIGS = [dict(), dict(rho=0.72), dict(mode="paper", rho=0.87), dict(stages=[2], k=12), dict(variant="topk", rho=0.8)]
+STAGES = (1, 2, 3)  # of the tiny model's 5 transformer layers
+
+
+def tiny_psvit(seed: int = 0) -> psvit.PSViT:
+    """A small PS-ViT (64 px, 6 x 6 points + CLS, 4 sampling iterations, 5 transformer layers, width 32) with random
+    weights, offsets on and attention peaked enough for ATS to drop tokens."""
+    torch.manual_seed(seed)
+    model = psvit.PSViT(img_size=64, num_points=6, num_classes=10, depth=9, embed_dim=32, num_heads=2,
+                        stem_widths=(8, 16), stem_inner=8).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+        for layer in model.ps_layers[:-1]:
+            torch.nn.init.normal_(layer.offset_layer.weight, std=0.2)
+    return model
+
+
+def tiny_ats(**cfg) -> psvit.PSViT:
+    return ats.apply(tiny_psvit(), **{"stages": STAGES, **cfg})
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(2)
+    return torch.randn(4, 3, 64, 64)
+
+
+def test_no_stage_equals_the_dense_psvit(images):
+    model = tiny_psvit()
+    ref = run(model, images)
+    keys = list(model.state_dict())
+    ats.apply(model, stages=[])
+    torch.testing.assert_close(run(model, images), ref)
+    assert list(model.state_dict()) == keys
+    assert model.record.token_counts()[1].eq(37).all() and model.record.grid == (6, 6)
+
+
+def test_topk_at_k_equal_n_keeps_every_token_and_the_logits(images):
+    model = tiny_psvit()
+    ref = run(model, images)
+    ats.apply(model, stages=range(5), rho=1.0, variant="topk")
+    torch.testing.assert_close(run(model, images), ref, atol=1e-5, rtol=1e-5)
+    assert model.record.token_counts()[1].eq(37).all()
+
+
+def test_default_layers_are_the_papers_and_psvit_is_dispatched():
+    model = ats.apply(psvit.PSViT(img_size=64, num_points=4, depth=14, embed_dim=32, num_heads=2,
+                                  stem_widths=(8, 16), stem_inner=8), rho=0.9)
+    assert model.record.config.stages == tuple(range(1, 10)) == psvit.STAGES
+    assert isinstance(model, psvit.ATSPSViT) and isinstance(model, psvit.PSViT)
+    with pytest.raises(ValueError, match="stages"):
+        ats.apply(tiny_psvit(), stages=[5])
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_batch_invariance(images, cfg):
+    assert_each_alone_equals_batch(tiny_ats(**cfg), images)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:3], ids=str)
+def test_cls_first_kept_counts_bounded_and_adaptive(images, cfg):
+    model = tiny_ats(**cfg)
+    run(model, images)
+    info = model.record
+    n_in, n_out = info.token_counts()
+    for j, b in enumerate(info.config.stages):
+        for i, kept in enumerate(info.kept_indices(b)):
+            assert kept[0] == 0 and kept.unique().numel() == kept.numel() and kept.max() < 37
+            assert n_out[i, b] <= sampling.stage_k(int(n_in[i, b]), info.config.k[j])
+    assert n_out[:, -1].min() < 37
+
+
+@pytest.mark.parametrize("cfg", [dict(rho=0.8), dict(stages=[2], k=12)], ids=str)
+def test_per_image_gmacs_equal_flop_counter(images, cfg):
+    model = tiny_ats(**cfg)
+    geom = geometry(model)
+    for i in range(2):
+        measured = flop_counter_gmacs(model, images[i : i + 1])
+        analytic = float(per_image_gmacs(geom, model.record, layernorm=False)[0])
+        assert analytic == pytest.approx(measured, rel=1e-9)
+    run(model, images)
+    g = per_image_gmacs(geom, model.record)
+    assert (g < dense_gmacs(geom)).all() and (g <= upper_bound_gmacs(geom, model.record.config) + 1e-12).all()
+
+
+def test_one_host_sync_per_ats_stage(images):
+    assert count_syncs(tiny_ats(rho=0.8), images) == {"total": 3, "tolist": 3}
+
+
+def test_resuming_from_dense_hidden_states_equals_the_full_forward(images):
+    dense = tiny_psvit()
+    model = ats.apply(copy.deepcopy(dense), stages=[2, 3], rho=0.8)
+    full = run(model, images)
+    with torch.inference_mode():
+        out = model.forward_head(model.forward_features(images, hidden=patch.dense_hidden(dense, images, 2), start=2))
+    torch.testing.assert_close(out, full)
+
+
+# ------------------------------------------------------------------------------------------------- data-free, ats-eval
+def test_data_free_bounds_of_the_full_models():
+    """Dense and ATS upper bounds in layers 1..9 (every ATS layer keeps K_n), LayerNorm and BatchNorm counted."""
+    expected = {"psvit_b14_224": (5.402, 5.403, 4.063, 3.347), "psvit_b18_224": (8.770, 8.771, 6.385, 5.141)}
+    for name, (dense, *bounds) in expected.items():
+        geom = psvit.PSViTGeometry(num_points=psvit.PSVIT_MODELS[name][0]["num_points"])
+        assert dense_gmacs(geom) == pytest.approx(dense, abs=1e-3)
+        for rho, bound in zip((1.0, 0.87, 0.72), bounds):
+            config = ats.ATSConfig(psvit.STAGES, (rho,) * 9)
+            assert upper_bound_gmacs(geom, config) == pytest.approx(bound, abs=1e-3)
+
+
+def _rows(tmp_path, *argv):
+    out = tmp_path / "r.json"
+    assert evaluate.main([*argv, "--json", str(out), "--output-dir", str(tmp_path / "o")]) == 0
+    return read_valid_result(out)["rows"]
+
+
+def test_flops_only_psvit_rows_and_table1_numbers(tmp_path):
+    rows = _rows(tmp_path, "--flops-only", "--model", "psvit_b14_224")
+    assert [r["label"] for r in rows] == [
+        "dense", *(f"ATS off-the-shelf rho {r} @ 1-9" for r in ("1", "0.87", "0.72")), "ATS fine-tuned rho 1 @ 1-9"]
+    dense, *ats_rows = rows
+    assert dense["gflops"] == pytest.approx(5.402, abs=1e-3) and dense["paper"] == {"top1": 81.7, "gflops": 5.4}
+    assert ats_rows[-1]["paper"] == {"top1": 81.5, "gflops": 3.7}
+    assert all(not r["paper"] for r in ats_rows[:-1])
+    assert [round(r["gflops"], 3) for r in ats_rows] == [5.403, 4.063, 3.347, 5.403]
+    assert all(r["setting"]["stages"] == list(range(1, 10)) for r in ats_rows)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--flops-only", "--stages", "10"], "transformer-module layers 0..9"),
+    (["--flops-only", "--preset", "table1"], "DeiT-S configuration"),
+    ([], "give --checkpoint PATH"),
+])
+def test_bad_psvit_input_is_one_line(argv, match, capsys, tmp_path):
+    one_line_error(evaluate.main, ["--model", "psvit_b18_224", *argv, "--output-dir", str(tmp_path / "o")], capsys,
+                   match)
+
+
+def test_a_foreign_checkpoint_is_refused_by_key_name(capsys, tmp_path):
+    from safetensors.torch import save_file  # test-only dependency of the file format
+
+    path = tmp_path / "deit.safetensors"
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(path))
+    one_line_error(evaluate.main, ["--model", "psvit_b14_224", "--checkpoint", str(path), "--output-dir",
+                                   str(tmp_path / "o")], capsys, "unknown keys ['blocks.0.attn.qkv.weight']")
