@@ -44,6 +44,7 @@ CASES = [
     ("Training", "`--resume-override lr` without `--resume`", ["vitbench-train --resume-override lr"]),
     ("Training", "`--resume auto --overwrite`", ["vitbench-train --resume auto --overwrite"]),
     ("Training", "`--resume DIR` that is no checkpoint", ["vitbench-train --resume DIR"]),
+    ("Training", "`--resume auto` whose checkpoints are all damaged", ["vitbench-train --resume auto --output-dir R"]),
     ("Training", "impossible hyper-parameters (`--epochs 0`, `--lr -1`, `--smoothing 1.5`, ...)",
      ["vitbench-train --epochs 0"]),
     ("Evaluation", "`ats-eval --rho 1.5`", ["ats-eval --rho 1.5"]),
