@@ -126,7 +126,7 @@ def _add_data_args(parser: argparse.ArgumentParser, d: dict) -> None:
     g.add_argument("--num-classes", type=int, default=d["num_classes"],
                    help="train a new N-class head (the initial weights' head is dropped; default: the model's own)")
     g.add_argument("--img-size", type=int, default=d["img_size"], help="input size (default: the model's)")
-    g.add_argument("--num-workers", type=int, default=d["num_workers"])
+    g.add_argument("--num-workers", type=int, default=d["num_workers"], help="data-loading processes per rank")
     g.add_argument("--limit-train", type=int, default=d["limit_train"], help="use only the first N train images")
     g.add_argument("--limit-val", type=int, default=d["limit_val"], help="use only the first N val images")
     g.add_argument("--skip-corrupt", action="store_true", default=d["skip_corrupt"],
@@ -135,21 +135,24 @@ def _add_data_args(parser: argparse.ArgumentParser, d: dict) -> None:
 
 def _add_optimisation_args(parser: argparse.ArgumentParser, d: dict) -> None:
     g = parser.add_argument_group("optimisation (DeiT recipe)")
-    g.add_argument("--epochs", type=int, default=d["epochs"])
+    g.add_argument("--epochs", type=int, default=d["epochs"], help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=d["batch_size"], help="per process")
     g.add_argument("--lr", type=float, default=d["lr"], help="base lr, scaled by global batch / 512")
     g.add_argument("--unscale-lr", action="store_true", default=d["unscale_lr"], help="do not scale --lr")
-    g.add_argument("--min-lr", type=float, default=d["min_lr"])
-    g.add_argument("--warmup-lr", type=float, default=d["warmup_lr"])
-    g.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
+    g.add_argument("--min-lr", type=float, default=d["min_lr"], help="lr at the end of the cosine / poly schedule")
+    g.add_argument("--warmup-lr", type=float, default=d["warmup_lr"], help="lr at the start of the linear warm-up")
+    g.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"],
+                   help="linear warm-up length in epochs (fractions allowed; 0: none)")
     g.add_argument("--sched", default=d["sched"], help="timm scheduler: cosine, poly (linear with --decay-rate 1), "
                    "step, constant, ...")
     g.add_argument("--decay-rate", type=float, default=d["decay_rate"], help="step decay / poly power")
     g.add_argument("--sched-on-updates", action="store_true", default=d["sched_on_updates"],
                    help="step the schedule every update instead of every epoch")
     g.add_argument("--opt", default=d["opt"], help="timm optimiser name")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    g.add_argument("--clip-grad", type=float, default=d["clip_grad"])
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"],
+                   help="decoupled weight decay (AdamW); biases, norms and tokens are not decayed")
+    g.add_argument("--clip-grad", type=float, default=d["clip_grad"],
+                   help="clip the gradient norm to this value (default: none, no clipping)")
     g.add_argument("--smoothing", type=float, default=d["smoothing"], help="label smoothing")
     g.add_argument("--mixup", type=float, default=d["mixup"], help="mixup alpha (default: per dataset)")
     g.add_argument("--cutmix", type=float, default=d["cutmix"], help="cutmix alpha (default: per dataset)")
@@ -159,17 +162,19 @@ def _add_optimisation_args(parser: argparse.ArgumentParser, d: dict) -> None:
                    help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (default: per dataset; 'none' off)")
     g.add_argument("--color-jitter", type=float, default=d["color_jitter"],
                    help="colour jitter strength, used by timm only without auto-augment (default: per dataset; 0 off)")
-    g.add_argument("--drop-path", type=float, default=d["drop_path"])
+    g.add_argument("--drop-path", type=float, default=d["drop_path"], help="stochastic depth rate, in [0, 1)")
     g.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="gradient accumulation steps")
 
 
 def _add_run_args(parser: argparse.ArgumentParser, d: dict) -> None:
     g = parser.add_argument_group("run")
-    g.add_argument("--output-dir", default=d["output_dir"])
-    g.add_argument("--seed", type=int, default=d["seed"])
+    g.add_argument("--output-dir", default=d["output_dir"],
+                   help="the run's folder: config.json, log.jsonl, checkpoints/, model.safetensors, results.json")
+    g.add_argument("--seed", type=int, default=d["seed"], help="seed of weights init, data order and augmentation")
     g.add_argument("--cpu", action="store_true", default=d["cpu"],
                    help="force CPU (needed for multi-process CPU runs under torchrun)")
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d["mixed_precision"])
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d["mixed_precision"],
+                   help="Accelerate autocast (fp16 with loss scaling on CUDA)")
     g.add_argument("--checkpointing-steps", type=int, default=d["checkpointing_steps"],
                    help="also checkpoint every N updates (0: at the end of every epoch only)")
     g.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"],
