@@ -2,6 +2,7 @@
 formulas (forward and backward), outputs pinned to the released model's on seeded weights, the checkpoint layout,
 and the analytic FLOPs against FlopCounterMode and the paper."""
 
+import json
 import math
 
 import pytest
@@ -265,3 +266,16 @@ def test_tiny_flops_match_flop_counter():
     assert model.gmacs(layernorm=False) == pytest.approx(measured, rel=1e-9)
     with pytest.raises(ValueError, match="only its own 64 px"):
         model.gmacs(96)
+
+
+def test_vitbench_flops_counts_psvit(tmp_path, capsys):
+    from vitbench.flops import main  # the console script's entry point
+
+    out = tmp_path / "f.json"
+    assert main(["--model", "psvit_b14_224", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["counted_by"] == "PSViT.gmacs" and result["img_size"] == 224
+    assert result["flop_counter_gmacs"] == pytest.approx(5.380, abs=1e-3)
+    assert abs(result["cross_check_difference"]) < 1e-9 and abs(result["gmacs"] / 5.4 - 1) < 0.02
+    assert main(["--model", "psvit_b14_224", "--img-size", "256", "--no-cross-check"]) == 2
+    assert "PS-ViT takes only its own 224 px" in capsys.readouterr().err

@@ -161,3 +161,7 @@ def test_a_foreign_checkpoint_is_refused_by_key_name(capsys, tmp_path):
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(path))
     one_line_error(evaluate.main, ["--model", "psvit_b14_224", "--checkpoint", str(path), "--output-dir",
                                    str(tmp_path / "o")], capsys, "unknown keys ['blocks.0.attn.qkv.weight']")
+    save_file({"point_coord": torch.zeros(1, 324, 2)}, str(path))  # B/18's points
+    line = one_line_error(evaluate.main, ["--model", "psvit_b14_224", "--checkpoint", str(path), "--output-dir",
+                                          str(tmp_path / "o")], capsys, "does not fit PSViT")
+    assert "shapes ['point_coord: checkpoint (1, 324, 2) vs model (1, 196, 2)']" in line

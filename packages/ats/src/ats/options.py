@@ -100,7 +100,8 @@ def parse_stages(text: str) -> tuple[int, ...]:
 def shipped_dense(model: str) -> Path:
     """The shipped dense weights of embedded backbone ``model`` (``ValueError`` in one line when there are none)."""
     if model not in SHIPPED_DENSE:
-        raise ValueError(f"no weights for {model}: give --checkpoint PATH (official or HuggingFace CvT weights)")
+        raise ValueError(f"no weights for {model}: give --checkpoint PATH (the authors' weights: "
+                         "official or HuggingFace CvT, released PS-ViT)")
     path = WEIGHTS / SHIPPED_DENSE[model]
     if not path.is_file():
         raise ValueError(f"the weights of {model} are not shipped yet ({path.name}); give --checkpoint PATH")
