@@ -26,7 +26,7 @@ nox.options.sessions = ["tests", "lint"]
 
 def _install(session: nox.Session, package: str) -> None:
     if package == "vitbench":
-        session.install("-e", "shared", "pytest")
+        session.install("-e", "shared[test]")  # the test extra: pytest, and tensorboard for --report-to's test
     elif package == "tools":  # tools/ drives every package
         session.install(*(a for p in PACKAGES for a in ("-e", f"packages/{p}")), "pytest")
         session.install("--no-deps", "-e", "shared")

@@ -15,6 +15,7 @@ the metadata) and ``OUTPUT_DIR/results.json`` holds every stage's metrics next t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from vitbench.engine import (
     claim_output_dir,
     config_changes,
     remove_run_files,
+    run_lock,
     train,
 )
 from vitbench.models import create_model, load_checkpoint as load_backbone
@@ -114,6 +116,8 @@ def _builder(tcfg, lcfg: LifeTrainConfig, stage: str, init: str | None):
                              drop_path_rate=tcfg.drop_path)
         if tcfg.checkpoint and init is None:
             load_backbone(model, tcfg.checkpoint)
+        if tcfg.num_classes and init is not None:  # the earlier stage's --num-classes head is loaded below
+            model.reset_classifier(tcfg.num_classes)
         apply(model, keep_rate=lcfg.keep_rate, temperature=lcfg.temperature, drop_layers=lcfg.drop_layers)
         if init is not None:
             load_checkpoint(model, init)
@@ -186,27 +190,33 @@ def train_stages(tcfg: TrainConfig, lcfg: LifeTrainConfig) -> dict:
         raise ValueError("liferegress-train resumes per stage: use --resume auto")
     state = PartialState(cpu=tcfg.cpu)  # the same process group the engine's Accelerator(cpu=...) uses
     held = claim_output_dir(out, tcfg.resume, tcfg.overwrite, RUN_FILES)
-    state.wait_for_everyone()
-    if tcfg.overwrite and held and state.is_main_process:
-        remove_run_files(out, held)
-    state.wait_for_everyone()
+    with run_lock(out, "liferegress-train") if state.is_main_process else contextlib.nullcontext():
+        return _train_stages(tcfg, lcfg, out, held, state)
+
+
+def _train_stages(tcfg: TrainConfig, lcfg: LifeTrainConfig, out: Path, held: list[str], state) -> dict:
+    """:func:`train_stages` holding ``out``'s lock. ``--overwrite`` removes the earlier run (``held``) only when the
+    first stage has loaded every input and is about to write (the engine's ``before_start``)."""
     stages = ["stage1", "stage2"] if lcfg.scheme == "two-stage" else ["single"]
     results, init, accepted, trained = {}, None, {}, False
     for stage in stages:
         sdir = out / stage
         epochs = tcfg.epochs * (2 if stage == "single" else 1)
-        scfg = dataclasses.replace(tcfg, output_dir=str(sdir), epochs=epochs, overwrite=False)
+        clear = tcfg.overwrite and not trained  # the first stage trained with --overwrite clears the earlier run
+        scfg = dataclasses.replace(tcfg, output_dir=str(sdir), epochs=epochs, overwrite=clear and stage in held)
         extra = {"stage": stage, **dataclasses.asdict(lcfg)}
-        if _stage_done(sdir, epochs):  # only with --resume: the folder held no run otherwise
+        if not tcfg.overwrite and _stage_done(sdir, epochs):  # only with --resume: the folder held no run otherwise
             saved = json.loads((sdir / "config.json").read_text())
             changes = config_changes(saved, {**dataclasses.asdict(scfg), **extra})
             accepted |= accept_changes(changes, tcfg.resume_override, sdir)
             results[stage] = json.loads((sdir / "results.json").read_text())
         else:
             trained = True
+            others = [h for h in held if h != stage] if clear else []
             results[stage] = train(scfg, _builder(tcfg, lcfg, stage, init), param_groups=_param_groups(lcfg),
                                    loss_fn=_step_logger(sdir / "steps.jsonl"), extra_config=extra,
-                                   recipe_overrides=released_augmentation(tcfg.data))
+                                   recipe_overrides=released_augmentation(tcfg.data),
+                                   before_start=lambda others=others: remove_run_files(out, others))
             results[stage].update(loss_trend(sdir / "steps.jsonl"))
             if results[stage].get("epochs", 0) < epochs:  # stopped by --max-steps: resume later
                 return {"stages": results, "finished": False}

@@ -227,6 +227,10 @@ class Loop:
         resumed_from, failures = folder.load(accelerator, self.loaded_problem)
         accepted = folder.resumed(resumed_from, progress.num_updates)
         self.checkpoint = self.resumed_from = resumed_from
+        if resumed_from is None and self.loaded_problem():  # a NaN in --checkpoint, --init-backbone, ...
+            bad = first_nonfinite(accelerator.unwrap_model(self.model))
+            raise ValueError(f"the initial weights of {self.cfg.model} are not finite ({bad}); nothing was trained "
+                             "or removed")
         if self.main:
             for failure in failures:
                 print(f"checkpoint {failure}; resuming from {resumed_from}", file=sys.stderr)
