@@ -7,7 +7,7 @@ from vitbench import flops, throughput
 @pytest.mark.parametrize("main", [flops.main, throughput.main], ids=["flops", "throughput"])
 @pytest.mark.parametrize("argv, message", [
     (["--img-size", "113"], "not a multiple of deit_small_patch16_224's patch size 16"),
-    (["--img-size", "0"], "--img-size must be positive"),
+    (["--img-size", "0"], "--img-size must be in [8, 4096], got 0"),
     (["--model", "no_such_vit"], "unknown timm model 'no_such_vit'"),
     (["--model", "resnet18"], "is not a ViT"),
 ])
@@ -21,7 +21,7 @@ def test_bad_model_arguments_fail_in_one_line(main, argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch-sizes", "1", "0"], "--batch-sizes and --repeats must be >= 1"),
+    (["--batch-sizes", "1", "0"], "--batch-sizes must be >= 1, got 0"),
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--dtype", "fp16", "--device", "cpu"], "fp16 autocast needs CUDA"),
     (["--baseline", "other"], "--baseline 'other' is not among"),

@@ -47,6 +47,24 @@ CASES = [
     ("Training", "`--resume auto` whose checkpoints are all damaged", ["vitbench-train --resume auto --output-dir R"]),
     ("Training", "impossible hyper-parameters (`--epochs 0`, `--lr -1`, `--smoothing 1.5`, ...)",
      ["vitbench-train --epochs 0"]),
+    ("Training", "a number out of its flag's range, nan or inf (`--lr inf`, `--clip-grad -1`, `--mixup nan`, "
+     "`--warmup-epochs inf`, ...; every command, one range per flag name in `vitbench.flagtypes.RULES`)",
+     [f"{p} --lr inf" for p in TRAIN]),
+    ("Training", "`--epochs 1.5` (a fraction for an integer flag)", ["vitbench-train --epochs 1.5"]),
+    ("Training", "`--img-size 0` / `--img-size 100000`", ["vitbench-train --img-size 0", "ats-eval --img-size 0"]),
+    ("Training", "`--img-size 13` (not a multiple of the patch)",
+     ["vitbench-train --img-size 13", "ats-train --img-size 13"]),
+    ("Training", "`lfvit-train --img-size 100`", ["lfvit-train --img-size 100"]),
+    ("Training",
+     "`liferegress-train --img-size 56` (shipped backbone weights; also `--pretrained` on an embedded model)",
+     ["liferegress-train --img-size 56", "vitbench-train --pretrained --img-size 56"]),
+    ("Training", "`--auto-augment bogus-m9`", ["vitbench-train --auto-augment bogus-m9"]),
+    ("Training", "`-c c.yaml` holding `foo: 1`", ["vitbench-train -c c.yaml"]),
+    ("Training", "`-c nope.yaml`", ["vitbench-train -c nope.yaml"]),
+    ("Evaluation", "`--img-size 224` on an embedded model with its shipped weights (every eval)",
+     [f"{p} --img-size 224" for p in EVAL]),
+    ("Evaluation", "`ats-eval --visualize 99999`", ["ats-eval --limit 4 --no-throughput --visualize 99999"]),
+    ("Other", "`vitbench-digits export afile` (a regular file)", ["vitbench-digits export afile"]),
     ("Evaluation", "`ats-eval --rho 1.5`", ["ats-eval --rho 1.5"]),
     ("Evaluation", "`ats-eval --rho 0.5 --k 10`", ["ats-eval --rho 0.5 --k 10"]),
     ("Evaluation", "`ats-eval --stages 3-x`", ["ats-eval --stages 3-x"]),
@@ -66,7 +84,7 @@ CASES = [
     ("Evaluation", "`lfvit-eval --model deit_small_patch16_224 --pretrained`",
      ["lfvit-eval --model deit_small_patch16_224 --pretrained"]),
     ("Evaluation", "`lfvit-eval --eta 1.5`", ["lfvit-eval --eta 1.5"]),
-    ("Evaluation", "`liferegress-eval --keep-rate 1.5`", ["liferegress-eval --keep-rate 1.5"]),
+    ("Evaluation", "`liferegress-eval --rho 1.5`", ["liferegress-eval --rho 1.5"]),
     ("Evaluation", "`liferegress-eval --model deit_tiny_patch16_224` (no checkpoint)",
      ["liferegress-eval --model deit_tiny_patch16_224"]),
     ("Evaluation", "`--json OUTPUT_DIR/results.json`",
@@ -85,7 +103,7 @@ CASES = [
     ("Video", "missing `--checkpoint`", [f"ats-train {VIDEO} --checkpoint w.pyth"]),
     ("Video", "`ats-train --mixup 0.8` (also `--cutmix`, `--auto-augment`, `--color-jitter`) on clips",
      [f"ats-train {VIDEO} --mixup 0.8"]),
-    ("Video", "`ats-train --ats-variant topk` on a video model", [f"ats-train {VIDEO} --ats-variant topk"]),
+    ("Video", "`ats-train --variant topk` on a video model", [f"ats-train {VIDEO} --variant topk"]),
     ("Video", "`ats-train --pretrained` on a video model", [f"ats-train {VIDEO} --pretrained"]),
 ]
 
@@ -126,6 +144,7 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("a regular file")
     (tmp_path / "DIR").mkdir()
+    (tmp_path / "c.yaml").write_text("foo: 1\n")
     run = tmp_path / "R"
     (run / "checkpoints" / "step_00000001").mkdir(parents=True)
     (run / "checkpoints" / "step_00000001" / "progress.json").write_text("{}")
@@ -151,7 +170,7 @@ def error_line(command: str, capsys) -> tuple[str, str]:
     prog, *argv = shlex.split(command)
     if prog.endswith("-train") and "--cpu" not in argv:
         argv.append("--cpu")
-    if "--output-dir" not in argv:
+    if prog.endswith(("-train", "-eval")) and "--output-dir" not in argv:
         argv += ["--output-dir", "out"]
     (entry,) = importlib.metadata.entry_points(group="console_scripts", name=prog)
     capsys.readouterr()

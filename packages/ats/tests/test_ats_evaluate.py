@@ -128,12 +128,12 @@ def test_three_classes_image_folder(tmp_path):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--rho", "1.5"], "--rho values"),
+    (["--rho", "1.5"], "--rho must be in (0, 1], got 1.5"),
     (["--rho", "0.5", "--k", "10"], "not both"),
     (["--stages", "3-x"], "cannot parse stages"),
     (["--stages", "12"], "blocks 0..11"),
     (["--stages", "3,3"], "distinct"),
-    (["--k", "nan"], "finite"),
+    (["--k", "nan"], "--k must be >= 2, got nan"),
     (["--k", "10000"], "exceeds the 197 tokens"),
     (["--data", "foo:/x"], "cannot parse data spec"),
     (["--img-size", "113"], "not a multiple of the patch size 8"),

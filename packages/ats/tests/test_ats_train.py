@@ -7,7 +7,7 @@ from ats import train
     (["--model", "vit_nope"], "unknown model 'vit_nope'"),
     (["--data", "foo:/x"], "cannot parse data spec"),
     (["--checkpoint", "{tmp}/missing.safetensors"], "checkpoint not found"),
-    (["--ats-rho", "1.5"], "--ats-rho must be in (0, 1]"),
+    (["--rho", "1.5"], "--rho must be in (0, 1]"),
 ])
 def test_bad_training_input_is_one_line(tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv] + ["--cpu", "--output-dir", str(tmp_path / "out")]

@@ -38,7 +38,7 @@ def test_per_image_gmacs_equal_flop_counter(images, cfg):
 def test_train_smoke_then_eval(tmp_path):
     out = tmp_path / "run"
     argv = ["--cpu", "--img-size", "56", "--limit-train", "32", "--limit-val", "16", "--batch-size", "8",
-            "--epochs", "1", "--max-steps", "2", "--num-workers", "0", "--ats-rho", "1", "--output-dir", str(out)]
+            "--epochs", "1", "--max-steps", "2", "--num-workers", "0", "--rho", "1", "--output-dir", str(out)]
     assert train.main(argv) == 0
     assert (out / "model.safetensors").is_file() and list((out / "checkpoints").glob("step_*"))
     config = json.loads((out / "config.json").read_text())
@@ -49,5 +49,5 @@ def test_train_smoke_then_eval(tmp_path):
 
 
 def test_train_rejects_bad_ats_arguments(capsys):
-    assert train.main(["--ats-rho", "0.5", "--ats-k", "10"]) == 2
+    assert train.main(["--rho", "0.5", "--k", "10"]) == 2
     assert "not both" in capsys.readouterr().err

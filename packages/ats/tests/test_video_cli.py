@@ -148,7 +148,7 @@ def test_ats_train_on_clips_resumes_to_the_same_weights(tmp_path):
 
 @pytest.mark.parametrize(("extra", "match"), [
     (["--mixup", "0.8"], "--mixup: image augmentation"),
-    (["--ats-variant", "topk"], "ablations are built for image models"),
+    (["--variant", "topk"], "ablations are built for image models"),
     (["--pretrained"], "no pretrained weights are shipped"),
 ])
 def test_bad_video_train_input_is_one_line(tmp_path, capsys, extra, match):

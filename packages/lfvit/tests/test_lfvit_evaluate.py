@@ -71,13 +71,13 @@ def test_three_classes_image_folder(tmp_path):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--eta", "1.5"], "eta=1.5"),
+    (["--eta", "1.5"], "--eta must be in [0, 1], got 1.5"),
     (["--checkpoint", "/nonexistent.pth"], "not found"),
     (["--model", "no_such_model"], "no LF-ViT model"),
     (["--model", "deit_small_patch16_224"], "--checkpoint PATH is required"),
     (["--model", "deit_small_patch16_224", "--pretrained"], "no hosted LF-ViT weights"),
     (["--data", "foo:/x"], "cannot parse data spec"),
-    (["--img-size", "113"], "multiple of the patch size"),
+    (["--img-size", "113"], "--img-size 113 is not a multiple of"),
     (["--limit", "0"], "--limit"),
 ])
 def test_bad_input_is_one_line(argv, match, capsys, tmp_path):

@@ -52,9 +52,9 @@ def test_two_stage_training_and_exact_resume(tmp_path, backbone_ckpt):
     assert not torch.equal(a["blocks.11.attn.qkv.weight"], init["blocks.11.attn.qkv.weight"])
     assert liferegress.read_config(tmp_path / "a" / "model.safetensors")["scheme"] == "two-stage"
     # a finished run's folder: a re-run is refused, a resume with other settings too; the weights keep their label
-    assert _train(tmp_path / "a", backbone_ckpt, "--keep-rate", "0.5") == 2
-    assert _train(tmp_path / "a", backbone_ckpt, "--keep-rate", "0.5", "--resume", "auto") == 2
-    assert _train(tmp_path / "a", backbone_ckpt, "--keep-rate", "0.5", "--resume", "auto", "--resume-override",
+    assert _train(tmp_path / "a", backbone_ckpt, "--rho", "0.5") == 2
+    assert _train(tmp_path / "a", backbone_ckpt, "--rho", "0.5", "--resume", "auto") == 2
+    assert _train(tmp_path / "a", backbone_ckpt, "--rho", "0.5", "--resume", "auto", "--resume-override",
                   "keep_rate") == 2
     assert liferegress.read_config(tmp_path / "a" / "model.safetensors")["keep_rate"] == 0.7
     assert all(torch.equal(a[k], v) for k, v in load_file(tmp_path / "a" / "model.safetensors").items())

@@ -26,6 +26,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
+from .cli import parse
+
 GENERATOR_VERSION = 1
 CLASSES = tuple(str(d) for d in range(10))
 SPLITS = ("train", "val")
@@ -282,16 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("command", choices=["export", "info"], help="export: write an image folder; info: print stats")
     p.add_argument("directory", nargs="?", help="target directory for export")
-    p.add_argument("--train-size", type=int, default=DigitsConfig.train_size)
-    p.add_argument("--val-size", type=int, default=DigitsConfig.val_size)
+    p.add_argument("--train-size", type=int, default=DigitsConfig.train_size, help="training images")
+    p.add_argument("--val-size", type=int, default=DigitsConfig.val_size, help="validation images")
     p.add_argument("--canvas", type=int, default=DigitsConfig.canvas, help="canvas side in pixels")
-    p.add_argument("--seed", type=int, default=DigitsConfig.seed)
+    p.add_argument("--seed", type=int, default=DigitsConfig.seed, help="seed of the generated images")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         cfg = DigitsConfig(train_size=args.train_size, val_size=args.val_size, canvas=args.canvas, seed=args.seed)
     except ValueError as e:
@@ -300,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.directory:
             parser.error("export needs a target DIRECTORY")
         target = Path(args.directory)
+        if target.exists() and not target.is_dir():
+            parser.error(f"{target} is a file, not a directory; choose a new directory")
         if target.exists() and any(target.iterdir()):
             parser.error(f"{target} exists and is not empty; choose a new directory")
         export(target, cfg)

@@ -224,6 +224,13 @@ def build_loader(cfg: EvalConfig, model: torch.nn.Module):
                          "give --num-classes with a matching --checkpoint")
     if len(loader.dataset) == 0:
         raise ValueError(f"{cfg.data} has no validation images")
+    beyond = [i for i in cfg.visualize if i >= len(loader.dataset)]
+    n = len(loader.dataset)
+    span = f"{n} images (indices 0 to {n - 1}{' with --limit' if cfg.limit else ''})"
+    if beyond and len(beyond) == len(cfg.visualize):
+        raise ValueError(f"--visualize {' '.join(map(str, beyond))}: the validation set has {span}")
+    if beyond:
+        status(f"--visualize {' '.join(map(str, beyond))}: not drawn, the validation set has {span}")
     return loader, spec
 
 

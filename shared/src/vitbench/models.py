@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import warnings
+from textwrap import shorten
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -217,7 +218,8 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
     except (OSError, ValueError) as e:
         if not pretrained:
             raise
-        raise OSError(f"could not fetch pretrained weights for {name} ({type(e).__name__}: {str(e)[:160]}); "
+        why = shorten(str(e), 160, placeholder=" ...")  # whole words: the message is read, not parsed
+        raise OSError(f"could not fetch pretrained weights for {name} ({type(e).__name__}: {why}); "
                       "without the Hub pass --checkpoint PATH (set HF_HUB_OFFLINE=1 to fail fast)") from None
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)

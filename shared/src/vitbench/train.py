@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import run
+from .cli import check_train_input, run
 from .engine import TrainConfig, add_train_args, train
 from .models import create_model
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), command, argv)
+    return run(build_parser(), command, argv, check=check_train_input)
 
 
 def command(args: argparse.Namespace) -> int:

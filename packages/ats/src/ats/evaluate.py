@@ -25,6 +25,7 @@ import torch
 from vitbench import cli
 from vitbench import evaluation as ev
 from vitbench.localization import on_box_share, random_share
+from vitbench.video import is_video
 
 from . import backbones, patch
 from .backbones import psvit
@@ -293,7 +294,17 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(build_parser(), command, argv)
+    return cli.run(build_parser(), command, argv, check=check_input)
+
+
+def check_input(args: argparse.Namespace) -> None:
+    """``--img-size`` against the model that will run (video data without ``--model``: the embedded X-ViT), before
+    any work; the embedded models' shipped weights take their own size only."""
+    model = args.model
+    if model == ev.EvalConfig.model and is_video(args.data):
+        model = video_evaluate.EMBEDDED_MODEL
+    cli.check_eval_input(args, model, shipped=model in (ev.EvalConfig.model, video_evaluate.EMBEDDED_MODEL)
+                         or cli.has_shipped_weights(model))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Rows (one timing run for all): the dense backbone (LF-ViT's shared weights at full resolution; timing reference),
 the two-stage forward (every image through both stages, eta = 1: the localization / focus top-1, the eta budget
 curve of Fig. 4 / Fig. 7 from its stored softmax outputs as released, region hits on data with boxes, the Fig. 6
-region figure), and real early exit at each ``--eta`` (Table 2's operating points by default). ``--variants`` adds
-Table 6's region-selection variants. ``--flops-only``: per-stage GFLOPs, no data or weights needed. ``--model``
+region figure), and real early exit at each ``--eta`` (Table 2's operating points by default). ``--region-variants``
+adds Table 6's region-selection variants. ``--flops-only``: per-stage GFLOPs, no data or weights needed. ``--model``
 takes the backbone's name (``deit_small_patch16_224``) or the registered LF-ViT one (``lfvit_...``).
 """
 
@@ -20,7 +20,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from vitbench import evaluation as ev
-from vitbench.cli import run
+from vitbench.cli import check_eval_input, renamed, run
 
 from .checkpoint import load_lfvit_checkpoint
 from .flops import dense_gflops, stage_flops
@@ -52,7 +52,7 @@ class LFEvalConfig:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> LFEvalConfig:
-        return ev.config_from_args(cls, ns)
+        return ev.config_from_args(cls, argparse.Namespace(**vars(ns), variants=ns.region_variants))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="region selection, Table 6 (default: %(default)s)")
     g.add_argument("--eta", type=float, nargs="+", default=list(d.eta),
                    help="early-exit confidence thresholds in [0, 1], one row each (default: 0.47 0.61 0.76)")
-    g.add_argument("--variants", action="store_true", help="add Table 6's region-selection variants (default: off)")
+    g.add_argument("--region-variants", action="store_true",
+                   help="add Table 6's region-selection variants (default: off)")
+    renamed(g, "--variants", "--region-variants")
     g.add_argument("--loss", default=d.loss, choices=("ce_kl", "ce_ce"),
                    help="the loss the checkpoint was trained with (picks Table 7's paper row; default: %(default)s)")
     return p
@@ -315,7 +317,12 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), command, argv)
+    return run(build_parser(), command, argv, check=check_input)
+
+
+def check_input(args: argparse.Namespace) -> None:
+    """``--img-size`` against the LF-ViT of ``--model`` (parse time, before any work)."""
+    check_eval_input(args, lfvit_name(args.model))
 
 
 if __name__ == "__main__":

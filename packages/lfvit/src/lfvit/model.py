@@ -141,6 +141,12 @@ class LFVisionTransformer(VisionTransformer):
         self.region_generator: torch.Generator | None = None
         self.record: LFRecord | None = None
 
+    @property
+    def input_multiple(self) -> int:
+        """Every input size is a multiple of twice the patch size: the localization stage's half-size image must
+        have a whole patch grid too (the command-line ``--img-size`` check reads this)."""
+        return 2 * self.patch_embed.patch_size[0]
+
     def set_lf_options(self, *, region_size: int | None = None, alpha: float | None = None,
                        beta: float | None = None, region_mode: str | None = None) -> None:
         """Validate and set m, alpha, beta and the region-selection mode."""

@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 import timm
-from vitbench.cli import run
+from vitbench.cli import check_train_input, run
 from vitbench.engine import TrainConfig, add_train_args, train
 from vitbench.models import EMBEDDED_WEIGHTS, read_state_dict
 
@@ -95,7 +95,7 @@ def build_lfvit(model_name: str, opts: LFTrainConfig, drop_path: float = 0.0, ch
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), command, argv)
+    return run(build_parser(), command, argv, check=check_train_input)
 
 
 def command(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from vitbench import evaluation as ev
-from vitbench.cli import run
+from vitbench.cli import check_eval_input, renamed, run
 from vitbench.flops import ViTGeometry
 from vitbench.localization import on_box_share, random_share
 from vitbench.models import EMBEDDED_MODEL, create_model, load_checkpoint as load_backbone
@@ -41,26 +41,29 @@ class LifeEvalConfig:
 
     def __post_init__(self):
         if any(not (0.0 < rho <= 1.0) for rho in self.keep_rate):
-            raise ValueError(f"--keep-rate values must be in (0, 1], got {list(self.keep_rate)}")
+            raise ValueError(f"--rho values must be in (0, 1], got {list(self.keep_rate)}")
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> LifeEvalConfig:
-        return ev.config_from_args(cls, ns)
+        return cls(keep_rate=tuple(ns.rho), temperature=ns.temperature, mode=ns.pruning,
+                   backbone_checkpoint=ns.backbone_checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ev.build_parser("liferegress-eval", __doc__, "runs/liferegress-eval")
     g = p.add_argument_group("Life Regression")
-    g.add_argument("--keep-rate", type=float, nargs="+", default=[0.9, 0.8, 0.7],
+    g.add_argument("--rho", type=float, nargs="+", default=[0.9, 0.8, 0.7],
                    help="keep rate(s) rho, one row each (Table III's sweep; default: 0.9 0.8 0.7)")
     g.add_argument("--temperature", type=float, default=None,
-                   help="U of the soft weights, used by --mode soft (default: the checkpoint's, else 1.5)")
-    g.add_argument("--mode", choices=["hard", "soft", "mask"], default="hard",
+                   help="U of the soft weights, used by --pruning soft (default: the checkpoint's, else 1.5)")
+    g.add_argument("--pruning", choices=["hard", "soft", "mask"], default="hard",
                    help="hard pruning (inference), soft weights, or 0/1 weights without pruning (default: hard)")
     g.add_argument("--backbone-checkpoint", default=None,
                    help="weights of the unpruned row (default: the backbone inside --checkpoint)")
+    renamed(g, "--keep-rate", "--rho")
+    renamed(g, "--mode", "--pruning")
     return p
 
 
@@ -174,7 +177,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), command, argv)
+    return run(build_parser(), command, argv, check=check_eval_input)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from vitbench.cli import run
+from vitbench.cli import check_train_input, renamed, run
 from vitbench.engine import (
     TrainConfig,
     accept_changes,
@@ -71,7 +71,7 @@ class LifeTrainConfig:
         if self.scheme not in SCHEMES:
             raise ValueError(f"--scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if not 0.0 < self.keep_rate <= 1.0:
-            raise ValueError(f"--keep-rate must be in (0, 1], got {self.keep_rate}")
+            raise ValueError(f"--rho must be in (0, 1], got {self.keep_rate}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if self.predictor_lr <= 0 or self.backbone_lr <= 0:
@@ -79,7 +79,7 @@ class LifeTrainConfig:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> LifeTrainConfig:
-        return cls(scheme=ns.scheme, keep_rate=ns.keep_rate, temperature=ns.temperature,
+        return cls(scheme=ns.scheme, keep_rate=ns.rho, temperature=ns.temperature,
                    drop_layers=tuple(ns.drop_layers), predictor_lr=ns.predictor_lr, backbone_lr=ns.backbone_lr)
 
 
@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("life regression")
-    g.add_argument("--scheme", choices=SCHEMES, default="two-stage")
-    g.add_argument("--keep-rate", type=float, default=0.7, help="keep rate rho (0.7 -> 140/100/72 tokens)")
+    g.add_argument("--scheme", choices=SCHEMES, default="two-stage",
+                   help="two-stage (the paper: W alone, then blocks 4-11) or single-stage (the ablation)")
+    g.add_argument("--rho", type=float, default=0.7, help="keep rate rho (0.7 -> 140/100/72 tokens)")
     g.add_argument("--temperature", type=float, default=1.5, help="U of the soft weights sigmoid(U (tau - t))")
     g.add_argument("--drop-layers", type=int, nargs="+", default=list(DEFAULT_DROP_LAYERS),
                    help="0-indexed blocks where the token set shrinks; lives are predicted before the first")
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone-lr", type=float, default=1e-5, help="lr of the backbone (stage 2 / single stage)")
     add_train_args(p, **RECIPE)
     return p
+    renamed(g, "--keep-rate", "--rho")
 
 
 def _stage_done(stage_dir: Path, epochs: int) -> bool:
@@ -241,7 +243,7 @@ def _train_stages(tcfg: TrainConfig, lcfg: LifeTrainConfig, out: Path, held: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), command, argv)
+    return run(build_parser(), command, argv, check=check_train_input)
 
 
 def command(args: argparse.Namespace) -> int:

@@ -29,6 +29,6 @@ def build_model(cfg, ats_cfg) -> VideoTransformer:
         load_video_checkpoint(model, cfg.checkpoint)
     if ats_cfg.stages is not None:
         if ats_cfg.variant:
-            raise ValueError(f"--ats-variant {' '.join(ats_cfg.variant)}: the ablations are built for image models")
+            raise ValueError(f"--variant {' '.join(ats_cfg.variant)}: the ablations are built for image models")
         apply(model, stages=ats_cfg.stages, rho=ats_cfg.rho, k=ats_cfg.k, mode=ats_cfg.mode)
     return model
