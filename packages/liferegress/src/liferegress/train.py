@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0-indexed blocks where the token set shrinks; lives are predicted before the first")
     g.add_argument("--predictor-lr", type=float, default=1e-3, help="lr of W (stage 1 / single stage)")
     g.add_argument("--backbone-lr", type=float, default=1e-5, help="lr of the backbone (stage 2 / single stage)")
+    renamed(g, "--keep-rate", "--rho")
     add_train_args(p, **RECIPE)
     return p
-    renamed(g, "--keep-rate", "--rho")
 
 
 def _stage_done(stage_dir: Path, epochs: int) -> bool:
