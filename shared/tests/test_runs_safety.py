@@ -173,6 +173,20 @@ def test_a_resume_whose_first_update_diverges_names_its_checkpoint(tmp_path):
     assert checkpoint_problem(step) is None
 
 
+def test_huge_lr_on_one_update_writes_no_results(tmp_path, capsys):
+    """--lr 1e30 for a single update: finite weights near 1e30 (the checkpoint may hold them), whose outputs are not
+    finite: the evaluation stops the run, so neither model.safetensors nor results.json is written."""
+    out = tmp_path / "run"
+    argv = [*CLI, "--model", "vit_digits_patch8_112", "--epochs", "1", "--max-steps", "1", "--lr", "1e30",
+            "--unscale-lr", "--output-dir", str(out)]
+    assert _rc(train_main, argv) == 2
+    line = _one_error_line(capsys.readouterr().err, "vitbench-train")
+    assert line.startswith("vitbench-train: error: training diverged at update 1 (epoch 0): non-finite outputs on ")
+    assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
+    for step in (out / "checkpoints").glob("step_*"):
+        assert _all_finite(step / "model.safetensors"), step
+
+
 def test_huge_lr_never_writes_non_finite_weights(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*CLI, "--model", "vit_digits_patch8_112", "--epochs", "2", "--lr", "1e30", "--unscale-lr",
@@ -289,6 +303,31 @@ def test_two_runs_started_at_once_into_one_folder_one_is_refused(tmp_path):
         assert [r.get("event") for r in _log(out)].count("start") == 1
 
 
+def test_ctrl_c_to_the_process_group_with_workers_checkpoints_and_exits_130(tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group, DataLoader workers included: the run still stops at
+    a checkpoint with exit code 130, and --resume auto continues."""
+    import time
+
+    out = tmp_path / "run"
+    argv = [*CLI, "--model", "vit_digits_patch8_112", "--num-workers", "2", "--epochs", "50",
+            "--checkpointing-steps", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "vitbench.train", *argv], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        while not (out / "checkpoints" / "step_00000001").is_dir() and proc.poll() is None:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert "stopped by SIGINT at update" in err and "Traceback" not in err
+    stopped = _log(out)[-1]
+    assert stopped["event"] == "preempted" and stopped["signal"] == "SIGINT"
+    assert checkpoint_problem(out / "checkpoints" / f"step_{stopped['updates']:08d}") is None
+    assert train_main([*argv, "--resume", "auto", "--max-steps", str(stopped["updates"] + 1)]) == 0
+
+
 # --- integrity: SHA-256 of every checkpoint file, RNG states included; malformed listings
 
 def _flip_low_bits(path: Path) -> None:
@@ -322,6 +361,18 @@ def test_same_size_corruption_or_malformed_listing_falls_back(tmp_path, referenc
     assert [r["checkpoint"] for r in _log(out) if r.get("event") == "resume"] == [
         str(out / "checkpoints" / "step_00000004")]
     assert _same_weights(out, reference)
+
+
+def test_checkpoint_listed_by_size_only_with_unloadable_rng_states_is_damaged(tmp_path):
+    """Checkpoints written before the SHA-256s were recorded: the RNG states must at least load."""
+    step = tmp_path / "step_00000001"
+    step.mkdir()
+    torch.save({"random_state": 1}, step / "random_states_0.pkl")
+    size = (step / "random_states_0.pkl").stat().st_size
+    (step / "progress.json").write_text(json.dumps({"files": {"random_states_0.pkl": size}}))
+    assert checkpoint_problem(step) is None
+    (step / "random_states_0.pkl").write_bytes(os.urandom(size))
+    assert checkpoint_problem(step) == "random_states_0.pkl does not load (the RNG states)"
 
 
 # --- resumes that would write into another run or another command's folder

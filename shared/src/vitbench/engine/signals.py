@@ -5,6 +5,7 @@ aborts at once (Python's ``KeyboardInterrupt``), without a new checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -37,13 +38,19 @@ class Preempted(SystemExit):
 def stop_signals() -> Iterator[list[str]]:
     """While the block runs, SIGTERM and SIGUSR1 (what cluster schedulers send before a kill) and SIGINT (Ctrl-C)
     are collected by name instead of ending the process; the training loop checks the list after every update. The
-    first SIGINT puts Python's own handler back, so a second one aborts."""
+    first SIGINT puts Python's own handler back, so a second one aborts. DataLoader workers forked inside the block
+    inherit the handler and ignore the signals (a terminal's Ctrl-C reaches every process of the group), so the
+    main process alone decides where the run stops."""
     received: list[str] = []
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
         yield received
         return
 
+    owner = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != owner:  # a DataLoader worker forked inside the block: Ctrl-C reaches the whole group
+            return
         received.append(signal.Signals(signum).name)
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, previous[signal.SIGINT])
