@@ -73,3 +73,25 @@ def test_a_local_folder_prints_no_download_progress(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "Downloading" not in err and "Generating" not in err and "Resolving" not in err
     assert not datasets.are_progress_bars_disabled()  # restored for the caller
+
+
+def test_damaged_json_files_are_named(tmp_path):
+    from vitbench.report import read_json_file, read_jsonl_file
+
+    root = _folder(tmp_path / "d")
+    (root / "boxes.json").write_text('{"val/a/0.png": [1, 2, 3, 4],}')
+    with pytest.raises(ValueError) as info:
+        build_dataset(f"imagefolder:{root}", "val")
+    assert str(info.value) == (f"{root}/boxes.json is not valid JSON (Expecting property name enclosed in double "
+                               "quotes at line 1, column 30); it is damaged")
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"epoch": 0}\n\xff\xfe{"epoch": 1}\n')
+    with pytest.raises(ValueError, match=f"^{log} is not UTF-8 text \\(byte 13: invalid start byte\\); it is damaged$"):
+        read_jsonl_file(log)
+    log.write_text('{"epoch": 0}\n{"epoch": \n')
+    with pytest.raises(ValueError, match=f"^{log} line 2 is not valid JSON"):
+        read_jsonl_file(log)
+    log.write_text('{"epoch": 0}\n\n{"epoch": 1}\n')
+    assert read_jsonl_file(log) == [{"epoch": 0}, {"epoch": 1}]
+    (tmp_path / "ok.json").write_text('{"a": [1]}')
+    assert read_json_file(tmp_path / "ok.json") == {"a": [1]}

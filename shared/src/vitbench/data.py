@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import random
 from dataclasses import dataclass, replace
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import digits as digits_lib
 from .dataspec import DataError, DataSpec, parse_data_spec  # also importable from here, as before
+from .report import read_json_file
 
 log = logging.getLogger(__name__)
 SPLIT_ALIASES = {"train": ("train",), "val": ("validation", "val", "valid", "test")}
@@ -244,7 +244,7 @@ def _from_hf(ds, where: str, boxes_file: Path | None = None) -> ImageDataset:
     paths = [item["path"] or f"#{i} of {where}" for i, item in enumerate(ds["image"])]
     boxes = canvas = None
     if boxes_file is not None and boxes_file.is_file():
-        table = json.loads(boxes_file.read_text())
+        table = read_json_file(boxes_file)
         root = boxes_file.parent
         rel = [str(Path(p).resolve().relative_to(root.resolve())) for p in paths]
         if all(r in table for r in rel):

@@ -25,13 +25,50 @@ def plain(obj: Any) -> Any:
     return obj
 
 
+def read_json_file(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path``; a file that is not UTF-8 JSON raises ``ValueError`` naming it (the decoder's
+    own message names no file)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); it is damaged") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); it is damaged"
+                         ) from None
+
+
+def read_jsonl_file(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSON-lines file (one JSON value per non-empty line); a damaged line raises ``ValueError``
+    naming the file and the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); it is damaged") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number} is not valid JSON ({e.msg}); it is damaged") from None
+    return records
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON via a temporary file and an atomic rename."""
+    """Write ``obj`` as indented JSON via a temporary file and an atomic rename; a failed write (a full disk)
+    removes the temporary file and leaves ``path`` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plain(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(plain(obj), indent=2) + "\n"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
