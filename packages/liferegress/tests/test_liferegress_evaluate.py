@@ -39,7 +39,7 @@ def test_common_options_are_vitbench_s():
 ])
 def test_flops_only_matches_paper_in_the_schema(tmp_path, model, rho, expected, tol):
     out = tmp_path / "f.json"
-    assert evaluate.main(["--flops-only", "--model", model, "--keep-rate", str(rho), "--json", str(out),
+    assert evaluate.main(["--flops-only", "--model", model, "--rho", str(rho), "--json", str(out),
                           "--output-dir", str(tmp_path / "o")]) == 0
     dense, row = read_valid_result(out)["rows"]
     assert dense["method"] == "dense" and row["setting"]["keep_rate"] == rho
@@ -48,7 +48,7 @@ def test_flops_only_matches_paper_in_the_schema(tmp_path, model, rho, expected, 
 
 
 def test_keep_rate_sweep_with_life_maps(tmp_path, lr_ckpt):
-    assert evaluate.main(_small(tmp_path, "--checkpoint", lr_ckpt, "--keep-rate", "0.9", "0.7", "--visualize", "0",
+    assert evaluate.main(_small(tmp_path, "--checkpoint", lr_ckpt, "--rho", "0.9", "0.7", "--visualize", "0",
                                 "1")) == 0
     res = read_valid_result(tmp_path / "r.json")
     rows = res["rows"]
@@ -66,7 +66,7 @@ def test_three_classes_image_folder(tmp_path):
     ckpt = _lr_checkpoint(tmp_path / "c3.safetensors", num_classes=3)
     data = image_folder(tmp_path / "folder")
     assert evaluate.main(_small(tmp_path, "--data", f"imagefolder:{data}", "--num-classes", "3", "--checkpoint",
-                                ckpt, "--keep-rate", "0.7", "--skip-corrupt")) == 0
+                                ckpt, "--rho", "0.7", "--skip-corrupt")) == 0
     res = read_valid_result(tmp_path / "r.json")
     assert res["data"] == {"spec": f"imagefolder:{data}", "images": 6, "skipped": []}
     assert [r["images"] for r in res["rows"]] == [6, 6]
@@ -76,14 +76,14 @@ def test_skip_corrupt_counts_the_skipped_file(tmp_path, lr_ckpt):
     data = image_folder(tmp_path / "folder", classes=10)
     (data / "val" / "class0" / "bad.png").write_bytes(b"\x89PNG not really")
     assert evaluate.main(_small(tmp_path, "--data", f"imagefolder:{data}", "--checkpoint", lr_ckpt,
-                                "--keep-rate", "0.7", "--skip-corrupt", "--no-throughput")) == 0
+                                "--rho", "0.7", "--skip-corrupt", "--no-throughput")) == 0
     res = read_valid_result(tmp_path / "r.json")
     # --limit 8 counts readable images: the skipped file does not take one of the 8 places
     assert res["data"]["images"] == 8 and [p.split("/")[-1] for p in res["data"]["skipped"]] == ["bad.png"]
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--keep-rate", "1.5"], "--keep-rate values"),
+    (["--rho", "1.5"], "--rho must be in (0, 1], got 1.5"),
     (["--checkpoint", "/nonexistent.safetensors"], "not found"),
     (["--model", "no_such_model"], "unknown model"),
     (["--model", "deit_tiny_patch16_224"], "--checkpoint PATH"),
