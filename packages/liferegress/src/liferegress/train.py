@@ -30,6 +30,7 @@ from vitbench.engine import (
     add_train_args,
     claim_output_dir,
     config_changes,
+    new_head,
     remove_run_files,
     run_lock,
     train,
@@ -118,15 +119,17 @@ def _builder(tcfg, lcfg: LifeTrainConfig, stage: str, init: str | None):
                              drop_path_rate=tcfg.drop_path)
         if tcfg.checkpoint and init is None:
             load_backbone(model, tcfg.checkpoint)
-        if tcfg.num_classes and init is not None:  # the earlier stage's --num-classes head is loaded below
+        if init is None:  # --num-classes: a new head, said once (later stages load the earlier stage's head)
+            new_head(model, tcfg, PartialState(), resuming=False)
+        elif tcfg.num_classes:
             model.reset_classifier(tcfg.num_classes)
         apply(model, keep_rate=lcfg.keep_rate, temperature=lcfg.temperature, drop_layers=lcfg.drop_layers)
         if init is not None:
             load_checkpoint(model, init)
         t_base = model.life_cfg.t_base
         for name, p in model.named_parameters():
-            if stage == "stage1":
-                p.requires_grad_(name == "life_predictor.W")
+            if stage == "stage1":  # W, and a --num-classes head (our option: it is new, so it must learn)
+                p.requires_grad_(name == "life_predictor.W" or (tcfg.num_classes is not None and _is_head(name)))
             elif stage == "stage2":
                 p.requires_grad_(name.startswith("blocks.") and int(name.split(".")[1]) >= t_base)
             else:
@@ -136,10 +139,19 @@ def _builder(tcfg, lcfg: LifeTrainConfig, stage: str, init: str | None):
     return build
 
 
-def _param_groups(lcfg: LifeTrainConfig):
+def _is_head(name: str) -> bool:
+    return name.startswith("head.")
+
+
+def _param_groups(lcfg: LifeTrainConfig, new_head: bool = False):
+    """W (and a ``--num-classes`` head, ``new_head``) at the predictor's lr, the rest at the backbone's."""
+
+    def fast(name: str) -> bool:
+        return name == "life_predictor.W" or (new_head and _is_head(name))
+
     def groups(model) -> list[dict]:
-        w = [p for n, p in model.named_parameters() if n == "life_predictor.W" and p.requires_grad]
-        rest = [p for n, p in model.named_parameters() if n != "life_predictor.W" and p.requires_grad]
+        w = [p for n, p in model.named_parameters() if fast(n) and p.requires_grad]
+        rest = [p for n, p in model.named_parameters() if not fast(n) and p.requires_grad]
         out = []
         if w:
             out.append({"params": w, "lr": lcfg.predictor_lr})
@@ -215,7 +227,8 @@ def _train_stages(tcfg: TrainConfig, lcfg: LifeTrainConfig, out: Path, held: lis
         else:
             trained = True
             others = [h for h in held if h != stage] if clear else []
-            results[stage] = train(scfg, _builder(tcfg, lcfg, stage, init), param_groups=_param_groups(lcfg),
+            groups = _param_groups(lcfg, new_head=tcfg.num_classes is not None)
+            results[stage] = train(scfg, _builder(tcfg, lcfg, stage, init), param_groups=groups,
                                    loss_fn=_step_logger(sdir / "steps.jsonl"), extra_config=extra,
                                    recipe_overrides=released_augmentation(tcfg.data),
                                    before_start=lambda others=others: remove_run_files(out, others))
