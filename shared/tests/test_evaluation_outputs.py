@@ -328,3 +328,16 @@ def test_an_unreadable_image_during_evaluation_is_one_line_with_the_hint(toy, ca
     assert rc == 0, err
     data = json.loads((tmp_path / "e" / "results.json").read_text())["data"]
     assert data["images"] == 4 and data["skipped"] == [str(bad)]
+
+
+def test_a_nearly_full_disk_is_refused_before_the_work(toy, capsys, tmp_path, monkeypatch):
+    rc, err = run_toy(toy, capsys, "--output-dir", "e")
+    assert rc == 0, err
+    before = snapshot(tmp_path / "e")
+    monkeypatch.setattr(outputs, "free_mb", lambda path: 0.5)
+    rc, err = run_toy(toy, capsys, "--output-dir", "e")
+    assert rc == 2 and "evaluating" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "toy-eval: error: cannot write e: 0.5 MB free, an evaluation writes about 2 MB or more (results and "
+        "figures); free space or choose another --output-dir")
+    assert snapshot(tmp_path / "e") == before and leftovers(tmp_path) == []

@@ -29,6 +29,7 @@ RUN_MARKERS = ("config.json", "log.jsonl", "model.safetensors", "checkpoints", "
 RESULT_KEYS = frozenset({"config", "environment", "data", "rows"})
 OWN_FILES = ("results.json", "results.md")
 STAGING_PREFIX = ".eval-staging-"
+MIN_FREE_MB = 2.0  # refused up front below this: the results and a few figures of the smallest evaluation
 # Exit codes of an interrupted command: the shell's 128 + signal number.
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 # Write errors that mean "the disk cannot take the files", reported with the free space.
@@ -158,9 +159,19 @@ class StagedOutputs:
 
     def __enter__(self) -> StagedOutputs:
         self.out.mkdir(parents=True, exist_ok=True)
-        remove_dead_staging(self.out.parent)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir()
+        free = free_mb(self.out)
+        if free is not None and free < MIN_FREE_MB:
+            raise OSError(f"cannot write {self.out}: {free:.1f} MB free, an evaluation writes about {MIN_FREE_MB:.0f} "
+                          "MB or more (results and figures); free space or choose another --output-dir")
+        try:
+            remove_dead_staging(self.out.parent)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir()
+        except PermissionError:  # a writable folder in a read-only parent: stage inside it (same file system)
+            self.dir = self.out / self.dir.name
+            remove_dead_staging(self.out)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir()
         return self
 
     def __exit__(self, kind, error, tb) -> None:
