@@ -125,14 +125,14 @@ class XViTAttention(VideoAttention):
 
     def shift(self, t: Tensor) -> Tensor:
         BT, H, N, d = t.shape
-        seg = self.segment
-        g = t.reshape(BT // seg, seg, H, N, d).permute(0, 1, 3, 2, 4).reshape(BT // seg, seg, N, H * d)
-        fold = H * d // self.shift_div
-        out = torch.zeros_like(g)
+        seg, fold = self.segment, H * d // self.shift_div
+        g = t.transpose(1, 2).reshape(BT // seg, seg, N, H * d)
+        out = g.clone()
         out[:, :-1, :, :fold] = g[:, 1:, :, :fold]
+        out[:, -1, :, :fold] = 0
         out[:, 1:, :, fold : 2 * fold] = g[:, :-1, :, fold : 2 * fold]
-        out[:, :, :, 2 * fold :] = g[:, :, :, 2 * fold :]
-        return out.reshape(BT // seg, seg, N, H, d).permute(0, 1, 3, 2, 4).reshape(BT, H, N, d)
+        out[:, 0, :, fold : 2 * fold] = 0
+        return out.reshape(BT, N, H, d).transpose(1, 2)
 
 
 class XViTBlock(Block):

@@ -33,6 +33,7 @@ from vitbench.patching import attach
 
 from .. import sampling
 from ..patch import ATSConfig, ATSRecord, schedule
+from . import compact
 from .models import TimeSformer, VideoTransformer, XViT
 
 STAGES = {"timesformer": tuple(range(3, 6)), "xvit": tuple(range(3, 12))}
@@ -45,6 +46,7 @@ class VideoATSRecord(ATSRecord):
 
     frames: int = 0
     alive: list[Tensor] = field(default_factory=list)
+    masked: bool = False
 
     def reset(self, n_ref: int, grid: tuple[int, int], frames: int = 0) -> None:
         super().reset(n_ref, grid)
@@ -56,34 +58,42 @@ class VideoATSRecord(ATSRecord):
 
 
 @sampling.in_fp32
-def select_tokens(q: Tensor, k: Tensor, v: Tensor, alive: Tensor, *, info: VideoATSRecord, block: int,
-                  scale: float) -> Tensor:
-    """The ATS step on a clip's frame-wise attention (``q, k, v`` ``[B, T, H, 1 + S, d]``, CLS first): score every
-    alive patch of the clip, sample with one K per clip, return the new ``[B, T, S]`` alive mask (in fp32 also
-    under autocast)."""
-    cfg = info.config
+def grid_scores(q: Tensor, k: Tensor, v: Tensor, alive: Tensor, *, scale: float, mode: str) -> tuple[Tensor, Tensor]:
+    """Eq. 3's ingredients from a clip's frame-wise q, k, v on the full grid (``[B, T, H, 1 + S, d]``, CLS first,
+    zero k and v at dropped tokens): every frame's CLS attention row over its alive tokens, ``[B, H, T * S]``
+    (zero at dropped patches), and the value norms, ``[B, T * S]`` (``official``) or ``[B, H, T * S]``
+    (``paper``). The masked reference's route; the compacted blocks read the same from their padded view."""
     B, T, H, N1, d = k.shape
     S = N1 - 1
     keep = torch.cat([alive.new_ones(B, T, 1), alive], -1)
     # CLS rows per frame; cls_attention masks a prefix, so the kept keys are moved to the front and back again.
     order = (~keep).to(torch.int8).sort(dim=-1, stable=True).indices
     k_front = k.gather(3, order[:, :, None, :, None].expand(B, T, H, N1, d))
-    eps = sampling.OFFICIAL_EPS if cfg.mode == "official" else None
+    eps = sampling.OFFICIAL_EPS if mode == "official" else None
     rows = sampling.cls_attention(q[:, :, :, :1].reshape(B * T, H, 1, d), k_front.reshape(B * T, H, N1, d), scale,
                                   keep.sum(-1).reshape(-1), eps)
     attn = torch.zeros_like(rows).scatter(-1, order.reshape(B * T, 1, N1).expand(-1, H, -1), rows)
     attn = attn.reshape(B, T, H, N1)[..., 1:].permute(0, 2, 1, 3).reshape(B, H, T * S)
-    if cfg.mode == "paper":
+    if mode == "paper":
         v_norm = v[:, :, :, 1:].float().norm(dim=-1).permute(0, 2, 1, 3).reshape(B, H, T * S)
     else:
         v_norm = v[:, :, :, 1:].permute(0, 1, 3, 2, 4).reshape(B, T * S, H * d).float().norm(dim=-1)
+    return attn, v_norm
 
-    positions = torch.arange(T * S, device=k.device).expand(B, -1).contiguous()
+
+@sampling.in_fp32
+def sample_clips(attn: Tensor, v_norm: Tensor, alive: Tensor, *, info: VideoATSRecord, block: int) -> Tensor:
+    """Score every alive patch of a clip (Eq. 3 from :func:`grid_scores`' ``attn`` and ``v_norm``), sample with one
+    K per clip (Eqs. 4-6) and return the new ``[B, T, S]`` alive mask (in fp32 also under autocast; no host sync)."""
+    cfg = info.config
+    B, T, S = alive.shape
+    H = attn.shape[1]
+    positions = torch.arange(T * S, device=attn.device).expand(B, -1).contiguous()
     cand, n_cand = sampling.compact(positions, alive.reshape(B, T * S))
     at = cand.clamp(min=0)
     attn_c = attn.gather(2, at[:, None].expand(-1, H, -1))
     n_tokens = n_cand + 1
-    ks = torch.tensor([sampling.stage_k(int(n), cfg.k_of(block)) for n in n_tokens.tolist()], device=k.device)
+    ks = sampling.stage_k_tensor(n_tokens, cfg.k_of(block))
     if cfg.mode == "paper":
         scores = sampling.significance_scores_per_head(attn_c, v_norm.gather(2, at[:, None].expand(-1, H, -1)),
                                                        n_cand)
@@ -91,16 +101,26 @@ def select_tokens(q: Tensor, k: Tensor, v: Tensor, alive: Tensor, *, info: Video
     else:
         scores = sampling.significance_scores(attn_c, v_norm.gather(1, at), n_cand)
         points = torch.where(ks == n_tokens, info.n_ref - 1, ks - 1)
-        sel, count = sampling.official_select(scores, n_cand, points, sampling.linspace_rows(info.n_ref - 1, k.device))
+        lin = sampling.linspace_rows(info.n_ref - 1, attn.device)
+        sel, count = sampling.official_select(scores, n_cand, points, lin)
     kept = cand.gather(1, sel.clamp(min=0)).masked_fill(sel < 0, -1)
-    new_alive = torch.zeros(B, T * S + 1, dtype=torch.bool, device=k.device)
+    new_alive = torch.zeros(B, T * S + 1, dtype=torch.bool, device=attn.device)
     new_alive.scatter_(1, torch.where(kept >= 0, kept, T * S), True)
     info.kept[block] = torch.cat([kept.new_zeros(B, 1), torch.where(kept >= 0, kept + 1, -1)], 1).detach()
     return new_alive[:, : T * S].reshape(B, T, S)
 
 
+def select_tokens(q: Tensor, k: Tensor, v: Tensor, alive: Tensor, *, info: VideoATSRecord, block: int,
+                  scale: float) -> Tensor:
+    """The ATS step of the masked reference blocks on a clip's frame-wise attention (``q, k, v``
+    ``[B, T, H, 1 + S, d]``, CLS first): :func:`grid_scores`, then :func:`sample_clips`."""
+    attn, v_norm = grid_scores(q, k, v, alive, scale=scale, mode=info.config.mode)
+    return sample_clips(attn, v_norm, alive, info=info, block=block)
+
+
 class VideoATSMixin:
-    """``forward_features`` that passes the ATS selectors to the blocks and records ``record``."""
+    """``forward_features`` that runs the blocks with the ATS selectors on compacted tokens
+    (:func:`ats.video.compact.run_blocks`; ``record.masked``: the masked reference blocks) and fills ``record``."""
 
     record: VideoATSRecord
 
@@ -110,8 +130,11 @@ class VideoATSMixin:
         T = self.num_frames
         info.reset(1 + T * S, self.grid, T)
         cls_tokens = 1 if self.arch == "timesformer" else T
-        selectors = {b: partial(select_tokens, info=info, block=b, scale=self.blocks[b].attn.scale)
-                     for b in info.config.stages}
+        if info.masked:
+            selectors = {b: partial(select_tokens, info=info, block=b, scale=self.blocks[b].attn.scale)
+                         for b in info.config.stages}
+        else:
+            selectors = {b: partial(sample_clips, info=info, block=b) for b in info.config.stages}
 
         def record(i: int, before: Tensor | None, after: Tensor | None) -> None:
             ones = torch.ones(x.shape[0], T, S, dtype=torch.bool, device=x.device)
@@ -123,18 +146,21 @@ class VideoATSMixin:
             if i == len(self.blocks) - 1:
                 info.alive.append(after)
 
-        return super().forward_features(x, selectors, record)
+        if info.masked:
+            return super().forward_features(x, selectors, record)
+        return self.norm(compact.run_blocks(self, *self.tokens(x), selectors, record, info.config.mode))
 
 
 def apply(model: VideoTransformer, stages: Iterable[int] | None = None, rho: float | None = None,
-          k: float | None = None, mode: str = "official") -> VideoTransformer:
+          k: float | None = None, mode: str = "official", masked: bool = False) -> VideoTransformer:
     """Patch a :mod:`ats.video.models` model in place with ATS and return it (parameters untouched).
 
     ``stages`` default to the paper's (TimeSformer 3..5, X-ViT 3..11); ``rho`` (``K_n = max(round(rho N_n), 8)``)
     or an absolute ``k`` per clip; default rho = 1 (K = N, the fine-tuning setting). ``mode`` ``official`` or
-    ``paper`` as for images. Calling it again reconfigures the model."""
+    ``paper`` as for images. Calling it again reconfigures the model. ``masked=True`` runs the reference blocks that
+    mask dropped tokens instead of removing them (same results, no saving: the oracle of the tests)."""
     if not isinstance(model, (TimeSformer, XViT)):
         raise TypeError(f"video ATS patches an ats.video TimeSformer or XViT, got {type(model).__name__}")
     stages, ks = schedule(STAGES[model.arch] if stages is None else stages, rho, k, len(model.blocks))
-    model.record = VideoATSRecord(ATSConfig(stages, ks, mode))
+    model.record = VideoATSRecord(ATSConfig(stages, ks, mode), masked=masked)
     return attach(model, VideoATSMixin)
