@@ -4,7 +4,8 @@ FLOPs counter (``vitbench.flops``) and the same timer (``vitbench.throughput.com
 Runs each package's own evaluation (``ats-eval``, ``lfvit-eval``, ``liferegress-eval``) with a sweep, then times
 the dense backbone and the three methods on the same batch of validation images, and writes
 
-* ``docs/figures/``: one accuracy-vs-GFLOPs plot with the three curves and the dense point, plus each package's
+* ``docs/figures/``: one accuracy-vs-GFLOPs plot with the three curves, EViT and EViT + ATS as the static-pruning
+  baseline (``ats-eval --baselines evit``) and the dense point, plus each package's
   figures (ATS kept tokens, LF-ViT regions and eta budget, Life-Regression life maps);
 * the generated section of ``docs/RESULTS.md`` (between the ``embedded`` markers), with the commands.
 
@@ -39,7 +40,8 @@ def run_evaluations(work: Path, limit: int | None) -> dict:
     lim = ["--limit", str(limit)] if limit else []
     commands = {
         "ats": (ats_eval, ["--rho", *ATS_RHO, "--no-throughput", *lim]),
-        "ats_late": (ats_eval, ["--stages", "7-11", "--rho", "1", "0.87", "0.72", "--no-throughput", *lim]),
+        "ats_late": (ats_eval, ["--stages", "7-11", "--rho", "1", "0.87", "0.72", "--baselines", "evit",
+                                "--no-throughput", *lim]),
         "lfvit": (lfvit_eval, ["--no-throughput", "--visualize", *map(str, range(8)), *lim]),
         "liferegress": (liferegress_eval, ["--keep-rate", *LR_RHO, "--no-throughput", *lim]),
     }
@@ -139,6 +141,10 @@ def plot(res: dict, path: Path) -> Path:
                                        ("ats_late", "fine-tuned", "^--", "ATS blocks 7..11, fine-tuned")):
         a = sorted(ats_rows(res, key, weights), key=lambda r: r["gflops"])
         ax.plot([r["gflops"] for r in a], [r["top1"] for r in a], style, label=label)
+    for method, style, label in (("evit", "D", "EViT keep 0.7 (static pruning; off the shelf, fine-tuned)"),
+                                 ("evit_ats", "P", "EViT + ATS (Table A.5 K; off the shelf, fine-tuned)")):
+        e = _rows(res["ats_late"], method)  # ats-eval --baselines evit
+        ax.plot([r["gflops"] for r in e], [r["top1"] for r in e], style, linestyle="none", label=label)
     lf = sorted(lfvit_two_stage(res)["extra"]["budget"], key=lambda r: r["gflops"])
     ax.plot([r["gflops"] for r in lf], [r["top1"] for r in lf], "-", label="LF-ViT (eta sweep)")
     lr = sorted(_rows(res["liferegress"], "liferegress"), key=lambda r: r["gflops"])

@@ -8,8 +8,11 @@ shipped fine-tuned weights at the configurations they were trained for: blocks 3
 blocks 7..11 at rho 1 / 0.87 / 0.72. ``--finetuned PATH`` evaluates other fine-tuned weights next to the given
 ones. ``--rho`` / ``--k`` give another sweep (shipped fine-tuned weights trained at the same ``--stages`` join it),
 ``--preset`` a paper table with its reported numbers, ``--flops-only`` the data-free upper bound (exact for
-single-stage ATS at an absolute K). Video data (``--data moving-digits``: the embedded X-ViT;
-``--data videofolder:PATH`` with a Kinetics ``--model`` and ``--checkpoint``) runs on 1 x 3 views
+single-stage ATS at an absolute K). ``--baselines evit`` adds EViT (static token pruning, keep 0.7) and EViT + ATS
+(Table A.5) on the embedded backbone, off the shelf and fine-tuned (:mod:`ats.baselines`); ``--model
+evit_deit_small_patch16_224`` evaluates EViT-DeiT-S and ATS inside it (``--k-rule``). Video data (``--data
+moving-digits``: the embedded X-ViT; ``--data videofolder:PATH`` with a Kinetics ``--model`` and ``--checkpoint``)
+runs on 1 x 3 views
 (:mod:`ats.video.evaluate`). Rows on the same weights run the dense blocks before their first ATS stage once per batch
 (:class:`SharedBlocks`); the timing run times every row's whole forward.
 """
@@ -27,12 +30,13 @@ from vitbench import evaluation as ev
 from vitbench.localization import on_box_share, random_share
 from vitbench.video import is_video
 
-from . import backbones, patch
-from .backbones import psvit
+from . import backbones, baselines, patch
+from .backbones import evit, psvit
 from .flops import dense_gmacs, per_image_gmacs, upper_bound_gmacs
-from .options import SHIPPED, SHIPPED_ATS, ATSEvalConfig, figure_slug, given_finetuned, parse_stages, shipped_dense
-from .paper import (DEFAULT_RHO, FINETUNED, MULTI, PRESETS, Run, cvt_finetuned_paper, dense_paper, reports_deit_s,
-                    stage_text)
+from .options import (BASELINES, K_RULES, SHIPPED, SHIPPED_ATS, ATSEvalConfig, figure_slug, given_finetuned,
+                      parse_stages, shipped_dense)
+from .paper import (DEFAULT_RHO, FINETUNED, MULTI, PRESETS, Run, cvt_finetuned_paper, dense_paper,
+                    evit_finetuned_paper, reports_deit_s, stage_text)
 from .video import evaluate as video_evaluate
 
 
@@ -58,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuned ATS weights of the same model, evaluated in the same run as a second series "
                    "(default for the embedded model: the shipped "
                    + " and ".join(f"{w.file} (blocks {stage_text(w.stages)})" for w in SHIPPED) + ")")
+    g.add_argument("--k-rule", choices=K_RULES, default=d.k_rule,
+                   help="EViT + ATS (--model evit_*, --baselines evit): how rho sets K_n of Table A.5's K_n = "
+                   "round(0.7 x input tokens): evit = rho x the tokens EViT alone gives block n (98, 98, 70, 70, 50, "
+                   "50 at 224 px), compound = rho x the tokens that actually enter it (default: %(default)s)")
+    g.add_argument("--baselines", nargs="+", choices=BASELINES, default=[],
+                   help="on the embedded default, add EViT at keep 0.7 (off the shelf and the shipped fine-tuned "
+                   "weights) and EViT + ATS (Table A.5, off the shelf and fine-tuned) to the rows (default: none)")
     return p
 
 
@@ -124,16 +135,19 @@ def model_runs(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> tuple[Run, ...]:
     if opts.preset:
         raise ValueError(f"--preset {opts.preset} is a DeiT-S configuration; drop it for {cfg.model}")
     stages = default if opts.stages == MULTI else opts.stages
-    paper_ft = cvt_finetuned_paper(cfg.model) if stages == default and not opts.variant and dense_paper(
-        cfg.model, cfg.img_size) else ()
+    paper_ft = (cvt_finetuned_paper(cfg.model) or evit_finetuned_paper(cfg.model)) if stages == default and \
+        not opts.variant and dense_paper(cfg.model, cfg.img_size) else ()
     series = "ATS " + "+".join(opts.variant) if opts.variant else "ATS"
-    return tuple(Run(tuple(stages), v, opts.mode, opts.variant, series, paper_finetuned=paper_ft if v == 1 else ())
-                 for v in dict.fromkeys((1.0, *map(float, opts.k or opts.rho or DEFAULT_RHO))))
+    series += f" k-rule {opts.k_rule}" if cfg.model in evit.EVIT_MODELS else ""  # how rho sets an EViT's K_n
+    at = backbones.paper_rho(cfg.model)  # the paper's fine-tuned point: rho 1 (CvT), 0.7 (EViT, Table A.5)
+    sweep = opts.k or opts.rho or backbones.default_rho(cfg.model, DEFAULT_RHO)
+    return tuple(Run(tuple(stages), v, opts.mode, opts.variant, series, paper_finetuned=paper_ft if v == at else ())
+                 for v in dict.fromkeys((1.0, *map(float, sweep))))
 
 
-def _patched(model, run: Run, seed: int):
+def _patched(model, run: Run, seed: int, k_rule: str = "evit"):
     return backbones.apply(copy.deepcopy(model), stages=run.stages, mode=run.mode, variant=run.variant, seed=seed,
-                           **run.size).eval()
+                           **run.size, **backbones.apply_options(model, k_rule)).eval()
 
 
 def _check_runs(runs, geom, name: str, scope: str = "blocks") -> None:
@@ -176,11 +190,13 @@ def build_settings(cfg, opts, model, finetuned, loader, spec, base=None, runs=No
     plans = [("", base, runs, None)]
     plans += [("fine-tuned", m, r, name) for m, r, name in finetuned]
     reference = tuple(r for r in runs if r.paper_finetuned)
-    if cfg.flops_only and not finetuned and reference and (base is not model or isinstance(base, psvit.PSViT)):
+    if cfg.flops_only and not finetuned and reference and (base is not model
+                                                           or isinstance(base, (evit.EViT, psvit.PSViT))):
         plans.append(("fine-tuned", base, reference, None))
     for _, _, rs, _ in plans:
         _check_runs(rs, geom, cfg.model, backbones.block_scope(base))
-    shared = SharedBlocks({name or "": {min(run.stages) for run in rs} for _, _, rs, name in plans})
+    shared = SharedBlocks({name or "": {backbones.resume_point(w, run.stages) for run in rs}
+                           for _, w, rs, name in plans})
     settings = dense_settings(cfg, model, base, geom, shared)
     for tag, weights, rs, name in plans:
         for run in rs:
@@ -188,15 +204,20 @@ def build_settings(cfg, opts, model, finetuned, loader, spec, base=None, runs=No
             if tag and not paper and run.stages == MULTI and run.k in FINETUNED and reports_deit_s(cfg.model,
                                                                                                      cfg.img_size):
                 paper = FINETUNED[run.k]
-            m = _patched(weights, run, cfg.seed)
+            m = _patched(weights, run, cfg.seed, opts.k_rule)
             bound = upper_bound_gmacs(geom, m.record.config)
-            params = {**run.params(), "weights": tag or "given", **({"weights_file": name} if name else {})}
+            params = {**run.params(), "weights": tag or "given", **({"weights_file": name} if name else {}),
+                      **({"k_rule": opts.k_rule} if backbones.apply_options(weights, opts.k_rule) else {})}
             series = run.series_for(tag or ("off-the-shelf" if len(plans) > 1 else ""))
             s = ev.Setting("ats", series, run.point, params, m, gflops=bound, paper=paper,
                            extra={"gflops_upper_bound": bound})
             if loader is not None:
                 _attach_probe(s, geom, set(cfg.visualize), loader, spec, figures, cfg, shared, name or "")
             settings.append(s)
+    if "evit" in opts.baselines:  # EViT and EViT + ATS beside ATS (Table A.5)
+        probe = None if loader is None else (lambda s, g, key: _attach_probe(s, g, set(cfg.visualize), loader, spec,
+                                                                             figures, cfg, shared, key))
+        settings += baselines.evit_settings(shared, opts.k_rule, cfg.seed, probe)
     return settings
 
 
@@ -230,7 +251,7 @@ def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg, shared:
     """The per-batch hook (logits, per-image GMACs, kept-token counts, kept tokens of the drawn images, share of
     the last stage's tokens on the digit box) and the figures after the pass."""
     model, stages = s.model, s.model.record.config.stages
-    first = min(stages)
+    first = backbones.resume_point(model, stages)
     counts, kept, on_object, at_random = [], {}, [], []
 
     def step(images, labels, index):
@@ -273,6 +294,9 @@ def command(args: argparse.Namespace) -> int:
     cfg, opts = ev.EvalConfig.from_args(args), ATSEvalConfig.from_args(args)
     if video_evaluate.wants_video(cfg):  # clips: 1 x 3 views, Tables 2 / 3 / A.2
         return video_evaluate.evaluate_clips(cfg, opts)
+    if opts.baselines and not _embedded(cfg):
+        raise ValueError(f"--baselines {' '.join(opts.baselines)} runs on the embedded default only (no --model, "
+                         "--checkpoint or --flops-only); for EViT on ImageNet give --model evit_deit_small_patch16_224")
     ev.prepare_outputs(cfg)
     model = load_model(cfg)
     base = backbones.linear_variant(model)  # what ATS samples in: a CvT's linear stage 3 (folded), a ViT itself

@@ -43,6 +43,7 @@ def upper_bound_gmacs(geometry, config: ATSConfig, layernorm: bool = True) -> fl
             n = k
         else:
             counts.append(n)
+            n = geometry.tokens_out(i, n) if hasattr(geometry, "tokens_out") else n  # EViT's blocks reorganise
     return geometry.gmacs(counts, layernorm)
 
 

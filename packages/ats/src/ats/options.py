@@ -36,8 +36,14 @@ SHIPPED = (Shipped("vit_digits_patch8_112_ats.safetensors", MULTI, (DEFAULT_RUNS
 # Other embedded backbones: the dense weights ``ats-eval --model NAME`` loads without --checkpoint, and the
 # fine-tuned ATS weights (trained at ``stages``) evaluated next to them at the requested runs. The embedded CvT:
 # dw_bn dense, linear stage 3 fine-tuned with ATS in stage 3's blocks 0..8.
-SHIPPED_DENSE = {"cvt_digits_112": "cvt_digits_112.safetensors"}
-SHIPPED_ATS = {"cvt_digits_112": Shipped("cvt_digits_112_ats.safetensors", tuple(range(9)), ())}
+# The embedded EViT (keep 0.7 in blocks 3, 6, 9): fine-tuned from the embedded backbone, and EViT + ATS fine-tuned
+# from it with ATS in blocks 4, 5, 7, 8, 10, 11 (Table A.5).
+SHIPPED_DENSE = {"cvt_digits_112": "cvt_digits_112.safetensors",
+                 "evit_digits_patch8_112": "evit_digits_patch8_112.safetensors"}
+SHIPPED_ATS = {"cvt_digits_112": Shipped("cvt_digits_112_ats.safetensors", tuple(range(9)), ()),
+               "evit_digits_patch8_112": Shipped("evit_digits_patch8_112_ats.safetensors", (4, 5, 7, 8, 10, 11), ())}
+K_RULES = ("evit", "compound")  # how an EViT's rho sets K_n (ats.backbones.evit.apply's k_rule)
+BASELINES = ("evit",)  # static-pruning baselines ats-eval can add to the embedded default's rows
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class ATSEvalConfig:
     variant: tuple[str, ...] = ()
     preset: str | None = None
     finetuned: str | None = None
+    k_rule: str = "evit"
+    baselines: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.rho and self.k:

@@ -303,9 +303,10 @@ def check_structure(model: nn.Module) -> None:
 
 
 def check_blocks(blocks: Sequence[nn.Module]) -> None:
-    """Refuse blocks ATS cannot patch: plain timm ``Block`` with ``Attention`` (or ATS-patched ones), no gate."""
+    """Refuse blocks ATS cannot patch: plain timm ``Block`` with ``Attention`` (or ATS-patched ones, and the ATS
+    block subclasses of :mod:`ats.backbones`, e.g. EViT's reorganising blocks), no gate."""
     for i, blk in enumerate(blocks):
-        if type(blk) not in (Block, ATSBlock) or type(blk.attn) not in (Attention, ATSAttention):
+        if not (type(blk) is Block or isinstance(blk, ATSBlock)) or type(blk.attn) not in (Attention, ATSAttention):
             raise TypeError(f"block {i} is {type(blk).__name__}/{type(blk.attn).__name__}; "
                             "ATS supports timm Block with Attention")
         if blk.attn.gate is not None:

@@ -17,7 +17,7 @@ from vitbench.flops import ViTGeometry
 from vitbench.models import load_checkpoint, load_state, read_state_dict
 
 from .. import patch
-from . import cvt, psvit
+from . import cvt, evit, psvit
 
 
 def apply(model: nn.Module, *args, **kwargs) -> nn.Module:
@@ -25,6 +25,8 @@ def apply(model: nn.Module, *args, **kwargs) -> nn.Module:
     arguments and their defaults are theirs: CvT stage 3's blocks 0..8, a ViT's blocks 3..11)."""
     if isinstance(model, psvit.PSViT):  # the transformer module's layers 1..9
         return psvit.apply(model, *args, **kwargs)
+    if isinstance(model, evit.EViT):  # blocks 4, 5, 7, 8, 10, 11 (Table A.5)
+        return evit.apply(model, *args, **kwargs)
     return (cvt.apply if isinstance(model, cvt.CvT) else patch.apply)(model, *args, **kwargs)
 
 
@@ -32,6 +34,8 @@ def check_structure(model: nn.Module) -> None:
     """The backbone's structure check (``TypeError`` / ``ValueError`` naming what ATS cannot patch)."""
     if isinstance(model, psvit.PSViT):
         return psvit.check_structure(model)
+    if isinstance(model, evit.EViT):
+        return evit.check_structure(model)
     (cvt.check_structure if isinstance(model, cvt.CvT) else patch.check_structure)(model)
 
 
@@ -40,6 +44,8 @@ def geometry(model: nn.Module):
     :class:`~vitbench.flops.ViTGeometry` (or :class:`~ats.backbones.psvit.PSViTGeometry`)."""
     if isinstance(model, psvit.PSViT):
         return psvit.PSViTGeometry.from_model(model)
+    if isinstance(model, evit.EViT):  # its reorganising blocks' counts
+        return evit.EViTGeometry.from_model(model)
     return cvt.CvTGeometry.from_model(model) if isinstance(model, cvt.CvT) else ViTGeometry.from_model(model)
 
 
@@ -48,13 +54,15 @@ def default_stages(name: str) -> tuple[int, ...]:
     3..11 (PS-ViT: its transformer module's 1..9)."""
     if name in psvit.PSVIT_MODELS:
         return psvit.STAGES
+    if name in evit.EVIT_MODELS:  # EViT + ATS, Table A.5
+        return evit.STAGES
     return cvt.STAGES if name in cvt.CVT_MODELS else tuple(range(3, 12))
 
 
 def owns_weights(name: str) -> bool:
     """Whether model ``name`` reads its checkpoints through :func:`load_weights` (a CvT: the official and HF layouts)
     rather than vitbench's timm loader."""
-    return name in cvt.CVT_MODELS or name in psvit.PSVIT_MODELS
+    return name in cvt.CVT_MODELS or name in psvit.PSVIT_MODELS or name in evit.EVIT_MODELS
 
 
 def ats_build_kwargs(name: str) -> dict:
@@ -82,6 +90,12 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: "
                              f"{str(e).splitlines()[0][:300]}") from None
+    if isinstance(model, evit.EViT):  # the released EViT / DeiT layout, unknown keys refused by name
+        try:
+            load_state(model, evit.convert_state_dict(read_state_dict(path)), path)
+        except ValueError as e:
+            raise ValueError(f"checkpoint {path} does not fit EViT: {str(e).splitlines()[0][:300]}") from None
+        return model
     if not isinstance(model, cvt.CvT):
         return load_checkpoint(model, path)
     state = read_state_dict(path)
@@ -113,3 +127,27 @@ def linear_variant(model: nn.Module) -> nn.Module:
 def head_from_hidden(model: nn.Module, hidden):
     """Logits from the output of all of ``model``'s ATS-able blocks run dense (:func:`ats.patch.dense_hidden`)."""
     return model.forward_head(hidden if isinstance(model, cvt.CvT) else model.norm(hidden))
+
+
+def resume_point(model: nn.Module, stages) -> int:
+    """The block whose input the ATS rows of ``model`` may start from (:class:`ats.evaluate.SharedBlocks`): the
+    first ATS stage, but no later than an EViT's first reorganising block (its kept tokens' original indices come
+    from running it)."""
+    first = min(stages)
+    return min(first, *model.drop_loc) if isinstance(model, evit.EViT) else first
+
+
+def apply_options(model: nn.Module, k_rule: str) -> dict:
+    """Backbone-specific :func:`apply` arguments: an EViT's ``k_rule`` (how Table A.5's rho sets K_n)."""
+    return {"k_rule": k_rule} if isinstance(model, evit.EViT) else {}
+
+
+def default_rho(name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """The rho sweep ``ats-eval`` runs on model ``name`` without ``--rho`` / ``--k``: Table A.5's 0.7 for an EViT
+    (next to rho 1, K = N), ``default`` otherwise."""
+    return (evit.ATS_RHO,) if name in evit.EVIT_MODELS else default
+
+
+def paper_rho(name: str) -> float:
+    """The rho of the paper's fine-tuned ATS point for model ``name``: 0.7 for EViT (Table A.5), 1 otherwise."""
+    return evit.ATS_RHO if name in evit.EVIT_MODELS else 1.0
