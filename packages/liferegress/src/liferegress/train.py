@@ -204,6 +204,7 @@ def train_stages(tcfg: TrainConfig, lcfg: LifeTrainConfig) -> dict:
         raise ValueError("liferegress-train resumes per stage: use --resume auto")
     state = PartialState(cpu=tcfg.cpu)  # the same process group the engine's Accelerator(cpu=...) uses
     held = claim_output_dir(out, tcfg.resume, tcfg.overwrite, RUN_FILES)
+    state.wait_for_everyone()  # every process has looked before the main one locks and writes
     with run_lock(out, "liferegress-train") if state.is_main_process else contextlib.nullcontext():
         return _train_stages(tcfg, lcfg, out, held, state)
 

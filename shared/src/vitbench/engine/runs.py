@@ -24,7 +24,7 @@ from accelerate.utils import broadcast_object_list
 from ..cli import check_writable
 from ..report import write_json
 from .config import TrainConfig
-from .lock import RunLock, RunLocked
+from .lock import LOCK_NAME, RunLock, RunLocked
 
 RUN_FILES = ("config.json", "log.jsonl", "results.json", "model.safetensors", "checkpoints", "tracking")
 # Fields a resume does not compare: those that do not change a run's course (a resume may change them freely)
@@ -192,8 +192,10 @@ def resume_candidates(output_dir: str | Path, resume: str) -> tuple[list[Path], 
 
 
 def held_run_files(out: Path, names: tuple[str, ...] = RUN_FILES) -> list[str]:
-    """Which of a run's files and folders ``out`` holds (an empty folder does not count)."""
-    return [n for n in names if (out / n).is_file() or ((out / n).is_dir() and any((out / n).iterdir()))]
+    """Which of a run's files and folders ``out`` holds (an empty folder, or one holding only a run lock, does not
+    count)."""
+    return [n for n in names if (out / n).is_file()
+            or ((out / n).is_dir() and any(p.name != LOCK_NAME for p in (out / n).iterdir()))]
 
 
 def claim_output_dir(out: Path, resume: str | None, overwrite: bool, names: tuple[str, ...] = RUN_FILES) -> list[str]:
