@@ -43,7 +43,7 @@ def run_evaluations(work: Path, limit: int | None) -> dict:
         "ats_late": (ats_eval, ["--stages", "7-11", "--rho", "1", "0.87", "0.72", "--baselines", "evit",
                                 "--no-throughput", *lim]),
         "lfvit": (lfvit_eval, ["--no-throughput", "--visualize", *map(str, range(8)), *lim]),
-        "liferegress": (liferegress_eval, ["--keep-rate", *LR_RHO, "--no-throughput", *lim]),
+        "liferegress": (liferegress_eval, ["--rho", *LR_RHO, "--no-throughput", *lim]),
     }
     results = {}
     for name, (main, args) in commands.items():

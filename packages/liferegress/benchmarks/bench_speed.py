@@ -28,7 +28,7 @@ import timm
 import torch
 from timm.layers import Attention
 from vitbench import bench
-from vitbench.cli import run
+from vitbench.cli import renamed, run
 from vitbench.report import markdown_table
 from vitbench.throughput import compare
 
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="deit_small_patch16_224", help="timm ViT (default: deit_small_patch16_224)")
-    p.add_argument("--keep-rate", type=float, default=0.7, help="rho of the hard-mode schedule (default: 0.7)")
+    p.add_argument("--rho", type=float, default=0.7, help="keep rate rho of the hard-mode schedule (default: 0.7)")
+    renamed(p, "--keep-rate", "--rho")
     p.add_argument("--train-repeats", type=int, default=0,
                    help="training-step repeats per variant at the largest batch size (default: 0, skipped)")
     bench.add_released_argument(p, "github.com/cjwcommuny/life-regression", "LIFEREGRESS_RELEASED")
@@ -102,11 +103,11 @@ def command(args: argparse.Namespace) -> int:
     cfg = bench.config(args)
     torch.manual_seed(cfg.seed)
     dense = bench.laid_out(bench.peaked(timm.create_model(args.model, pretrained=False), cfg.peak), cfg)
-    ours = liferegress.apply(copy.deepcopy(dense), keep_rate=args.keep_rate).eval()
+    ours = liferegress.apply(copy.deepcopy(dense), keep_rate=args.rho).eval()
     ideal = model_gmacs(dense) / model_gmacs(ours)
     compiled = bench.compile_dense(copy.deepcopy(ours)) if cfg.compile == "all" else None
     dense_compiled = bench.compile_dense(dense) if cfg.compile != "none" else None
-    released = bench.laid_out(released_model(args.released, args.model, args.keep_rate), cfg)
+    released = bench.laid_out(released_model(args.released, args.model, args.rho), cfg)
     extra = {} if released is None else {"released code (pruning eval)": released}
     if released is not None and cfg.compile == "all":
         extra["released code (pruning eval) (compiled)"] = bench.compile_dense(copy.deepcopy(released))
@@ -125,7 +126,7 @@ def command(args: argparse.Namespace) -> int:
         images = bench.images(max(cfg.batch_sizes), dense.patch_embed.img_size[0], cfg.seed)[: max(cfg.batch_sizes)]
         targets = torch.randint(0, dense.num_classes, (images.shape[0],))
         plain = copy.deepcopy(dense).train()
-        soft = liferegress.apply(copy.deepcopy(dense), keep_rate=args.keep_rate, mode="soft").train()
+        soft = liferegress.apply(copy.deepcopy(dense), keep_rate=args.rho, mode="soft").train()
         unfused = copy.deepcopy(soft)
         for blk in unfused.blocks:
             blk.attn.__class__ = Attention
