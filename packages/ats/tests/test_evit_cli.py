@@ -71,7 +71,7 @@ def test_ats_train_builds_evit_and_evit_ats(tmp_path):
     ns = train.build_parser().parse_args([*argv, "--no-ats"])
     plain = train.build_model(TrainConfig.from_args(ns), train.ats_config_from_args(ns))
     assert isinstance(plain, evit.EViT) and not hasattr(plain, "record")
-    ns = train.build_parser().parse_args([*argv, "--ats-rho", "0.7"])
+    ns = train.build_parser().parse_args([*argv, "--rho", "0.7"])
     cfg = train.ats_config_from_args(ns)
     assert cfg.stages == evit.STAGES
     model = train.build_model(TrainConfig.from_args(ns), cfg)

@@ -12,6 +12,12 @@ CvT (``--model cvt_13_224`` ...; App. E.2): with ATS on, the model is built with
 stage 3's blocks 0..8 (``--stages`` is stage-local); ``--checkpoint`` takes official or HuggingFace ``dw_bn``
 weights (folded into the linear stage 3) or a linear checkpoint of ours as it is. With ``--no-ats`` the CvT trains
 as given (``dw_bn``). ``ats-eval --model cvt_13_224 --finetuned OUTPUT_DIR/model.safetensors`` evaluates the output.
+
+EViT (``--model evit_deit_small_patch16_224`` or the embedded ``evit_digits_patch8_112``; keep 0.7 in blocks 3, 6,
+9): ``--checkpoint`` takes DeiT or released EViT weights (one layout). ``--no-ats`` trains the EViT itself; with ATS
+on, ATS runs in blocks 4, 5, 7, 8, 10, 11 and ``--rho 0.7`` is Table A.5's K_n = round(0.7 x the tokens EViT alone
+gives block n). ``ats-eval --model evit_deit_small_patch16_224 --checkpoint EVIT.pth --finetuned
+OUTPUT_DIR/model.safetensors`` evaluates the output next to the EViT it started from.
 """
 
 from __future__ import annotations
