@@ -60,7 +60,7 @@ def free_mb(path: str | os.PathLike) -> float | None:
 def write_error(path: str | os.PathLike, e: OSError, detail: str = "") -> OSError:
     """``e`` (raised while writing ``path``) as one line naming the path, the reason and the free space."""
     free = free_mb(path)
-    room = f" ({free:.0f} MB free)" if free is not None else ""
+    room = "" if free is None else f" ({free:.1f} MB free)" if free < 10 else f" ({free:.0f} MB free)"
     error = OSError(f"cannot write {path}: {e.strerror or e}{room}{detail}")
     error.errno = e.errno  # str(error) stays the one line (no "[Errno N]" prefix)
     return error
