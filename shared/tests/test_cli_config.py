@@ -59,6 +59,12 @@ def test_a_bad_file_value_overridden_on_the_command_line_is_not_an_error(tmp_pat
     assert cli.parse(train_parser(), ["-c", str(tmp_path / "c.yaml"), "--lr", "0.1"]).lr == 0.1
 
 
+def test_an_abbreviated_config_flag_is_refused(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("lr: 0.001\n")
+    line = parse_fails(train_parser(), ["--conf", str(tmp_path / "c.yaml")], capsys)
+    assert line.endswith("spell the configuration flag out: -c FILE.yaml or --config FILE.yaml")
+
+
 def test_missing_file(tmp_path, capsys):
     assert "--config nope.yaml: no such file" in parse_fails(train_parser(), ["-c", "nope.yaml"], capsys)
 

@@ -61,6 +61,7 @@ CASES = [
     ("Training", "`--auto-augment bogus-m9`", ["vitbench-train --auto-augment bogus-m9"]),
     ("Training", "`-c c.yaml` holding `foo: 1`", ["vitbench-train -c c.yaml"]),
     ("Training", "`-c nope.yaml`", ["vitbench-train -c nope.yaml"]),
+    ("Training", "`--conf c.yaml` (an abbreviation of `--config`)", ["vitbench-train --conf c.yaml"]),
     ("Evaluation", "`--img-size 224` on an embedded model with its shipped weights (every eval)",
      [f"{p} --img-size 224" for p in EVAL]),
     ("Evaluation", "`ats-eval --visualize 99999`", ["ats-eval --limit 4 --no-throughput --visualize 99999"]),

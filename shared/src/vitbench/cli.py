@@ -92,6 +92,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> arg
                 parser.error(str(e))
             parser.set_defaults(**from_file)
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) != given.config:  # an abbreviation (--conf) the first pass did not read
+        parser.error("spell the configuration flag out: -c FILE.yaml or --config FILE.yaml")
     typed = {a.split("=")[0] for a in argv if a.startswith("-")}
     for flag, problem in range_problems(parser, args):
         action = parser._option_string_actions[flag]
