@@ -95,3 +95,18 @@ def test_damaged_json_files_are_named(tmp_path):
     assert read_jsonl_file(log) == [{"epoch": 0}, {"epoch": 1}]
     (tmp_path / "ok.json").write_text('{"a": [1]}')
     assert read_json_file(tmp_path / "ok.json") == {"a": [1]}
+
+
+def test_a_damaged_config_json_of_a_run_is_named(tmp_path, monkeypatch, capsys):
+    from vitbench.train import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "R").mkdir()
+    (tmp_path / "R" / "config.json").write_text('{"lr": 0.1,')
+    (tmp_path / "R" / "log.jsonl").write_bytes(b'{"event": "start"}\n\xff\xfe\n')
+    rc = main(["--cpu", "--resume", "auto", "--output-dir", "R", "--limit-train", "8", "--limit-val", "8",
+               "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        "vitbench-train: error: R/config.json is not valid JSON (Expecting property name enclosed in double quotes "
+        "at line 1, column 12); it is damaged"), err

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from ..cli import check_writable
-from ..report import write_json
+from ..report import read_json_file, write_json
 from .config import TrainConfig
 from .lock import LOCK_NAME, RunLock, RunLocked
 
@@ -71,7 +71,8 @@ def _checkpoints(root: Path) -> list[Path]:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The JSON in ``path`` ({} when absent); a damaged file raises ``ValueError`` naming it."""
+    return read_json_file(path) if path.is_file() else {}
 
 
 def sha256(path: Path) -> str:
@@ -290,7 +291,8 @@ def check_override_names(overrides: tuple[str, ...], record: dict) -> None:
 
 def _log_records(path: Path) -> list[dict]:
     records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    text = path.read_bytes().decode("utf-8", errors="replace") if path.is_file() else ""  # bad bytes: a bad line
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except ValueError:  # a line cut short by a kill
