@@ -91,8 +91,8 @@ RULES: dict[str, Number] = {
     "rho": KEEP_RATE, "k": Number(ge=2), "temperature": POSITIVE, "predictor_lr": POSITIVE, "backbone_lr": POSITIVE,
     "drop_layers": NON_NEGATIVE_INT, "eta": UNIT, "alpha": Number(gt=0, le=1), "beta": Number(ge=0, lt=1),
     "region_size": COUNT, "selection_epoch": NON_NEGATIVE_INT,
-    # vitbench-digits
-    "train_size": COUNT, "val_size": COUNT,
+    # vitbench-digits, vitbench-video, ats-diagnose
+    "train_size": COUNT, "val_size": COUNT, "frames": COUNT, "block": NON_NEGATIVE_INT, "outlier_factor": Number(gt=1),
 }
 
 
