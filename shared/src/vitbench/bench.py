@@ -3,12 +3,13 @@
 A benchmark builds a dense ViT and its method(s) on a copy of the same weights, then calls :func:`compare_methods`
 once per batch size. Every callable (dense, ``torch.compile``d dense, each method eager and compiled) runs over the
 same pool of images, ``batch_size`` images per forward, interleaved in one process (:func:`vitbench.throughput.compare`:
-rotated order, median of the per-repeat ratios). A row per callable gives the speed-up over eager dense and over
-compiled dense, the method's ideal speed-up (dense GMACs / its mean GMACs on the pool), their ratios and the host
-syncs of one forward. At batch 1 the pool holds :data:`MIN_IMAGES` images, so that a method whose cost depends on the
-image (ATS, LF-ViT's early exit) is timed on a mix. Every model of a comparison, dense and released code included,
-goes through :func:`laid_out`: by default its linear weights are stored transposed (``--weight-layout``), so that
-all of them run the GEMM kernel that is fastest on CPU at small token counts and none is favoured.
+rotated order; speed-ups are ratios of median times, :data:`vitbench.throughput.LEGEND`). A row per callable gives
+the speed-up over eager dense and over compiled dense, the method's ideal speed-up (dense GMACs / its mean GMACs on
+the pool), their ratios and the host syncs of one forward. At batch 1 the pool holds :data:`MIN_IMAGES` images, so
+that a method whose cost depends on the image (ATS, LF-ViT's early exit) is timed on a mix. Every model of a
+comparison, dense and released code included, goes through :func:`laid_out`: by default its linear weights are stored
+transposed (``--weight-layout``), so that all of them run the GEMM kernel that is fastest on CPU at small token counts
+and none is favoured.
 
 The compiled models are compiled once per batch size and reused by every repeat (``dynamic=False``: batch 1 and 32 get
 their own static graph); inductor's on-disk cache makes a second benchmark process reuse what the first compiled.
@@ -36,7 +37,7 @@ import torch
 from .cli import check_writable_file, run
 from .report import markdown_table, write_json
 from .syncs import count_syncs
-from .throughput import CLOCKS, compare, repeat_ratios, transpose_linear_weights
+from .throughput import CLOCKS, LEGEND, compare, transpose_linear_weights, warn_if_loaded
 
 MIN_IMAGES = 9  # at batch 1, nine forwards (LF-ViT: 2 of 9 = 22 % reach the focus stage)
 COMPILE_CHOICES = ("none", "dense", "all")
@@ -155,9 +156,9 @@ def compare_methods(dense: Callable[[torch.Tensor], Any], methods: dict[str, Met
     ``extra`` callables (e.g. a released implementation) over ``pool``, ``batch_size`` images per forward.
 
     Rows of :func:`vitbench.throughput.compare` (``median_ms``: one round over the pool) plus ``ms_per_image``,
-    ``speedup_vs_compiled`` (median of per-repeat ratios to compiled
-    dense), ``ideal_speedup``, ``fraction_of_ideal`` (= speedup / ideal), ``fraction_of_ideal_vs_compiled``,
-    ``compiled`` and ``syncs`` (host syncs of one forward of ``batch_size`` images)."""
+    ``speedup_vs_compiled`` (compiled dense's median time / this row's), ``ideal_speedup``, ``fraction_of_ideal``
+    (= speedup / ideal), ``fraction_of_ideal_vs_compiled``, ``compiled`` and ``syncs`` (host syncs of one forward of
+    ``batch_size`` images)."""
     fns: dict[str, Callable[[torch.Tensor], Any]] = {"dense": dense}
     if dense_compiled is not None:
         fns["dense (compiled)"] = dense_compiled
@@ -176,7 +177,7 @@ def compare_methods(dense: Callable[[torch.Tensor], Any], methods: dict[str, Met
         row["compiled"] = row["name"].endswith("(compiled)")
         row["syncs"] = count_syncs(fns[row["name"]], pool[:batch_size])["total"]
         if dense_compiled is not None:
-            row["speedup_vs_compiled"] = statistics.median(repeat_ratios(times["dense (compiled)"], row["times_ms"]))
+            row["speedup_vs_compiled"] = median_ratio(times["dense (compiled)"], row["times_ms"])
         if row["name"] in ideal:
             row["ideal_speedup"] = ideal[row["name"]]
             row["fraction_of_ideal"] = row["speedup"] / ideal[row["name"]]
@@ -201,15 +202,20 @@ def released_path(path: str | None, marker: str) -> Path | None:
     return Path(path)
 
 
+def median_ratio(reference_ms: Sequence[float], times_ms: Sequence[float]) -> float:
+    """How many times faster ``times_ms`` is than ``reference_ms``: the ratio of their medians (as ``speedup``)."""
+    return statistics.median(reference_ms) / statistics.median(times_ms)
+
+
 def speedups_over(rows: list[dict], reference: str, key: str, prefix: str) -> None:
-    """Set ``row[key]``, the median per-repeat speed-up over the row ``reference``, on every row whose name starts
+    """Set ``row[key]``, the speed-up over the row ``reference`` (ratio of median times), on every row whose name starts
     with ``prefix`` (in place; rows of one :func:`compare_methods` call; nothing when ``reference`` was not timed)."""
     ref = next((r for r in rows if r["name"] == reference), None)
     if ref is None:
         return
     for row in rows:
         if row["name"].startswith(prefix):
-            row[key] = statistics.median(repeat_ratios(ref["times_ms"], row["times_ms"]))
+            row[key] = median_ratio(ref["times_ms"], row["times_ms"])
 
 
 def environment(cfg: BenchConfig) -> dict:
@@ -226,8 +232,10 @@ def report(benchmark: str, rows: list[dict], cfg: BenchConfig, **extra: Any) -> 
     env = environment(cfg)
     write_json(cfg.json, {"benchmark": benchmark, "config": asdict(cfg), "environment": env, "rows": rows, **extra})
     print(markdown_table(rows, [c for c in COLUMNS if any(c in r for r in rows)], digits=3))
-    print(f"{benchmark}: {env['threads']} thread(s), {cfg.clock} clock, load average {env['loadavg'][0]:.1f}, "
-          f"torch {env['torch']}; JSON: {cfg.json}")
+    print(f"speedup*: the reference's median time / this row's; {LEGEND.split('; ')[-1]}")
+    print(f"{benchmark}: {env['threads']} thread(s), {cfg.clock} clock, load average {env['loadavg'][0]:.1f} "
+          f"on {env['cores']} cores, torch {env['torch']}; JSON: {cfg.json}")
+    warn_if_loaded(env["loadavg"], env["cores"])
 
 
 def summary(paths: Sequence[str | os.PathLike]) -> str:

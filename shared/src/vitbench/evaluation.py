@@ -399,7 +399,8 @@ def corrupt_files_named():
 def time_rows(cfg: EvalConfig, settings: Sequence[Setting], rows: list[dict], inputs: torch.Tensor,
               clock: str | Callable[[], float] = "wall") -> None:
     """Time every setting in ONE interleaved :func:`~vitbench.throughput.compare` call against the first (dense);
-    fills ``img_s``, ``speedup`` (median of the per-repeat ratios) and ``speedup_spread`` ([min, max])."""
+    fills ``img_s``, ``speedup`` (ratio of median times), ``speedup_spread`` ([min, max] of the per-repeat ratios) and
+    ``extra.load_average`` (1/5/15-minute load average right after the timing run)."""
     fns = {}
     for s in settings:
         fn = s.timed or s.model.to(inputs.device)
@@ -413,6 +414,7 @@ def time_rows(cfg: EvalConfig, settings: Sequence[Setting], rows: list[dict], in
     for s, row in zip(settings, rows):
         t = timed[s.label]
         row.update(img_s=t["img_s"], speedup=t["speedup"], speedup_spread=t["speedup_spread"])
+        row["extra"]["load_average"] = t["load_average"]
 
 
 def environment(cfg: EvalConfig, device: torch.device) -> dict:
@@ -458,6 +460,9 @@ def write_results(cfg: EvalConfig, method_options: Any, rows: list[dict], device
     validate_result(_round_trip(result))
     table = markdown(rows, unit)
     print(table)
+    if any(r["img_s"] is not None for r in rows):
+        load = next((r["extra"].get("load_average") for r in rows if r["img_s"] is not None), None)
+        print(throughput.legend(load, "clip_s" if unit == "clip" else "img_s"))
     write_json(stage.dir / "results.json", result)
     (stage.dir / "results.md").write_text(table + "\n")
     stage.write_json_copy(json.dumps(plain(result), indent=2) + "\n")

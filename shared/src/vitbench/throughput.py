@@ -1,7 +1,9 @@
 """Model-only throughput: fixed batch, warm-up, synchronised timing (CUDA only), median of repeats.
 
 :func:`compare` interleaves several models in one process (round-robin per repeat), so slow drifts of a shared
-machine hit every model alike, and reports img/s and the ratio to a named baseline.
+machine hit every model alike, and reports img/s and the ratio to a named baseline (:data:`LEGEND`), with the load
+average of the machine read right after the timing; it warns when that load exceeds the CPU count (other processes
+then share the cores, and times are inflated and noisy: see the README's "Stable timings").
 
 ``clock="wall"`` (default) times with ``time.perf_counter``. ``clock="thread"`` times with the calling thread's CPU
 time: with a single intra-op thread (``torch.set_num_threads(1)``) all the work runs on that thread, and other
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,19 +62,53 @@ def _context(device: torch.device, amp: bool):
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
+LEGEND = ("img_s: batch / median time of the repeats; speedup: the baseline's median time / this row's (= img_s / "
+          "the baseline's img_s); spread: min-max of the per-repeat ratios (baseline time / this time in the same "
+          "repeat)")
+
+
 def repeat_ratios(reference: Sequence[float], times: Sequence[float]) -> list[float]:
     """``reference[r] / times[r]`` for every repeat ``r`` of one interleaved run (how many times faster ``times`` is);
-    the median of these is the speed-up :func:`compare` reports."""
+    their min and max are the ``speedup_spread`` :func:`compare` reports."""
     return [ref / t for ref, t in zip(reference, times)]
+
+
+def legend(load: list[float] | None = None, unit: str = "img_s") -> str:
+    """:data:`LEGEND` with throughput named ``unit`` (``clip_s`` for clips) and, when given, the 1-minute ``load``
+    while timing and the core count."""
+    text = LEGEND.replace("img_s", unit)
+    return text if load is None else f"{text}; load average {load[0]:.1f} on {os.cpu_count()} cores"
+
+
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (``os.getloadavg``; None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def warn_if_loaded(load: list[float] | None, cores: int | None = None) -> bool:
+    """Print one warning line to stderr when the 1-minute ``load`` exceeds ``cores`` (default: the CPU count);
+    returns whether it did."""
+    cores = cores or os.cpu_count() or 1
+    if load is None or load[0] <= cores:
+        return False
+    print(f"warning: load average {load[0]:.1f} over the {cores} CPU cores while timing: other processes shared "
+          "them, so times are inflated and noisy (stable timings: idle cores, OMP_NUM_THREADS=1 or --clock thread)",
+          file=sys.stderr)
+    return True
 
 
 def compare(fns: Mapping[str, Callable[[torch.Tensor], Any]], inputs: torch.Tensor, baseline: str | None = None,
             warmup: int = 3, repeats: int = 10, amp: bool = False, clock: str | Callable[[], float] = "wall",
             inference: bool = True) -> list[dict]:
     """Time every ``fns[name](inputs)`` ``repeats`` times, interleaved, the order rotated by one each repeat (so no
-    model always runs first or right after the same neighbour); rows of name, batch, median ms, img/s, ``speedup``
-    (the median over repeats of the baseline's time / this model's time in that repeat; default baseline the first
-    entry), ``speedup_spread`` ([min, max] of those per-repeat ratios) and ``times_ms`` (every repeat, in order).
+    model always runs first or right after the same neighbour); rows of name, batch, median ms, img/s (batch / median
+    time), ``speedup`` (the baseline's median time / this model's, so img_s / the baseline's img_s; default baseline
+    the first entry), ``speedup_spread`` ([min, max] of the per-repeat ratios, baseline time / this time in the same
+    repeat), ``times_ms`` (every repeat, in order) and ``load_average`` (1/5/15 min, read right after timing; a
+    warning on stderr when it exceeds the CPU count).
     ``clock`` is ``"wall"``, ``"thread"`` or a callable returning seconds (a fake clock in tests).
     ``inference=False`` keeps autograd on, for timing training steps."""
     if repeats < 1 or warmup < 0:
@@ -104,15 +142,17 @@ def compare(fns: Mapping[str, Callable[[torch.Tensor], Any]], inputs: torch.Tens
                 fns[name](inputs)
                 _sync(device)
                 times[name].append(now() - start)
+    load = load_average()
+    warn_if_loaded(load)
     base = times[baseline]
     rows = []
     for name in names:
         t = Timing(name, inputs.shape[0], statistics.median(times[name]), min(times[name]), repeats)
         ratios = repeat_ratios(base, times[name])
         rows.append({"name": name, "batch_size": t.batch_size, "median_ms": 1e3 * t.median_s,
-                     "min_ms": 1e3 * t.min_s, "img_s": t.img_s, "speedup": statistics.median(ratios),
+                     "min_ms": 1e3 * t.min_s, "img_s": t.img_s, "speedup": statistics.median(base) / t.median_s,
                      "speedup_spread": [min(ratios), max(ratios)], "device": str(device), "amp": amp,
-                     "clock": clock_name, "times_ms": [1e3 * x for x in times[name]]})
+                     "clock": clock_name, "times_ms": [1e3 * x for x in times[name]], "load_average": load})
     return rows
 
 
@@ -293,12 +333,17 @@ def command(args: argparse.Namespace) -> int:
                  repeats=args.repeats, clock=args.clock, syncs=not args.no_syncs)
     for row in rows:
         row["compiled"] = args.compile
-    columns = ["name", "batch_size", "dtype", "median_ms", "img_s", "speedup", "syncs"]
+    for row in rows:
+        row["spread"] = "{:.2f}-{:.2f}".format(*row["speedup_spread"])
+        row["load"] = None if row["load_average"] is None else row["load_average"][0]
+    columns = ["name", "batch_size", "dtype", "median_ms", "img_s", "speedup", "spread", "load", "syncs"]
     columns += ["cuda_ms", "peak_mib"] if device.type == "cuda" else []
     print(markdown_table(rows, columns))
+    print(f"{legend()}; load: the 1-minute load average right after timing, on {os.cpu_count()} cores")
     if args.json:
-        write_json(args.json, {"rows": rows, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "compile": args.compile, "dtype": dtype, "device": str(device)})
+        write_json(args.json, {"rows": rows, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+                               "torch": torch.__version__, "compile": args.compile, "dtype": dtype,
+                               "device": str(device)})
     return 0
 
 
