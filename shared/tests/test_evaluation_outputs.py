@@ -220,8 +220,10 @@ def test_non_finite_weights_are_refused_naming_the_first_bad_tensor(tensor, tmp_
 
 
 SIGNAL_SCRIPT = textwrap.dedent('''
-    import sys
+    import signal, sys
     import toy_eval
+    # Ctrl-C as in a terminal, also when the tests themselves run in the background (SIGINT ignored, inherited)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(toy_eval.main(sys.argv[1:], delay=0.5))
 ''')
 
