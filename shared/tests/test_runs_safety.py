@@ -286,7 +286,7 @@ def test_a_held_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(tmp_path
 
 
 def test_two_runs_started_at_once_into_one_folder_one_is_refused(tmp_path):
-    argv = [sys.executable, "-m", "vitbench.train", *CLI, "--limit-train", "16", "--epochs", "3",
+    argv = [sys.executable, "-m", "vitbench.train", *CLI, "--limit-train", "16", "--epochs", "2",
             "--model", "vit_digits_patch8_112"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for round_ in range(3):

@@ -101,3 +101,16 @@ def test_ats_train_divergence_is_one_line(tmp_path, capsys):
         assert _all_finite(step / "model.safetensors"), step
 
 
+
+
+def test_overwrite_with_a_missing_checkpoint_leaves_the_earlier_run_untouched(tmp_path, capsys):
+    from ats.train import main as ats_main
+
+    out = tmp_path / "run"
+    assert ats_main([*CLI, "--epochs", "1", "--max-steps", "1", "--output-dir", str(out)]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    assert _rc(ats_main, [*CLI, "--epochs", "1", "--overwrite", "--checkpoint", str(tmp_path / "nope.safetensors"),
+                          "--output-dir", str(out)]) == 2
+    assert _one_error_line(capsys.readouterr().err, "ats-train").endswith(f"{tmp_path / 'nope.safetensors'}")
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
