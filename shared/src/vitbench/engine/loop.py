@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data import CorruptImageError, DataDefaults, train_sampler_indices
+from ..launch import check_launch
 from ..models import save_weights
 from ..report import write_json
 from ..sources import DataSource, LabelledSet, data_source, resolve_input
@@ -71,6 +72,7 @@ def train(cfg: TrainConfig, build_model: Callable[[], torch.nn.Module], *, loss_
     calls (stages) can run in one process: tearing it down and re-creating it on the same torchrun store races on
     stale addresses.
     """
+    check_launch()  # before any work: a launcher that started fewer processes than asked is refused
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False,
                               **tracker_kwargs(cfg))
