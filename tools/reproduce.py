@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -181,6 +182,13 @@ def _f(x, digits=1):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def load_text(load: list[float] | None) -> str:
+    """``load average 1.2 / 1.0 / 0.9 (1, 5, 15 min) on 2 cores`` for the report (``load average unknown``)."""
+    if load is None:
+        return "load average unknown"
+    return f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1, 5, 15 min) on {os.cpu_count()} cores"
+
+
 def report(res: dict, points: dict, timing: list[dict], figures: list[str], env: str) -> str:
     dense = points["dense"]
     d1, dg = dense["top1"], dense["gflops"]
@@ -244,9 +252,10 @@ def report(res: dict, points: dict, timing: list[dict], figures: list[str], env:
     lines += [
         "",
         f"### Throughput, one run (batch {timing[0]['batch']} validation images, {timing[0]['device']}, fp32, "
-        f"{timing[0]['threads']} threads, median of repeats)",
+        f"{timing[0]['threads']} threads, median of repeats, {load_text(timing[0].get('load_average'))})",
         "",
-        "| model | img/s | speedup vs dense (median of repeats) | min-max over repeats | ideal (GFLOPs ratio) |",
+        "| model | img/s | speedup vs dense (ratio of median times) | min-max of per-repeat ratios | ideal (GFLOPs "
+        "ratio) |",
         "|---|---|---|---|---|",
     ]
     for row in timing:
