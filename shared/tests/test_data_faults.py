@@ -4,6 +4,8 @@ folders."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -110,3 +112,17 @@ def test_a_damaged_config_json_of_a_run_is_named(tmp_path, monkeypatch, capsys):
     assert rc == 2 and err.strip().splitlines()[-1] == (
         "vitbench-train: error: R/config.json is not valid JSON (Expecting property name enclosed in double quotes "
         "at line 1, column 12); it is damaged"), err
+
+
+def test_skip_corrupt_with_limit_counts_readable_clips_only(tmp_path, monkeypatch):
+    from vitbench import video
+
+    monkeypatch.setenv("VITBENCH_CACHE", str(tmp_path / "cache"))
+    cfg = video.MovingDigitsConfig(train_size=6, val_size=4, frames=6, canvas=40)
+    sampling = video.ClipSampling(frames=3, stride=2, crop=32, jitter=(32, 40))
+    root = video.export(tmp_path / "vf", cfg)
+    full = video.build_video_dataset(f"videofolder:{root}", "val", sampling)
+    bad = full.paths[0]
+    Path(bad).write_bytes(b"not a video at all")
+    kept = video.build_video_dataset(f"videofolder:{root}", "val", sampling, skip_corrupt=True, limit=3)
+    assert len(kept) == 3 and kept.skipped == [bad] and kept.paths == full.paths[1:4]

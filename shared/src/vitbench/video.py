@@ -277,21 +277,26 @@ def build_video_dataset(spec: str | DataSpec, split: str, sampling: ClipSampling
             raise DataError(f"video folder not found: {root}")
         paths, labels, classes = _folder_index(root, split)
         dataset = VideoDataset(paths, labels, classes, sampling, train, paths=paths, name=str(root), seed=seed)
-    if limit is not None:
-        dataset = dataset.select(np.arange(min(limit, len(dataset))))
-    if skip_corrupt and dataset.paths is not None:
-        bad = []
+    if skip_corrupt and dataset.paths is not None:  # decode in order until `limit` readable clips are found
+        good, bad = [], []
         for i, path in enumerate(dataset.paths):
+            if limit is not None and len(good) >= limit:
+                break
             try:
                 read_video(path)
             except CorruptVideoError as e:
                 log.warning("%s", e)
                 bad.append(i)
+            else:
+                good.append(i)
+        skipped = [dataset.paths[i] for i in bad]
         if bad:
-            log.warning("skipping %d unreadable video(s) of %d", len(bad), len(dataset))
-            skipped = [dataset.paths[i] for i in bad]
-            dataset = dataset.select([i for i in range(len(dataset)) if i not in set(bad)])
-            dataset.skipped = skipped
+            log.warning("skipping %d unreadable video(s) of %d", len(bad), len(good) + len(bad))
+        if len(good) < len(dataset):
+            dataset = dataset.select(good)
+        dataset.skipped = skipped
+    elif limit is not None:
+        dataset = dataset.select(np.arange(min(limit, len(dataset))))
     return dataset
 
 
