@@ -122,6 +122,19 @@ def auto_augment(text: str) -> str:
 TEXT_TYPES = {"auto_augment": auto_augment}
 
 
+def field_problems(config) -> list[str]:
+    """``--flag must be ..., got x`` for every field of a config dataclass that :data:`RULES` names and whose value
+    is outside that range: the command line's checks, for configurations built in Python."""
+    out = []
+    for name, rule in RULES.items():
+        value = getattr(config, name, None)
+        for x in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(x, (int, float)) and not isinstance(x, bool) and rule.problem(x):
+                out.append(f"--{name.replace('_', '-')} {rule.problem(x)}")
+                break
+    return out
+
+
 def finite_numbers(parser: argparse.ArgumentParser) -> None:
     """Every flag of ``parser`` typed plain ``int`` / ``float`` becomes a :class:`Number` with the range
     :data:`RULES` gives its name (unbounded, refusing only nan and inf, for a name not there); flags typed

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 from ..cli import flag_defaults
 from ..dataspec import is_video, parse_data_spec
+from ..flagtypes import field_problems
 from ..models import is_model
 from .tracking import REPORT_TO
 
@@ -60,6 +61,9 @@ class TrainConfig:
     report_to: str = "none"
 
     def __post_init__(self):
+        problems = field_problems(self)  # the flags' ranges (vitbench.flagtypes.RULES), also for Python callers
+        if problems:
+            raise ValueError(problems[0])
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
