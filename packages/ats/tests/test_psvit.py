@@ -224,6 +224,8 @@ def test_unknown_missing_and_foreign_keys_are_refused_by_name():
         load_psvit_state(PSViT(**TINY), {k: v for k, v in state.items() if k != "module.norm.bias"})
     with pytest.raises(ValueError, match=r"point_coord: checkpoint \(1, 25, 2\) vs model \(1, 16, 2\)"):
         load_psvit_state(PSViT(**TINY), released_layout(PSViT(**{**TINY, "num_points": 5}).state_dict()))
+    with pytest.raises(ValueError, match="are not this 96 px model's"):
+        load_psvit_state(PSViT(**{**TINY, "img_size": 96}), state)
 
 
 # ------------------------------------------------------------------------------------------------------ the models

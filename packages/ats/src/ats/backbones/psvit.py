@@ -398,7 +398,8 @@ def convert_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def load_psvit_state(model: PSViT, state: dict[str, Tensor]) -> PSViT:
     """Load released PS-ViT weights (:func:`convert_state_dict`) into ``model`` (strict: ``ValueError`` naming missing
-    or mis-shaped keys, e.g. a B/18 checkpoint's ``point_coord`` in a B/14). Returns ``model``."""
+    or mis-shaped keys, e.g. a B/18 checkpoint's ``point_coord`` in a B/14, or sampling points of another input
+    size). Returns ``model``."""
     state = convert_state_dict(state)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -408,6 +409,9 @@ def load_psvit_state(model: PSViT, state: dict[str, Tensor]) -> PSViT:
     if missing or unexpected or shapes:
         raise ValueError(f"the checkpoint does not fit this PS-ViT: missing keys {missing[:6]}, unexpected keys "
                          f"{unexpected[:6]}, shapes {shapes[:3]}")
+    if not torch.allclose(state["point_coord"].to(own["point_coord"]), own["point_coord"]):
+        raise ValueError(f"the checkpoint's sampling points (point_coord) are not this {model.img_size} px model's: it "
+                         "was built for another input size")
     model.load_state_dict(state)
     return model
 
