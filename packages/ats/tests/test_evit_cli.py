@@ -76,3 +76,20 @@ def test_ats_train_builds_evit_and_evit_ats(tmp_path):
     assert cfg.stages == evit.STAGES
     model = train.build_model(TrainConfig.from_args(ns), cfg)
     assert model.record.config.k == (98, 98, 70, 70, 50, 50)  # Table A.5 on the embedded 14 x 14 + CLS
+
+
+def test_baselines_rows_on_the_shipped_weights():
+    from ats.baselines import evit_settings
+    from ats.evaluate import SharedBlocks
+
+    shared = SharedBlocks({})
+    rows = evit_settings(shared, "evit", 0, None)
+    assert [s.label for s in rows] == ["EViT off-the-shelf keep 0.7", "EViT fine-tuned keep 0.7",
+                                       "EViT + ATS off-the-shelf rho 0.7", "EViT + ATS fine-tuned rho 0.7"]
+    assert rows[0].gflops == pytest.approx(rows[1].gflops) and rows[2].gflops < rows[1].gflops
+    assert rows[2].params["k"] == [98, 98, 70, 70, 50, 50] and rows[3].model.record.config.stages == evit.STAGES
+    assert set(shared.depths) == {"evit:backbone", "evit:fine-tuned", "evit:ats"}
+    x = torch.zeros(2, 3, 112, 112)
+    with torch.no_grad():  # the EViT row's shared-blocks step is the model's own forward
+        logits, _ = rows[1].step(x, None, torch.arange(2))
+        assert torch.allclose(logits, rows[1].model(x), atol=1e-5)
