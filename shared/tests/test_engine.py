@@ -95,6 +95,7 @@ def test_two_processes_train_in_sync(tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert result["world_size"] == 2 and result["ranks_in_sync"] is True
     assert result["updates"] == 96 // 2 // 8
+    assert proc.stdout.count("done: top-1") == 1  # the main process prints the summary, not every rank
 
 
 # --- runs that lose nothing: one folder per run, exact-or-refused resume, preemption, damaged checkpoints,

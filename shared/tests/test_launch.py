@@ -58,3 +58,15 @@ def test_accelerate_launch_cpu_two_processes_is_refused(tmp_path):
     assert proc.returncode != 0
     assert f"vitbench-train: error: {MESSAGE.replace('MODULE', 'vitbench.train')}" in proc.stderr.splitlines()
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("env", "main"), [({}, True), ({"RANK": "0"}, True), ({"RANK": "1"}, False),
+                                           ({"OMPI_COMM_WORLD_RANK": "3"}, False)])
+def test_only_the_main_process_prints_the_summary(env, main, monkeypatch, capsys):
+    for name in launch.RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert launch.is_main_process() is main
+    launch.main_print("done: top-1 90.00%")
+    assert capsys.readouterr().out == ("done: top-1 90.00%\n" if main else "")

@@ -13,13 +13,26 @@ import os
 import sys
 from collections.abc import Mapping
 
-# The variables a launcher sets to the number of processes (torchrun, Intel MPI / MPICH, Open MPI, MVAPICH).
+# The variables a launcher sets to the number of processes and to this process's rank (torchrun, Intel MPI / MPICH,
+# Open MPI, MVAPICH).
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 
 
 def launched_world_size(env: Mapping[str, str] = os.environ) -> int:
     """The number of processes the launcher started (1 without a launcher)."""
     return next((int(env[v]) for v in WORLD_SIZE_VARIABLES if env.get(v, "").isdigit()), 1)
+
+
+def is_main_process(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether this is rank 0 of the launch (or no launcher): the process that prints a run's summary."""
+    return next((int(env[v]) for v in RANK_VARIABLES if env.get(v, "").isdigit()), 0) == 0
+
+
+def main_print(*args, **kwargs) -> None:
+    """``print`` on the main process only (every rank of a multi-process run reaches the end of a command)."""
+    if is_main_process():
+        print(*args, **kwargs)
 
 
 def main_module() -> str:

@@ -10,6 +10,7 @@ import argparse
 
 from .cli import check_train_input, run
 from .engine import TrainConfig, add_train_args, train
+from .launch import main_print
 from .models import create_model
 
 
@@ -32,7 +33,7 @@ def command(args: argparse.Namespace) -> int:
                             drop_path_rate=cfg.drop_path, **({"img_size": cfg.img_size} if cfg.img_size else {}))
 
     result = train(cfg, build)
-    print(f"done: top-1 {result.get('top1', float('nan')):.2f}% after {result['updates']} updates "
+    main_print(f"done: top-1 {result.get('top1', float('nan')):.2f}% after {result['updates']} updates "
           f"({result['wall_time_s'] / 60:.1f} min); weights in {cfg.output_dir}/model.safetensors")
     return 0
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import vitbench
 from vitbench.cli import check_train_input, renamed, run
 from vitbench.engine import TrainConfig, add_train_args, train
+from vitbench.launch import main_print
 
 from . import backbones, patch
 from .options import parse_stages
@@ -112,7 +113,7 @@ def command(ns: argparse.Namespace) -> int:
     cfg = TrainConfig.from_args(ns)
     ats_cfg = ats_config_from_args(ns)
     result = train(cfg, lambda: build_model(cfg, ats_cfg), extra_config={"ats": asdict(ats_cfg)})
-    print(f"done: top-1 {result.get('top1', float('nan')):.2f}% after {result['updates']} updates; "
+    main_print(f"done: top-1 {result.get('top1', float('nan')):.2f}% after {result['updates']} updates; "
           f"weights in {cfg.output_dir}/model.safetensors (ranks in sync: {result['ranks_in_sync']})")
     return 0
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import timm
 from vitbench.cli import check_train_input, run
 from vitbench.engine import TrainConfig, add_train_args, train
+from vitbench.launch import main_print
 from vitbench.models import EMBEDDED_WEIGHTS, read_state_dict
 
 from .checkpoint import init_from_backbone, load_lfvit_checkpoint
@@ -115,7 +116,7 @@ def command(args: argparse.Namespace) -> int:
 
     result = train(cfg, build, loss_fn=loss_fn, on_epoch_start=on_epoch_start,
                    eval_forward=lambda model, images: model(images).focus, extra_config={"lfvit": asdict(opts)})
-    print(f"done: focus top-1 {result.get('top1', float('nan')):.2f}% after {result['updates']} updates "
+    main_print(f"done: focus top-1 {result.get('top1', float('nan')):.2f}% after {result['updates']} updates "
           f"({result['wall_time_s'] / 60:.1f} min); weights in {cfg.output_dir}/model.safetensors")
     return 0
 

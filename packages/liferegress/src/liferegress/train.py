@@ -36,6 +36,7 @@ from vitbench.engine import (
     train,
 )
 from vitbench.models import create_model, load_checkpoint as load_backbone
+from vitbench.launch import main_print
 from vitbench.report import markdown_table, write_json
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -263,13 +264,13 @@ def main(argv: list[str] | None = None) -> int:
 def command(args: argparse.Namespace) -> int:
     summary = train_stages(TrainConfig.from_args(args), LifeTrainConfig.from_args(args))
     if not summary["finished"]:
-        print("stopped early (--max-steps); continue with --resume auto")
+        main_print("stopped early (--max-steps); continue with --resume auto")
         return 0
     rows = [{"stage": s, "loss_first": r.get("loss_first"), "loss_last": r.get("loss_last"), "top1": r.get("top1"),
              "top5": r.get("top5"), "updates": r.get("updates")} for s, r in summary["stages"].items()]
-    print(markdown_table(rows, digits=4))
-    print(markdown_table([summary], [c for c in ("model", "scheme", "keep_rate", "temperature", "top1", "paper_top1",
-                                                  "top5", "paper_top5") if c in summary], digits=2))
+    main_print(markdown_table(rows, digits=4))
+    columns = ("model", "scheme", "keep_rate", "temperature", "top1", "paper_top1", "top5", "paper_top5")
+    main_print(markdown_table([summary], [c for c in columns if c in summary], digits=2))
     return 0
 
 
