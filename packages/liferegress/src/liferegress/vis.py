@@ -30,7 +30,9 @@ def plot_life_maps(
     gh, gw = grid
     b = images.shape[0]
     cols = 2 + len(kept)
-    fig, axes = plt.subplots(b, cols, figsize=(2.2 * cols, 2.3 * b), squeeze=False)
+    # the life panel is drawn 2.5x as wide as the others, so that its per-cell numbers are legible at normal size
+    fig, axes = plt.subplots(b, cols, figsize=(2.2 * (cols + 1.5), 4.2 * b), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2.5] + [1] * len(kept)})
     h, w = images.shape[-2:]
     ph, pw = h // gh, w // gw
     for i in range(b):
@@ -38,14 +40,17 @@ def plot_life_maps(
         axes[i, 0].imshow(img)
         axes[i, 0].set_title(titles[i] if titles else "input", fontsize=8)
         life = lives[i, 1:].clamp(t_base, depth).reshape(gh, gw).cpu()
-        shown = axes[i, 1].imshow(life.numpy(), cmap="viridis", vmin=t_base, vmax=depth)
-        fig.colorbar(shown, ax=axes[i, 1], fraction=0.046, pad=0.04, label="predicted life (block)")
+        levels = depth - t_base + 1  # one colour per whole block
+        shown = axes[i, 1].imshow(life.numpy(), cmap=plt.get_cmap("viridis", levels), vmin=t_base - 0.5,
+                                  vmax=depth + 0.5)
+        bar = fig.colorbar(shown, ax=axes[i, 1], fraction=0.046, pad=0.04, label="predicted life (block)")
+        bar.set_ticks(range(t_base, depth + 1))
         axes[i, 1].set_title(f"life (clamped {t_base}-{depth})", fontsize=8)
         if gh * gw <= 256:
             for r in range(gh):
                 for c in range(gw):
                     v = life[r, c].item()
-                    axes[i, 1].text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=4.5,
+                    axes[i, 1].text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=7 if gw <= 14 else 5,
                                     color="black" if v > (t_base + depth) / 2 else "white")
         for k, (idx, layer) in enumerate(zip(kept, drop_layers)):
             mask = torch.zeros(gh * gw)

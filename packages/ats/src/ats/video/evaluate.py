@@ -161,7 +161,7 @@ def kept_over_frames(per_frame: torch.Tensor, stages, patches: int, path: Path, 
     """Kept patch tokens of every frame (mean over views, band: 10th-90th percentile), one line per ATS block."""
     import matplotlib.pyplot as plt  # deferred: only a pass over data draws figures
 
-    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    fig, ax = plt.subplots(figsize=(7.2, 3.8))
     frames = torch.arange(per_frame.shape[-1])
     for j, block in enumerate(stages):
         values = per_frame[:, j]
@@ -173,7 +173,7 @@ def kept_over_frames(per_frame: torch.Tensor, stages, patches: int, path: Path, 
     ax.set_ylabel("patch tokens kept (mean over views)")
     ax.set_ylim(0, patches * 1.05)
     ax.set_title(f"{title}\nkept tokens over frames per ATS block (band: 10th-90th percentile)", fontsize=8)
-    ax.legend(fontsize=6, ncol=3, loc="lower left")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, not over, the curves
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return save(fig, path)
