@@ -27,7 +27,7 @@ from .flops import dense_gflops, stage_flops
 from .localization import REGION_MODES
 from .model import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_REGION_MODE, DEFAULT_REGION_SIZE, LFVisionTransformer,
                     check_eta)
-from .paper import paper_numbers
+from .paper import PAPER_MODELS, paper_numbers
 
 BUDGET_ETAS = tuple(round(0.01 * p, 2) for p in range(100))
 
@@ -286,7 +286,9 @@ def build_settings(cfg, opts, model, loader, spec) -> list[ev.Setting]:
     params = {"m": model.region_size, "alpha": model.alpha, "beta": model.beta, "region_mode": opts.region_mode}
     g = model.grid
 
-    def paper(**kw):
+    def paper(**kw):  # the paper's numbers beside its own models at their own resolution only
+        if lfvit_name(cfg.model) not in PAPER_MODELS or cfg.img_size is not None:
+            return {}
         return paper_numbers(g, model.region_size, alpha=model.alpha, beta=model.beta, loss=opts.loss, **kw)
 
     dense = dense_backbone(model)

@@ -22,6 +22,11 @@ DEIT_S = {"top1": 79.8, "gflops": 4.6, "img_s_a100": 2601}
 ABLATION_ETA = 0.76
 
 
+# The models the paper reports (DeiT-S with LF-ViT at 224 px, g 7, and LF-ViT* at 288 px, g 9): only their rows carry
+# the paper's numbers.
+PAPER_MODELS = ("lfvit_deit_small_patch16_224", "lfvit_deit_small_patch16_288")
+
+
 def paper_numbers(grid: int, m: int, eta: float | None = None, alpha: float = DEFAULT_ALPHA,
                   beta: float = DEFAULT_BETA, loss: str = "ce_kl", region_mode: str | None = None,
                   dense: bool = False) -> dict:
