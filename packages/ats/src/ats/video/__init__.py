@@ -9,9 +9,9 @@ ATS on them, their FLOPs, and the video side of ``ats-eval`` / ``ats-train`` (AT
 
 from .checkpoint import convert_released, inflate_image_state, load_released, load_video_checkpoint
 from .models import VIDEO_MODELS, TimeSformer, VideoTransformer, XViT
-from .patch import STAGES, VideoATSRecord, apply
+from .patch import STAGES, VideoATSRecord, apply, compile_ats
 
 __all__ = [
-    "STAGES", "VIDEO_MODELS", "TimeSformer", "VideoATSRecord", "VideoTransformer", "XViT", "apply",
+    "STAGES", "VIDEO_MODELS", "TimeSformer", "VideoATSRecord", "VideoTransformer", "XViT", "apply", "compile_ats",
     "convert_released", "inflate_image_state", "load_released", "load_video_checkpoint",
 ]

@@ -134,21 +134,24 @@ def timesformer_block(blk: TimeSformerBlock, cls: Tensor, rows: Tensor, layout: 
 
 
 def run_blocks(model: nn.Module, cls: Tensor, x: Tensor, selectors: dict[int, Sampler],
-               record: Callable | None = None, mode: str = "official") -> Tensor:
+               record: Callable | None = None, mode: str = "official", uniform_block: Callable | None = None) -> Tensor:
     """Every block of an :mod:`ats.video.models` model on compacted tokens from its embedding ``(cls, x)``
     (``x`` ``[B, T, S, C]``); ``selectors[i]`` makes block i an ATS stage (``mode``: how it scores),
     ``record(i, alive_in, alive_out)`` sees the masks (None while nothing was dropped). Returns the CLS token(s)
-    after the last block (X-ViT ``[B, T, C]``, TimeSformer ``[B, C]``)."""
+    after the last block (X-ViT ``[B, T, C]``, TimeSformer ``[B, C]``). ``uniform_block`` (a compiled
+    :func:`xvit_block` or :func:`timesformer_block`) runs the blocks before the first ATS stage."""
     B, T, S, C = x.shape
     xvit = model.arch == "xvit"
     layout = FrameLayout.full(B, T, S, cls_rows=xvit, device=x.device, temporal=not xvit)
     rows = (torch.cat([cls[:, :, None], x], 2) if xvit else x).reshape(-1, C)
     for i, blk in enumerate(model.blocks):
         before = layout
+        select = selectors.get(i)
+        step = uniform_block if uniform_block is not None and layout.uniform and select is None else None
         if xvit:
-            rows, layout = xvit_block(blk, rows, layout, selectors.get(i), mode)
+            rows, layout = (step or xvit_block)(blk, rows, layout, select, mode)
         else:
-            cls, rows, layout = timesformer_block(blk, cls, rows, layout, selectors.get(i), mode)
+            cls, rows, layout = (step or timesformer_block)(blk, cls, rows, layout, select, mode)
         if record is not None:
             record(i, None if before.uniform else before.alive, None if layout.uniform else layout.alive)
     return layout.cls(rows) if xvit else cls

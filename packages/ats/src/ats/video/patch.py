@@ -82,9 +82,11 @@ def grid_scores(q: Tensor, k: Tensor, v: Tensor, alive: Tensor, *, scale: float,
 
 
 @sampling.in_fp32
-def sample_clips(attn: Tensor, v_norm: Tensor, alive: Tensor, *, info: VideoATSRecord, block: int) -> Tensor:
+def sample_clips(attn: Tensor, v_norm: Tensor, alive: Tensor, *, info: VideoATSRecord, block: int,
+                 lin: Tensor | None = None) -> Tensor:
     """Score every alive patch of a clip (Eq. 3 from :func:`grid_scores`' ``attn`` and ``v_norm``), sample with one
-    K per clip (Eqs. 4-6) and return the new ``[B, T, S]`` alive mask (in fp32 also under autocast; no host sync)."""
+    K per clip (Eqs. 4-6) and return the new ``[B, T, S]`` alive mask (in fp32 also under autocast; no host sync).
+    ``lin``: the ``official`` grid table (:func:`ats.sampling.linspace_rows` of ``info.n_ref - 1``)."""
     cfg = info.config
     B, T, S = alive.shape
     H = attn.shape[1]
@@ -101,7 +103,7 @@ def sample_clips(attn: Tensor, v_norm: Tensor, alive: Tensor, *, info: VideoATSR
     else:
         scores = sampling.significance_scores(attn_c, v_norm.gather(1, at), n_cand)
         points = torch.where(ks == n_tokens, info.n_ref - 1, ks - 1)
-        lin = sampling.linspace_rows(info.n_ref - 1, attn.device)
+        lin = sampling.linspace_rows(info.n_ref - 1, attn.device) if lin is None else lin
         sel, count = sampling.official_select(scores, n_cand, points, lin)
     kept = cand.gather(1, sel.clamp(min=0)).masked_fill(sel < 0, -1)
     new_alive = torch.zeros(B, T * S + 1, dtype=torch.bool, device=attn.device)
@@ -130,11 +132,14 @@ class VideoATSMixin:
         T = self.num_frames
         info.reset(1 + T * S, self.grid, T)
         cls_tokens = 1 if self.arch == "timesformer" else T
+        compiled = getattr(self, "compiled_parts", {})
         if info.masked:
             selectors = {b: partial(select_tokens, info=info, block=b, scale=self.blocks[b].attn.scale)
                          for b in info.config.stages}
         else:
-            selectors = {b: partial(sample_clips, info=info, block=b) for b in info.config.stages}
+            sample = compiled.get("sample", sample_clips)
+            lin = sampling.linspace_rows(T * S, x.device) if info.config.mode == "official" else None
+            selectors = {b: partial(sample, info=info, block=b, lin=lin) for b in info.config.stages}
 
         def record(i: int, before: Tensor | None, after: Tensor | None) -> None:
             ones = torch.ones(x.shape[0], T, S, dtype=torch.bool, device=x.device)
@@ -148,7 +153,8 @@ class VideoATSMixin:
 
         if info.masked:
             return super().forward_features(x, selectors, record)
-        return self.norm(compact.run_blocks(self, *self.tokens(x), selectors, record, info.config.mode))
+        return self.norm(compact.run_blocks(self, *self.tokens(x), selectors, record, info.config.mode,
+                                            compiled.get("block")))
 
 
 def apply(model: VideoTransformer, stages: Iterable[int] | None = None, rho: float | None = None,
@@ -164,3 +170,17 @@ def apply(model: VideoTransformer, stages: Iterable[int] | None = None, rho: flo
     stages, ks = schedule(STAGES[model.arch] if stages is None else stages, rho, k, len(model.blocks))
     model.record = VideoATSRecord(ATSConfig(stages, ks, mode), masked=masked)
     return attach(model, VideoATSMixin)
+
+
+def compile_ats(model: VideoTransformer, **options) -> VideoTransformer:
+    """``torch.compile`` (in place, ``state_dict`` keys unchanged) the parts of a video ATS model that gain from it:
+    the blocks that run before the first ATS stage, while every clip still has all its tokens (one graph per
+    block), and the scoring and sampling of every stage (:func:`sample_clips`, one graph with dynamic token counts,
+    ``dynamic=True``). The blocks after a stage's host read stay eager, as for images (:func:`ats.patch.compile_ats`).
+    ``options`` go to ``torch.compile`` (e.g. ``mode``, ``backend``)."""
+    if not isinstance(getattr(model, "record", None), VideoATSRecord):
+        raise TypeError("compile_ats needs a model patched with ats.video.apply")
+    options = {"dynamic": True, **options}
+    block = compact.xvit_block if model.arch == "xvit" else compact.timesformer_block
+    model.compiled_parts = {"sample": torch.compile(sample_clips, **options), "block": torch.compile(block, **options)}
+    return model
