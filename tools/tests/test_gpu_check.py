@@ -45,3 +45,16 @@ def test_throughput_reports_every_sweep_as_it_finishes():
     assert {r["dtype"] for r in rows[8:]} == {"bf16"} and {r["name"] for r in rows} == {"dense", "ats", "lfvit",
                                                                                         "liferegress"}
     assert all(r["paper_speedup"] == gpu_check.PAPER_SPEEDUP.get(r["name"]) for r in rows)
+
+
+def test_video_rows_on_cpu():
+    video = gpu_check.build_video_models("xvit_digits_patch8_64", **gpu_check.TINY_VIDEO)
+    clips = gpu_check.video_clips(video["dense"], 2)
+    checks = {r["method"]: r for r in gpu_check.video_agreement(video, clips, "cpu")}
+    assert checks["video ats"]["identical_selection"] == 1.0 and checks["video ats"]["logits_max_diff"] == 0.0
+    seen = []
+    rows = gpu_check.video_throughput(video, [1, 2], ["fp32"], ["eager"], "cpu", repeats=1, progress=seen.append)
+    assert [(r["name"], r["batch_size"]) for r in rows] == [("dense", 1), ("ats", 1), ("dense", 2), ("ats", 2)]
+    assert len(seen) == 1 and all(r["ideal_speedup"] >= 1.0 and r["fraction_of_ideal"] > 0 for r in rows)
+    assert all(r["syncs"] == 0 for r in rows if r["name"] == "dense")
+    assert all(0 < r["syncs"] <= 9 for r in rows if r["name"] == "ats")
