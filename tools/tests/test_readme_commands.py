@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from vitbench import cli
 
 ROOT = Path(__file__).parents[2]
 READMES = ("README.md", "packages/ats/README.md", "packages/lfvit/README.md", "packages/liferegress/README.md",
@@ -194,7 +195,7 @@ def check_arguments(command: str) -> None:
         if target is None:
             continue
         module, args = target
-        parser = importlib.import_module(module).build_parser()
+        parser = cli.prepare(importlib.import_module(module).build_parser())  # with -c/--config, as main runs it
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
             parser.parse_args(args)
