@@ -55,7 +55,7 @@ TOY = textwrap.dedent('''
                                           model, step=step, finish=finish, gflops=factor))
                 return out
 
-            ev.harness(cfg, None, model, settings, sweep_title="toy")
+            ev.harness(cfg, None, model, settings, figure_patterns=("curve_*.png",), sweep_title="toy")
             return 0
 
         return cli.run(parser, command, argv)
@@ -103,7 +103,7 @@ def test_a_rerun_replaces_the_earlier_evaluation_and_its_figures(toy, capsys, tm
     assert [Path(f).parent.name for r in first["rows"] for f in r["figures"].values()] == ["e"] * 4
     (tmp_path / "e" / "notes.txt").write_text("mine")  # a file of the user's: never touched
     (tmp_path / "e" / "curve_old.png").write_bytes(b"an earlier figure")
-    first["rows"][1]["figures"]["curve"] = "e/curve_old.png"  # as if an earlier run had drawn it
+    first["rows"][1]["figures"]["old"] = "e/curve_old.png"  # as if an earlier run had drawn it
     (tmp_path / "e" / "results.json").write_text(json.dumps(first))
     rc, err = run_toy(toy, capsys, "--output-dir", "e")
     assert rc == 0, err
@@ -343,3 +343,18 @@ def test_a_nearly_full_disk_is_refused_before_the_work(toy, capsys, tmp_path, mo
         "toy-eval: error: cannot write e: 0.5 MB free, an evaluation writes about 2 MB or more (results and "
         "figures); free space or choose another --output-dir")
     assert snapshot(tmp_path / "e") == before and leftovers(tmp_path) == []
+
+
+def test_figures_of_another_origin_are_never_replaced(toy, capsys, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "curve_dense.png").write_bytes(b"the user's own figure")
+    rc, err = run_toy(toy, capsys, "--output-dir", "mine")
+    assert rc == 2 and err.strip().splitlines()[-1] == (
+        "toy-eval: error: --output-dir mine holds curve_dense.png that no evaluation wrote there; an evaluation never "
+        "replaces it: give another --output-dir"), err
+    assert (tmp_path / "mine" / "curve_dense.png").read_bytes() == b"the user's own figure"
+    rc, err = run_toy(toy, capsys, "--output-dir", "e")
+    assert rc == 0, err
+    (tmp_path / "e" / "curve_zz.png").write_bytes(b"not listed by the earlier evaluation")
+    rc, err = run_toy(toy, capsys, "--output-dir", "e")
+    assert rc == 2 and "--output-dir e holds curve_zz.png that no evaluation wrote there" in err

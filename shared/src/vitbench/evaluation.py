@@ -30,7 +30,7 @@ from .cli import check_writable, check_writable_file, flag_defaults
 from .data import CorruptImageError, decode_message
 from .dataspec import parse_data_spec
 from .models import EMBEDDED_MODEL, check_finite, check_model_name, create_model
-from .outputs import Interrupted, StagedOutputs, check_json_target, check_output_folder
+from .outputs import Interrupted, StagedOutputs, check_figure_names, check_json_target, check_output_folder
 from .report import markdown_table, plain, write_json
 from .sources import InputSpec, data_source
 from .video import CorruptVideoError
@@ -526,12 +526,13 @@ def harness(cfg: EvalConfig, options: Any, model: torch.nn.Module,
     weights checked for non-finite values, their passes, one timing run, the accuracy-vs-GFLOPs figure (when
     ``sweep_title``; GFLOPs per ``sweep_unit``), results written. Every file goes to a staging folder first and
     is moved into ``--output-dir`` only when all are complete, so a failed or interrupted run leaves the earlier
-    files as they were (``figure_patterns``, the method's figure names, are kept for callers; the files an earlier
-    evaluation listed in its results.json are what a new one replaces).
+    files as they were. ``figure_patterns`` (the method's figure names, e.g. ``hist_*.png``): files so named in the
+    folder that no earlier evaluation listed in its results.json are refused up front, never replaced.
 
     ``make_settings(loader, input_spec)`` builds the method's settings, dense first (``loader`` and
     ``input_spec`` are None for ``--flops-only``)."""
     out_dir = prepare_outputs(cfg)
+    check_figure_names(out_dir, [*figure_patterns, "accuracy_vs_gflops.png"])
     device = resolve_device(cfg.device)
     stage = StagedOutputs(out_dir, Path(cfg.json) if cfg.json else None)
     with interruption(stage), stage:

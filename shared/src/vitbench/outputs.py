@@ -93,6 +93,25 @@ def check_output_folder(folder: Path) -> None:
                              "replaces it: give another --output-dir")
 
 
+def earlier_files(folder: Path) -> set[str]:
+    """The names of the files an earlier evaluation in ``folder`` wrote (its results and the figures its
+    ``results.json`` lists); empty without one."""
+    previous = read_result(folder / "results.json") or {}
+    listed = {Path(f).name for row in previous.get("rows", []) if isinstance(row, dict)
+              for f in (row.get("figures") or {}).values() if isinstance(f, str)}
+    return listed | set(OWN_FILES) if previous else set()
+
+
+def check_figure_names(folder: Path, patterns: list[str]) -> None:
+    """Refuse an ``--output-dir`` holding files named like this command's figures (``patterns``) that no earlier
+    evaluation wrote there: the run would replace them (``ValueError``)."""
+    owned = earlier_files(folder)
+    foreign = sorted({p.name for pattern in patterns for p in folder.glob(pattern) if p.is_file()} - owned)
+    if foreign:
+        raise ValueError(f"--output-dir {folder} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} "
+                         "that no evaluation wrote there; an evaluation never replaces it: give another --output-dir")
+
+
 def check_json_target(path: Path, out_dir: Path) -> None:
     """Refuse a ``--json`` path that would replace another run's file: the output folder's own results, a file in a
     training run's folder, another evaluation folder's results, or any existing file that is no evaluation result."""
@@ -205,9 +224,7 @@ class StagedOutputs:
         """Move every staged file into the output folder (``results.json`` last), the ``--json`` file into place,
         then remove the files an earlier evaluation listed there that this run did not write. Returns the files
         now in place."""
-        previous = read_result(self.out / "results.json") or {}
-        earlier = {Path(f).name for row in previous.get("rows", []) if isinstance(row, dict)
-                   for f in (row.get("figures") or {}).values() if isinstance(f, str)}
+        earlier = earlier_files(self.out)
         names = sorted(p.name for p in self.dir.iterdir())
         names.sort(key=lambda n: (n == "results.json", n == "results.md"))
         with signals_held():
