@@ -146,7 +146,6 @@ def test_flops_only_psvit_rows_and_table1_numbers(tmp_path):
 
 @pytest.mark.parametrize("argv,match", [
     (["--flops-only", "--stages", "10"], "transformer-module layers 0..9"),
-    (["--flops-only", "--preset", "table1"], "DeiT-S configuration"),
     ([], "give --checkpoint PATH"),
 ])
 def test_bad_psvit_input_is_one_line(argv, match, capsys, tmp_path):
