@@ -20,6 +20,8 @@ MESSAGE = ("accelerate launch --cpu --num_processes N started one process (Accel
     ({}, False),
     ({"ACCELERATE_USE_CPU": "True"}, False),  # accelerate launch --cpu, one process asked
     ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, True),  # --num_processes 2, one started
+    ({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1"}, True),  # the same without --cpu and without GPUs
+    ({"MASTER_ADDR": "127.0.0.1"}, False),  # a user's own variable, no launcher
     ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "PMI_SIZE": "2"}, False),  # under mpirun
     ({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}, False),  # torchrun
 ])

@@ -42,10 +42,11 @@ def main_module() -> str:
 
 
 def check_launch(env: Mapping[str, str] = os.environ) -> None:
-    """``ValueError`` in one line when ``accelerate launch --cpu --num_processes N`` (N > 1, no mpirun) started this
-    single process."""
-    on_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if on_cpu and "MASTER_ADDR" in env and launched_world_size(env) == 1:
+    """``ValueError`` in one line when ``accelerate launch --cpu --num_processes N`` (N > 1, no mpirun; also without
+    ``--cpu`` on a machine without GPUs) started this single process: Accelerate's simple launcher sets
+    ``ACCELERATE_USE_CPU`` always and ``MASTER_ADDR`` when asked for several processes."""
+    accelerate_simple = "ACCELERATE_USE_CPU" in env  # set by Accelerate's single-process launcher, --cpu or not
+    if accelerate_simple and "MASTER_ADDR" in env and launched_world_size(env) == 1:
         raise ValueError("accelerate launch --cpu --num_processes N started one process (Accelerate starts several "
                          "CPU processes only through mpirun); for N processes run: torchrun --standalone "
                          f"--nproc_per_node N -m {main_module()} --cpu ...")
