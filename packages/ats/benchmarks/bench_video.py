@@ -45,8 +45,22 @@ def build(name: str, cfg: bench.BenchConfig) -> torch.nn.Module:
     return bench.laid_out(model.eval(), cfg)
 
 
-def clips(model: torch.nn.Module, count: int, seed: int) -> torch.Tensor:
-    """``count`` random clips ``[count, 3, T, H, W]`` for ``model``."""
+def shipped(cfg: bench.BenchConfig) -> torch.nn.Module:
+    """The embedded X-ViT with its shipped dense weights, in ``cfg.weight_layout``, eval mode."""
+    from ats.video.evaluate import WEIGHTS  # deferred: only --shipped reads the weights
+
+    model = video.load_video_checkpoint(timm.create_model(EMBEDDED[0]), str(WEIGHTS))
+    return bench.laid_out(model.eval(), cfg)
+
+
+def clips(model: torch.nn.Module, count: int, seed: int, real: bool = False) -> torch.Tensor:
+    """``count`` clips ``[count, 3, T, H, W]`` for ``model``: random, or (``real``) the first moving-digits
+    validation clips' centre views."""
+    if real:
+        from vitbench.video import MOVING_DIGITS_SAMPLING, build_video_dataset  # deferred: only --shipped
+
+        val = build_video_dataset("moving-digits", "val", MOVING_DIGITS_SAMPLING)
+        return torch.stack([val[i % len(val)][0][1] for i in range(count)])
     size = model.patch_embed.img_size
     return torch.randn(count, 3, model.num_frames, *size, generator=torch.Generator().manual_seed(seed + 1))
 
@@ -60,25 +74,28 @@ def ideal(model: torch.nn.Module, pool: torch.Tensor) -> tuple[float, float]:
     return dense / mean, mean
 
 
-def measure_model(name: str, batch_sizes, pool_sizes, args: argparse.Namespace, cfg: bench.BenchConfig) -> list[dict]:
-    """Dense, ATS (and compiled forms) of ``name`` at every batch size, ``pool_sizes[b]`` clips per timed round."""
-    dense = build(name, cfg)
+def measure_model(name: str, batch_sizes, pool_sizes, args: argparse.Namespace, cfg: bench.BenchConfig,
+                  real: bool = False) -> list[dict]:
+    """Dense, ATS (and compiled forms) of ``name`` at every batch size, ``pool_sizes[b]`` clips per timed round
+    (``real``: the shipped weights on moving-digits clips)."""
+    dense = shipped(cfg) if real else build(name, cfg)
     model = video.apply(copy.deepcopy(dense), rho=args.rho, mode=args.mode)
-    ats_name = f"{name} + ATS rho={args.rho:g}"
+    label = f"{name} (shipped weights, moving-digits)" if real else name
+    ats_name = f"{label} + ATS rho={args.rho:g}"
     compiled = video.compile_ats(copy.deepcopy(model)) if cfg.compile == "all" else None
     dense_compiled = bench.compile_dense(dense) if cfg.compile != "none" else None
     dense_gmacs = float(clip_gmacs(VideoGeometry.from_model(dense))[0])
     rows = []
     for b in batch_sizes:
-        pool = clips(dense, pool_sizes(b), cfg.seed)
+        pool = clips(dense, pool_sizes(b), cfg.seed, real)
         ratio, gmacs = ideal(model, pool)
         methods = {ats_name: bench.Method(model, ratio, compiled)}
         batch_rows = bench.compare_methods(dense, methods, pool, b, cfg, dense_compiled)
         for row in batch_rows:
-            row["model"] = name
+            row["model"] = label
             row["gmacs"] = gmacs if row["name"].startswith(ats_name) else dense_gmacs
             if row["name"].startswith("dense"):
-                row["name"] = f"{name} {row['name']}"
+                row["name"] = f"{label} {row['name']}"
         rows += batch_rows
     return rows
 
@@ -87,6 +104,8 @@ def measure(args: argparse.Namespace, cfg: bench.BenchConfig) -> list[dict]:
     rows = []
     for name in EMBEDDED:
         rows += measure_model(name, cfg.batch_sizes, bench.pool_size, args, cfg)
+    if args.shipped:
+        rows += measure_model(EMBEDDED[0], cfg.batch_sizes, bench.pool_size, args, cfg, real=True)
     if not args.no_paper:
         rows += measure_model(PAPER, (1,), lambda b: args.paper_clips, args, cfg)
     return rows
@@ -100,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ATS selection mode (default: official)")
     p.add_argument("--no-paper", action="store_true",
                    help=f"skip the paper geometry ({PAPER}, batch 1; default: timed)")
+    p.add_argument("--shipped", action="store_true",
+                   help=f"also time {EMBEDDED[0]} with its shipped weights on moving-digits validation clips (centre "
+                   "views; default: off)")
     p.add_argument("--paper-clips", type=int, default=3,
                    help="clips per timed round at the paper geometry (default: 3; one forward takes seconds on CPU)")
     bench.add_arguments(p, "runs/bench/ats_video.json", batch_sizes=(1, 8), repeats=5)
