@@ -164,3 +164,16 @@ def test_shipped_video_weights_load_strictly_and_are_the_defaults():
     assert video_eval.finetuned_path(cfg, ATSEvalConfig()) == video_eval.FINETUNED_WEIGHTS
     tuned = video.load_video_checkpoint(timm.create_model(MODEL), str(video_eval.FINETUNED_WEIGHTS))
     assert not torch.equal(tuned.blocks[5].attn.qkv.weight, model.blocks[5].attn.qkv.weight)
+
+
+def test_shipped_timesformer_weights_are_its_defaults():
+    from vitbench.evaluation import EvalConfig
+
+    name = "timesformer_digits_patch8_64"
+    cfg = EvalConfig(data="moving-digits", model=name)
+    model = video_eval.load_weights(cfg, video_eval.create_model(cfg))
+    assert model.time_embed.abs().sum() > 0 and model.blocks[3].temporal_fc.weight.abs().sum() > 0  # trained
+    tuned_path = video_eval.finetuned_path(cfg, ATSEvalConfig())
+    assert tuned_path == video_eval.shipped_weights(name, finetuned=True)
+    tuned = video.load_video_checkpoint(timm.create_model(name), str(tuned_path))
+    assert not torch.equal(tuned.blocks[4].attn.qkv.weight, model.blocks[4].attn.qkv.weight)

@@ -31,8 +31,14 @@ from .models import VIDEO_MODELS, VideoTransformer
 from .patch import STAGES, apply
 
 EMBEDDED_MODEL = "xvit_digits_patch8_64"
+SHIPPED_MODELS = (EMBEDDED_MODEL, "timesformer_digits_patch8_64")  # dense and ATS fine-tuned weights in ats/weights
 WEIGHTS = WEIGHTS_DIR / f"{EMBEDDED_MODEL}.safetensors"
 FINETUNED_WEIGHTS = WEIGHTS_DIR / f"{EMBEDDED_MODEL}_ats.safetensors"
+
+
+def shipped_weights(name: str, finetuned: bool = False) -> Path:
+    """Where the shipped dense (or ATS fine-tuned) weights of an embedded video model live."""
+    return WEIGHTS_DIR / f"{name}{'_ats' if finetuned else ''}.safetensors"
 DEFAULT_RHO = (1.0,)  # K = all tokens: the setting the ATS weights are fine-tuned in (App. E.4)
 
 
@@ -67,11 +73,12 @@ def load_weights(cfg: ev.EvalConfig, model: VideoTransformer) -> VideoTransforme
     if cfg.flops_only:
         return model
     path = cfg.checkpoint
-    if path is None and cfg.model == EMBEDDED_MODEL and cfg.num_classes is None and cfg.img_size is None:
-        if not WEIGHTS.is_file():
-            raise FileNotFoundError(f"the embedded video weights are not installed ({WEIGHTS}); train them with "
+    if path is None and cfg.model in SHIPPED_MODELS and cfg.num_classes is None and cfg.img_size is None:
+        weights = shipped_weights(cfg.model)
+        if not weights.is_file():
+            raise FileNotFoundError(f"the embedded video weights are not installed ({weights}); train them with "
                                     "ats-train (see the ATS README, Video) or pass --checkpoint")
-        path = WEIGHTS
+        path = weights
     if path is None:
         raise ValueError(f"no weights for {cfg.model}: give --checkpoint PATH")
     return load_video_checkpoint(model, str(path)).eval()
@@ -95,10 +102,11 @@ def finetuned_path(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> Path | None:
     given = given_finetuned(opts)
     if given is not None:
         return given
-    if cfg.model == EMBEDDED_MODEL and cfg.checkpoint is None and not cfg.flops_only:
-        if FINETUNED_WEIGHTS.is_file():
-            return FINETUNED_WEIGHTS
-        ev.status(f"no fine-tuned ATS weights shipped ({FINETUNED_WEIGHTS.name}); fine-tuned rows skipped")
+    if cfg.model in SHIPPED_MODELS and cfg.checkpoint is None and not cfg.flops_only:
+        weights = shipped_weights(cfg.model, finetuned=True)
+        if weights.is_file():
+            return weights
+        ev.status(f"no fine-tuned ATS weights shipped ({weights.name}); fine-tuned rows skipped")
     return None
 
 
