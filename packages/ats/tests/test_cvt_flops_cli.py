@@ -5,6 +5,7 @@ import json
 from importlib.metadata import entry_points
 
 import pytest
+from ats.backbones.cvt import cvt_13_224
 from vitbench.flops import main
 
 # FlopCounterMode on HF's CvtForImageClassification (no norms), and the paper's Table 1 (GFLOPs).
@@ -34,4 +35,6 @@ def test_vitbench_flops_takes_any_cvt_size(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["img_size"] == 100 and abs(result["cross_check_difference"]) < 1e-9
     assert main(["--model", "cvt_13_224", "--img-size", "2", "--no-cross-check"]) == 2
-    assert "CvT cannot take 2 px" in capsys.readouterr().err
+    assert "--img-size must be in [8, 4096], got 2" in capsys.readouterr().err  # the flag's range, before any model
+    with pytest.raises(ValueError, match="CvT cannot take 2 px"):  # the model's own check, for API callers
+        cvt_13_224().gmacs(2)
