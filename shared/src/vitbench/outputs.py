@@ -8,7 +8,9 @@ figures as they were.
 
 Ownership (:func:`check_output_folder`, :func:`check_json_target`): an evaluation writes into a new or empty
 folder or into an earlier evaluation's folder (its ``results.json`` in the evaluation schema), never into a training
-run's folder, and its ``--json`` file never replaces a file that is not an earlier evaluation's result.
+run's folder, and its ``--json`` file never replaces a file that is not an earlier evaluation's result. The same rule
+for the measuring commands (``vitbench-flops``, ``vitbench-throughput``, the benchmarks of ``vitbench.bench``):
+:func:`check_own_json` lets their ``--json`` replace only an earlier output of the same command.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # A training run's files (vitbench.engine): a folder holding any of them belongs to that run.
@@ -130,6 +132,30 @@ def check_json_target(path: Path, out_dir: Path) -> None:
                          "it: give another path")
 
 
+def read_json_or_none(path: Path) -> object:
+    """The parsed JSON at ``path``; None when it cannot be read or is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def has_keys(*keys: str) -> Callable[[object], bool]:
+    """A test for :func:`check_own_json`: the JSON is an object holding every one of ``keys``."""
+    return lambda data: isinstance(data, dict) and set(keys) <= set(data)
+
+
+def check_own_json(path: str | os.PathLike, is_own: Callable[[object], bool], what: str = "--json") -> None:
+    """Refuse (``ValueError``) a ``--json`` path holding a file that ``is_own`` does not recognise as an earlier output
+    of the same command (another run's ``results.json``, an evaluation's, a non-JSON file); replacing the command's own
+    earlier output is fine. Call it before the work; the output is then written once with
+    :func:`vitbench.report.write_json` (a temporary file and an atomic rename)."""
+    path = Path(path)
+    if path.is_file() and not is_own(read_json_or_none(path)):
+        raise ValueError(f"{what} {path} exists and is not an earlier result of this command; it is never replaced: "
+                         "give another path")
+
+
 def remove_dead_staging(parent: Path) -> None:
     """Remove staging folders of evaluations that died without cleaning up (killed with SIGKILL)."""
     for folder in parent.glob(f"{STAGING_PREFIX}*"):
@@ -139,6 +165,7 @@ def remove_dead_staging(parent: Path) -> None:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether a process with this PID is running (stale staging folders and run locks are those of dead ones)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

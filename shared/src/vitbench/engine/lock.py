@@ -14,21 +14,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from vitbench.outputs import process_alive
+
 LOCK_NAME = ".lock"
 
 
 class RunLocked(OSError):
     """Another live process holds the run folder's lock."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
 
 
 class RunLock:
@@ -53,7 +45,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
-        if previous.isdigit() and int(previous) != os.getpid() and not _pid_alive(int(previous)):
+        if previous.isdigit() and int(previous) != os.getpid() and not process_alive(int(previous)):
             return f"{self.path}: stale lock of PID {previous} (no longer running) taken over"
         return None
 
