@@ -95,3 +95,19 @@ def test_released_argument_and_path(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "b.py").write_text("")
     assert bench.released_path(str(tmp_path), "a/b.py") == tmp_path
+
+
+def test_json_replaces_only_an_earlier_benchmark_result(tmp_path):
+    """A benchmark's --json never replaces another command's file (checked by ``config``, before any timing); an
+    earlier benchmark result is replaced, once, atomically."""
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p, str(tmp_path / "x.json"))
+    foreign = tmp_path / "flops.json"
+    foreign.write_text(json.dumps({"model": "m", "img_size": 112, "gmacs": 1.0}))
+    with pytest.raises(ValueError, match="is not an earlier result of this command; it is never replaced"):
+        bench.config(p.parse_args(["--json", str(foreign)]))
+    cfg = bench.config(p.parse_args([]))
+    bench.report("one", [{"name": "dense", "batch_size": 1}], cfg)
+    bench.report("two", [{"name": "dense", "batch_size": 1}], bench.config(p.parse_args([])))
+    assert json.loads((tmp_path / "x.json").read_text())["benchmark"] == "two"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["flops.json", "x.json"]

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import timm
 import torch
@@ -64,8 +66,26 @@ def test_shrinking_block_counts_queries_and_outputs_separately():
 def test_cli_json(tmp_path):
     out = tmp_path / "f.json"
     assert main(["--model", "deit_small_patch16_224", "--img-size", "112", "--json", str(out)]) == 0
-    import json
-
     result = json.loads(out.read_text())
     assert abs(result["gmacs"] - 1.10) <= 0.01
     assert result["flop_counter_gmacs"] == pytest.approx(result["analytic_without_layernorm"], rel=1e-6)
+
+
+def test_cli_json_replaces_only_its_own_earlier_output(tmp_path, capsys):
+    """--json never replaces another command's file (a training run's results.json, a non-JSON file): exit 2, one
+    line, the file byte-identical; its own earlier output is replaced."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text('{"top1": 81.2, "updates": 10}\n')
+    (tmp_path / "notes.txt").write_text("not JSON")
+    argv = ["--model", "vit_digits_patch8_112", "--no-cross-check", "--json"]
+    for other in (run / "results.json", tmp_path / "notes.txt"):
+        before = other.read_bytes()
+        assert main([*argv, str(other)]) == 2
+        assert capsys.readouterr().err.strip() == (f"vitbench-flops: error: --json {other} exists and is not an "
+                                                   "earlier result of this command; it is never replaced: give "
+                                                   "another path")
+        assert other.read_bytes() == before
+    out = tmp_path / "f.json"
+    assert main([*argv, str(out)]) == 0 and main([*argv, str(out), "--no-layernorm"]) == 0
+    assert json.loads(out.read_text())["layernorm"] is False and not list(tmp_path.glob("*.tmp"))

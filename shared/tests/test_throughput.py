@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -71,3 +72,18 @@ def test_cli(tmp_path):
     assert main(["--models", "vit_digits_patch8_112", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
                  "--json", str(out)]) == 0
     assert out.is_file()
+
+
+def test_cli_json_replaces_only_its_own_earlier_output(tmp_path, capsys):
+    """--json onto an evaluation's results.json is refused before any timing (exit 2, file byte-identical); onto its
+    own earlier output it is replaced."""
+    evaluation = tmp_path / "results.json"
+    evaluation.write_text(json.dumps({"config": {}, "environment": {}, "data": {}, "rows": []}))
+    before = evaluation.read_bytes()
+    argv = ["--models", "vit_digits_patch8_112", "--batch-size", "1", "--warmup", "0", "--repeats", "1", "--json"]
+    assert main([*argv, str(evaluation)]) == 2
+    assert "is not an earlier result of this command; it is never replaced" in capsys.readouterr().err
+    assert evaluation.read_bytes() == before
+    out = tmp_path / "t.json"
+    assert main([*argv, str(out)]) == 0 and main([*argv, str(out), "--batch-size", "2"]) == 0
+    assert json.loads(out.read_text())["rows"][0]["batch_size"] == 2 and not list(tmp_path.glob("*.tmp"))

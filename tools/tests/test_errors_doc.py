@@ -112,6 +112,10 @@ CASES = [
      [f"ats-train {VIDEO} --mixup 0.8"]),
     ("Video", "`ats-train --variant topk` on a video model", [f"ats-train {VIDEO} --variant topk"]),
     ("Video", "`ats-train --pretrained` on a video model", [f"ats-train {VIDEO} --pretrained"]),
+    ("Other", "`vitbench-flops --json afile`, `vitbench-throughput --json afile`, a "
+     "benchmark's `--json` (an existing file that is no earlier result of the same command: another run's "
+     "`results.json`, an evaluation's, a non-JSON file; its own earlier output is replaced)",
+     ["vitbench-flops --json afile", "vitbench-throughput --json afile"]),
 ]
 
 # Rows whose command reaches the Hub; with HF_HUB_OFFLINE=1 (as nox runs the tests) they fail at once.

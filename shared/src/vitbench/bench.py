@@ -35,11 +35,15 @@ import timm
 import torch
 
 from .cli import check_writable_file, run
+from .outputs import check_own_json, has_keys
 from .report import markdown_table, write_json
 from .syncs import count_syncs
 from .throughput import CLOCKS, LEGEND, compare, transpose_linear_weights, warn_if_loaded
 
 MIN_IMAGES = 9  # at batch 1, nine forwards (LF-ViT: 2 of 9 = 22 % reach the focus stage)
+# What every benchmark's --json holds (report): an existing file without these keys is another command's (an
+# evaluation's results.json has no "benchmark") and never replaced.
+OWN_JSON = has_keys("benchmark", "config", "environment", "rows")
 COMPILE_CHOICES = ("none", "dense", "all")
 WEIGHT_LAYOUTS = ("transposed", "timm")
 COLUMNS = ["name", "batch_size", "ms_per_image", "speedup", "speedup_vs_compiled", "gmacs", "ideal_speedup",
@@ -108,6 +112,7 @@ def config(args: argparse.Namespace) -> BenchConfig:
     if args.clock == "thread" and args.threads != 1:
         raise ValueError("--clock thread measures one thread's CPU time: use it with --threads 1")
     check_writable_file(args.json)
+    check_own_json(args.json, OWN_JSON)
     if args.threads:
         torch.set_num_threads(args.threads)
     return BenchConfig(tuple(args.batch_sizes), args.compile, args.peak, args.weight_layout, args.warmup, args.repeats,

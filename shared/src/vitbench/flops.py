@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import check_writable_file, run
 from .models import create_model, is_model
+from .outputs import check_own_json, has_keys
 from .report import markdown_table, write_json
 
 LN_PER_ELEMENT = 5
@@ -263,9 +264,15 @@ def cross_check(measured: float, analytic: float) -> dict:
                 cross_check_difference=measured / analytic - 1, cross_check_counts=CROSS_CHECK_COUNTS)
 
 
+# What every --json of vitbench-flops holds: an existing file without these keys is another command's and never
+# replaced.
+OWN_JSON = has_keys("model", "img_size", "counted_by", "gmacs", "layernorm")
+
+
 def command(args: argparse.Namespace) -> int:
     if args.json:
         check_writable_file(args.json)
+        check_own_json(args.json, OWN_JSON)
     model = create_flops_model(args.model, args.img_size)
     result = (own_result if has_own_count(model) else vit_result)(model, args)
     print(markdown_table([result], [c for c in ("model", "img_size", "tokens", "gmacs", "flop_counter_gmacs")

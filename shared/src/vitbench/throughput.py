@@ -30,6 +30,7 @@ import torch
 
 from .cli import check_writable_file, run
 from .flops import create_vit
+from .outputs import check_own_json, has_keys
 from .report import markdown_table, write_json
 from .syncs import count_syncs
 
@@ -186,6 +187,9 @@ def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: b
     return torch.compile(model) if compile else model
 
 
+# What every --json of vitbench-throughput holds: an existing file without these keys is another command's and never
+# replaced.
+OWN_JSON = has_keys("rows", "threads", "cores", "torch", "compile", "dtype", "device")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -316,6 +320,7 @@ def command(args: argparse.Namespace) -> int:
     precision(device, dtype)  # validates the dtype for this device
     if args.json:
         check_writable_file(args.json)
+        check_own_json(args.json, OWN_JSON)
     models = {name: create_vit(name, args.img_size) for name in args.models}
     sizes = {name: m.patch_embed.img_size[0] for name, m in models.items()}
     size = args.img_size or sizes[args.models[0]]
