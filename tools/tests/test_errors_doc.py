@@ -116,6 +116,10 @@ CASES = [
      "benchmark's `--json` (an existing file that is no earlier result of the same command: another run's "
      "`results.json`, an evaluation's, a non-JSON file; its own earlier output is replaced)",
      ["vitbench-flops --json afile", "vitbench-throughput --json afile"]),
+    ("Training", "`liferegress-train --resume auto` into a finished run whose stage folders are gone, or into "
+     "another command's results (a finished run with its stages is reported instead: `R holds a finished run "
+     "(model.safetensors, results.json); nothing to do`, exit 0, every file untouched)",
+     ["liferegress-train --resume auto --output-dir R"]),
 ]
 
 # Rows whose command reaches the Hub; with HF_HUB_OFFLINE=1 (as nox runs the tests) they fail at once.

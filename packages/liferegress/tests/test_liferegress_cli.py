@@ -1,9 +1,11 @@
 import json
+import shutil
 
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from vitbench.engine.lock import LOCK_NAME
 
 import liferegress
 from liferegress import train
@@ -75,16 +77,33 @@ def test_single_stage_trains_everything(tmp_path, backbone_ckpt):
 
 
 def test_two_stage_training_on_two_cpu_processes(tmp_path, backbone_ckpt):
-    """torchrun, 2 ranks (gloo): both stages really distributed and the ranks end with the same weights; then the
-    final-writing path (weights and results.json, main process only) runs 4 more times in the same processes
-    (``--resume auto`` of the finished run), which raced on ``model.safetensors.tmp`` when both ranks wrote."""
+    """torchrun, 2 ranks (gloo): both stages really distributed and the ranks end with the same weights; then, in the
+    same processes, ``--resume auto`` of the finished run (both ranks see it finished and write nothing: the final
+    files stay byte-identical) and 3 times the final-writing path alone (weights and results.json, main process
+    only; the finished stages kept, the final files removed), which raced on ``model.safetensors.tmp`` when both
+    ranks wrote."""
     import subprocess
     import sys
 
     script = tmp_path / "five_times.py"
-    script.write_text("import sys\nfrom liferegress import train\n"
-                      "for i in range(5):\n"
-                      "    assert train.main(sys.argv[1:] + ['--resume', 'auto'] * (i > 0)) == 0, i\n")
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom accelerate import PartialState\nfrom liferegress import train\n"
+        "out = Path(sys.argv[sys.argv.index('--output-dir') + 1])\n"
+        "final = ('model.safetensors', 'results.json')\n"
+        "def seen():  # a rewrite with the same bytes changes the inode and modification time\n"
+        "    return {n: ((out / n).read_bytes(), (out / n).stat().st_ino, (out / n).stat().st_mtime_ns)\n"
+        "            for n in final}\n"
+        "for i in range(5):\n"
+        "    if i >= 2:  # the finished stages stay, the final files are written again\n"
+        "        state = PartialState(cpu=True)\n"
+        "        state.wait_for_everyone()  # every rank has checked the earlier round\n"
+        "        if state.is_main_process:\n"
+        "            for name in final:\n"
+        "                (out / name).unlink()\n"
+        "        state.wait_for_everyone()\n"
+        "    written = seen() if i == 1 else None\n"
+        "    assert train.main(sys.argv[1:] + ['--resume', 'auto'] * (i > 0)) == 0, i\n"
+        "    assert written in (None, seen()), 'finished run rewritten'\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            "--checkpoint", backbone_ckpt, "--limit-train", "32", "--limit-val", "8", "--batch-size", "8",
            "--num-workers", "0", "--cpu", "--output-dir", str(tmp_path / "ddp")]
@@ -95,3 +114,35 @@ def test_two_stage_training_on_two_cpu_processes(tmp_path, backbone_ckpt):
         "stage1": (2, True, 2), "stage2": (2, True, 2)}
     assert summary["finished"] and liferegress.read_config(tmp_path / "ddp" / "model.safetensors")["keep_rate"] == 0.7
     assert not list((tmp_path / "ddp").glob("*.tmp"))
+
+
+def _files(folder):
+    """Every file's bytes, inode and modification time (a rewrite with the same bytes changes the latter two); the
+    run lock, which every run takes, by its bytes only."""
+    return {p.relative_to(folder): (p.read_bytes(),) + ((p.stat().st_ino, p.stat().st_mtime_ns)
+                                                        if p.name != LOCK_NAME else ())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_auto_of_a_finished_run_writes_nothing(tmp_path, backbone_ckpt, capsys):
+    """``--resume auto`` into a finished run reports it and leaves every file byte-identical; into a finished run
+    whose stage folders are gone, or into another command's results, it is refused (exit 2, one line)."""
+    run = tmp_path / "a"
+    assert _train(run, backbone_ckpt, "--limit-train", "8") == 0
+    before = _files(run)
+    capsys.readouterr()
+    assert _train(run, backbone_ckpt, "--limit-train", "8", "--resume", "auto") == 0
+    assert f"{run} holds a finished run (model.safetensors, results.json); nothing to do" in capsys.readouterr().err
+    assert _files(run) == before
+    stageless = tmp_path / "b"
+    shutil.copytree(run, stageless, ignore=shutil.ignore_patterns("stage1", "stage2"))
+    evaluation = tmp_path / "e"
+    evaluation.mkdir()
+    (evaluation / "results.json").write_text('{"config": {}, "environment": {}, "data": {}, "rows": []}')
+    for folder, held in ((stageless, "model.safetensors, results.json"), (evaluation, "results.json")):
+        kept = _files(folder)
+        assert _train(folder, backbone_ckpt, "--limit-train", "8", "--resume", "auto") == 2
+        assert capsys.readouterr().err.strip() == (
+            f"liferegress-train: error: --resume auto: {folder} holds a finished run or another command's results "
+            f"({held}) and no checkpoint to continue from; start over with --overwrite or choose another --output-dir")
+        assert _files(folder) == kept

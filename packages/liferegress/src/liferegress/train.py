@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,15 +206,43 @@ def train_stages(tcfg: TrainConfig, lcfg: LifeTrainConfig) -> dict:
         raise ValueError("liferegress-train resumes per stage: use --resume auto")
     state = PartialState(cpu=tcfg.cpu)  # the same process group the engine's Accelerator(cpu=...) uses
     held = claim_output_dir(out, tcfg.resume, tcfg.overwrite, RUN_FILES)
+    finished = finished_run(out, tcfg, lcfg, held) if tcfg.resume and not tcfg.overwrite else None
     state.wait_for_everyone()  # every process has looked before the main one locks and writes
     with run_lock(out, "liferegress-train") if state.is_main_process else contextlib.nullcontext():
-        return _train_stages(tcfg, lcfg, out, held, state)
+        return _train_stages(tcfg, lcfg, out, held, state, finished)
 
 
-def _train_stages(tcfg: TrainConfig, lcfg: LifeTrainConfig, out: Path, held: list[str], state) -> dict:
+def scheme_stages(lcfg: LifeTrainConfig) -> list[str]:
+    return ["stage1", "stage2"] if lcfg.scheme == "two-stage" else ["single"]
+
+
+def finished_run(out: Path, tcfg: TrainConfig, lcfg: LifeTrainConfig, held: list[str]) -> dict | None:
+    """What ``--resume auto`` finds in ``out``: the saved summary of a finished run (every stage done, the final
+    weights and ``results.json`` written), which a resume leaves as it is, or ``None`` (something to continue).
+    Final files without any stage folder to continue from are a finished run whose stages are gone or another
+    command's results: refused (``FileExistsError``), as the engine refuses them for one run."""
+    final = [name for name in ("model.safetensors", "results.json") if name in held]
+    stages = scheme_stages(lcfg)
+    if final and not any(stage in held for stage in stages):
+        raise FileExistsError(f"--resume {tcfg.resume}: {out} holds a finished run or another command's results "
+                              f"({', '.join(held)}) and no checkpoint to continue from; start over with --overwrite "
+                              "or choose another --output-dir")
+    if len(final) < 2 or not all(_stage_done(out / s, tcfg.epochs * (2 if s == "single" else 1)) for s in stages):
+        return None
+    try:
+        summary = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    own = isinstance(summary, dict) and summary.get("finished") is True and isinstance(summary.get("stages"), dict)
+    return summary if own and set(summary["stages"]) == set(stages) else None
+
+
+def _train_stages(tcfg: TrainConfig, lcfg: LifeTrainConfig, out: Path, held: list[str], state,
+                  finished: dict | None = None) -> dict:
     """:func:`train_stages` holding ``out``'s lock. ``--overwrite`` removes the earlier run (``held``) only when the
-    first stage has loaded every input and is about to write (the engine's ``before_start``)."""
-    stages = ["stage1", "stage2"] if lcfg.scheme == "two-stage" else ["single"]
+    first stage has loaded every input and is about to write (the engine's ``before_start``). A ``finished`` run
+    (:func:`finished_run`) is checked against the settings and returned; nothing is written."""
+    stages = scheme_stages(lcfg)
     results, init, accepted, trained = {}, None, {}, False
     for stage in stages:
         sdir = out / stage
@@ -242,6 +271,9 @@ def _train_stages(tcfg: TrainConfig, lcfg: LifeTrainConfig, out: Path, held: lis
         listed = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in accepted.items())
         raise ValueError(f"{out} holds a finished run; its weights were trained without these changes ({listed}); "
                          "use --overwrite or another --output-dir")
+    if finished is not None and not trained:
+        main_print(f"{out} holds a finished run (model.safetensors, results.json); nothing to do", file=sys.stderr)
+        return finished
     last = results[stages[-1]]
     scheme = "two" if lcfg.scheme == "two-stage" else "single"
     summary = {"stages": results, "finished": True, "checkpoint": str(out / "model.safetensors"), "model": tcfg.model,
