@@ -8,8 +8,9 @@ Each stage is one run of ``vitbench.engine.train`` (Accelerate: multi-GPU/node, 
 checkpoints, exact resume) in ``OUTPUT_DIR/stage1``, ``stage2`` or ``single``: the stages are parts of one run, which
 owns ``OUTPUT_DIR`` (a folder holding another run is refused unless ``--resume auto`` or ``--overwrite``).
 ``--resume auto`` keeps the finished stages only if they were trained with the same settings and continues whichever
-stage was interrupted. The final model is ``OUTPUT_DIR/model.safetensors`` (backbone + ``life_predictor.W``, config in
-the metadata) and ``OUTPUT_DIR/results.json`` holds every stage's metrics next to the paper's.
+stage was interrupted; a finished run is reported and left as it is. The final model is
+``OUTPUT_DIR/model.safetensors`` (backbone + ``life_predictor.W``, config in the metadata) and
+``OUTPUT_DIR/results.json`` holds every stage's metrics next to the paper's.
 """
 
 from __future__ import annotations
