@@ -88,8 +88,9 @@ def gpu(session: nox.Session) -> None:
 
 @nox.session
 def reproduce(session: nox.Session) -> None:
-    """ATS, LF-ViT and Life-Regression on the embedded default, side by side (``tools/reproduce.py``)."""
+    """ATS, LF-ViT and Life-Regression on the embedded default, side by side (``tools/reproduce.py``, one thread)."""
     for package in PACKAGES:
         session.install("-e", f"packages/{package}")
     session.install("--no-deps", "-e", "shared")
-    session.run("python", "tools/reproduce.py", *session.posargs, env=OFFLINE)
+    session.run("python", "tools/reproduce.py", *session.posargs,
+                env={**OFFLINE, "OMP_NUM_THREADS": "1"})  # one thread: timings that other processes scatter least

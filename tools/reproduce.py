@@ -31,6 +31,11 @@ LR_RHO = ("0.9", "0.8", "0.7", "0.6", "0.5")
 BEGIN, END = "<!-- embedded:begin -->", "<!-- embedded:end -->"
 
 
+def threads_text(threads: int) -> str:
+    """``1 thread`` / ``2 threads``."""
+    return f"{threads} thread{'s' * (threads != 1)}"
+
+
 def run_evaluations(work: Path, limit: int | None) -> dict:
     """The three packages' own CLIs, in this process; returns their JSON results (the schema of
     ``vitbench.evaluation``)."""
@@ -252,7 +257,7 @@ def report(res: dict, points: dict, timing: list[dict], figures: list[str], env:
     lines += [
         "",
         f"### Throughput, one run (batch {timing[0]['batch']} validation images, {timing[0]['device']}, fp32, "
-        f"{timing[0]['threads']} threads, median of repeats, {load_text(timing[0].get('load_average'))})",
+        f"{threads_text(timing[0]['threads'])}, median of repeats, {load_text(timing[0].get('load_average'))})",
         "",
         "| model | img/s | speedup vs dense (ratio of median times) | min-max of per-repeat ratios | ideal (GFLOPs "
         "ratio) |",
@@ -320,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(res, figures_dir / "accuracy_vs_gflops.png")
     figures = _collect_figures(res, points, figures_dir)
     env = res["ats"]["environment"]
-    env = f"torch {env['torch']}, timm {env['timm']}, device {env['device']}, {env['threads']} threads"
+    env = f"torch {env['torch']}, timm {env['timm']}, device {env['device']}, {threads_text(env['threads'])}"
     section = report(res, points, timing, figures, env)
     write_section(docs / "RESULTS.md", section)
     (work / "side_by_side.json").write_text(json.dumps({"points": points, "timing": timing}, indent=2))
