@@ -49,3 +49,13 @@ def test_the_lookup_is_by_architecture_not_by_name_prefix():
     assert dense_paper("cvt_digits_112") == {} and dense_paper("deit_tiny_patch16_224") == {}
     assert reports_deit_s("deit_small_patch16_224") and not reports_deit_s("deit_base_patch16_224")
     assert not reports_deit_s("vit_digits_patch8_112") and set(DENSE_MODELS) >= {"deit_small_patch16_224"}
+
+
+def test_the_embedded_default_rows_carry_no_paper_numbers(tmp_path, capsys):
+    out = tmp_path / "r.json"  # the no-argument configuration (the embedded backbone and its shipped weights), bounded
+    assert evaluate.main(["--limit", "8", "--no-throughput", "--num-workers", "0", "--visualize", "--json", str(out),
+                          "--output-dir", str(tmp_path / "o")]) == 0
+    rows = read_valid_result(out)["rows"]
+    assert any(r["setting"].get("weights") == "fine-tuned" for r in rows)
+    assert all(not r["paper"] for r in rows), [(r["label"], r["paper"]) for r in rows]
+    assert "paper" not in capsys.readouterr().out

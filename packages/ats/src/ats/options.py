@@ -32,7 +32,7 @@ class Shipped:
 # The no-argument run: off the shelf, the default sweep plus blocks 7..11 at rho 1; fine-tuned, each shipped file.
 EMBEDDED_RUNS = (*DEFAULT_RUNS, late(1.0))
 SHIPPED = (Shipped("vit_digits_patch8_112_ats.safetensors", MULTI, (DEFAULT_RUNS[0],)),
-           Shipped("vit_digits_patch8_112_ats_7-11.safetensors", LATE, (late(1.0, 79.7), late(0.87), late(0.72))))
+           Shipped("vit_digits_patch8_112_ats_7-11.safetensors", LATE, (late(1.0), late(0.87), late(0.72))))
 # Other embedded backbones: the dense weights ``ats-eval --model NAME`` loads without --checkpoint, and the
 # fine-tuned ATS weights (trained at ``stages``) evaluated next to them at the requested runs. The embedded CvT:
 # dw_bn dense, linear stage 3 fine-tuned with ATS in stage 3's blocks 0..8.

@@ -66,9 +66,10 @@ def _ss(k, stage=3, top1=None, g=None, series="ATS single-stage", **kw) -> Run:
     return Run((stage,), k, series=series, paper=numbers(top1, g), **kw)
 
 
-def late(rho: float, ft=None) -> Run:
-    """Blocks 7..11 at ``rho``, compared with Table 1's fine-tuned point ``ft`` at its 2.9 GFLOPs when given."""
-    return Run(LATE, rho, paper_finetuned=numbers(ft, 2.9 if ft else None), placement_in_series=True)
+def late(rho: float) -> Run:
+    """Blocks 7..11 at ``rho`` (the embedded backbone's placement at the paper's GFLOPs share; no paper numbers: the
+    paper reports none for it)."""
+    return Run(LATE, rho, placement_in_series=True)
 
 
 # The default sweep: not fine-tuned rho 1 = 79.2 at 3.0 (Table A.4 / Fig. 5); fine-tuned rho 1 = 79.7 at 2.9 (Table 1).
