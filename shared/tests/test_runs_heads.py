@@ -4,27 +4,18 @@ tensorboard (the ats-train side: packages/ats/tests/test_ats_train_runs.py)."""
 import json
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 from safetensors.torch import load_file
 
 from vitbench.train import main as train_main
+from vitbench.testing import image_folder
 
 DIGITS = "digits:train_size=96,val_size=32"
 
 
-def _folder(root, classes=3, train=4, val=2, size=32):
-    """A tiny ImageNet-layout folder: ``classes`` colours, a few noisy images each."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            (root / split / f"class{c}").mkdir(parents=True)
-            for i in range(n):
-                noise = rng.integers(0, 30, (size, size, 3), np.uint8)
-                pixels = np.full((size, size, 3), 60 * c + 40, np.uint8) + noise
-                Image.fromarray(pixels).save(root / split / f"class{c}" / f"{i}.png")
-    return root
+def _folder(root, size=32):
+    """Three learnable classes, 4 training and 2 validation images each."""
+    return image_folder(root, per_class=4, val_per_class=2, size=size, coloured=True)
 
 
 def _rc(main, argv):

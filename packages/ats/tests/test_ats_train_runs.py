@@ -4,29 +4,20 @@ the output), a resume of its folder by another command refused with the fields l
 
 import json
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from ats import sampling
 from vitbench.train import main as train_main
+from vitbench.testing import image_folder
 
 CLI = ["--cpu", "--data", "digits:train_size=96,val_size=32", "--limit-train", "32", "--limit-val", "8",
        "--batch-size", "8", "--num-workers", "0", "--eval-every", "0", "--warmup-epochs", "0"]
 
 
-def _folder(root, classes=3, train=4, val=2, size=32):
-    """A tiny ImageNet-layout folder: ``classes`` colours, a few noisy images each."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            (root / split / f"class{c}").mkdir(parents=True)
-            for i in range(n):
-                noise = rng.integers(0, 30, (size, size, 3), np.uint8)
-                pixels = np.full((size, size, 3), 60 * c + 40, np.uint8) + noise
-                Image.fromarray(pixels).save(root / split / f"class{c}" / f"{i}.png")
-    return root
+def _folder(root, size=32):
+    """Three learnable classes, 4 training and 2 validation images each."""
+    return image_folder(root, per_class=4, val_per_class=2, size=size, coloured=True)
 
 
 def _rc(main, argv):

@@ -1,23 +1,15 @@
 """lfvit-train through the shared engine's run rules: --num-classes on a folder of one's own (both stages share
 the new head) and divergence in one line."""
 
-import numpy as np
-from PIL import Image
 from safetensors.torch import load_file
 
 from lfvit.train import main
+from vitbench.testing import image_folder
 
 
-def _folder(root, classes=3, train_n=4, val_n=2, size=112):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train_n), ("val", val_n)):
-        for c in range(classes):
-            (root / split / f"class{c}").mkdir(parents=True)
-            for i in range(n):
-                noise = rng.integers(0, 30, (size, size, 3), np.uint8)
-                Image.fromarray(np.full((size, size, 3), 60 * c + 40, np.uint8) + noise).save(
-                    root / split / f"class{c}" / f"{i}.png")
-    return root
+def _folder(root, size=112):
+    """Three learnable classes, 4 training and 2 validation images each."""
+    return image_folder(root, per_class=4, val_per_class=2, size=size, coloured=True)
 
 
 BASE = ["--cpu", "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--warmup-epochs", "0",

@@ -3,27 +3,19 @@ carried into stage 2) on a folder of one's own, and one process per output folde
 
 import json
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from liferegress import train
 from vitbench.engine import RunLock
+from vitbench.testing import image_folder
 
 
-def _folder(root, classes=3, train_n=4, val_n=2, size=112):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train_n), ("val", val_n)):
-        for c in range(classes):
-            (root / split / f"class{c}").mkdir(parents=True)
-            for i in range(n):
-                noise = rng.integers(0, 30, (size, size, 3), np.uint8)
-                Image.fromarray(np.full((size, size, 3), 60 * c + 40, np.uint8) + noise).save(
-                    root / split / f"class{c}" / f"{i}.png")
-    return root
+def _folder(root, size=112):
+    """Three learnable classes, 4 training and 2 validation images each."""
+    return image_folder(root, per_class=4, val_per_class=2, size=size, coloured=True)
 
 
 @pytest.fixture(scope="module")

@@ -34,15 +34,22 @@ def tiny_vit(img_size: int = 56, patch_size: int = 8, peak: float | None = 4.0, 
     return model
 
 
-def image_folder(root: Path, classes: int = 3, per_class: int = 2, size: int = 40) -> Path:
-    """A tiny ImageNet-layout folder (``train/`` and ``val/``, ``classes`` classes of random RGB images)."""
+def image_folder(root: Path, classes: int = 3, per_class: int = 2, size: int = 40, val_per_class: int | None = None,
+                 coloured: bool = False) -> Path:
+    """A tiny ImageNet-layout folder (``train/`` and ``val/``, ``classes`` classes of ``per_class`` training and
+    ``val_per_class`` (default ``per_class``) validation images): random RGB, or with ``coloured`` one grey level per
+    class plus a little noise, so a model can learn the classes in a few updates."""
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
+    for split, n in (("train", per_class), ("val", per_class if val_per_class is None else val_per_class)):
         for c in range(classes):
             folder = root / split / f"class{c}"
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            for i in range(n):
+                if coloured:
+                    noise = rng.integers(0, 30, (size, size, 3), np.uint8)
+                    pixels = np.full((size, size, 3), 60 * c + 40, np.uint8) + noise
+                else:
+                    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
 
