@@ -83,6 +83,15 @@ def row_clips(layout: FrameLayout) -> Tensor:
     return layout.grid_index // (layout.T * (1 + layout.S))
 
 
+def surviving(layout: FrameLayout, new: FrameLayout, o: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The attention output ``o`` (padded view of ``layout``) packed as rows of ``new``, and the residual ``rows`` of
+    the tokens alive in ``new`` (all of them when no ATS stage ran: ``new is layout``)."""
+    if new is layout:
+        return layout.pack(o), rows
+    moved_rows, moved_slots = layout.moved(new)
+    return layout.pack(o, moved_slots), rows.index_select(0, moved_rows)
+
+
 def xvit_block(blk: XViTBlock, rows: Tensor, layout: FrameLayout, select: Sampler | None = None,
                mode: str = "official") -> tuple[Tensor, FrameLayout]:
     """One X-ViT block on packed rows (CLS rows included); with ``select`` an ATS stage. Returns rows, layout."""
@@ -90,11 +99,7 @@ def xvit_block(blk: XViTBlock, rows: Tensor, layout: FrameLayout, select: Sample
     p = layout.pad_mixed(attn.qkv(blk.norm1(rows)), attn.segment, attn.attn_dim // attn.shift_div)
     new = layout if select is None else select_step(layout, p, attn, select, mode, xvit=True)
     o = attend(attn, p, layout.key_mask)
-    if new is layout:
-        o, residual = layout.pack(o), rows
-    else:
-        moved_rows, moved_slots = layout.moved(new)
-        o, residual = layout.pack(o, moved_slots), rows.index_select(0, moved_rows)
+    o, residual = surviving(layout, new, o, rows)
     clip = row_clips(new) if blk.training else None
     keep1, keep2 = (draw(m, new.B, rows.device) for m in (blk.drop_path1, blk.drop_path2))
     x = residual + drop_path(blk.ls1(attn.proj_drop(attn.proj(o))), keep1, clip)
@@ -117,11 +122,7 @@ def timesformer_block(blk: TimeSformerBlock, cls: Tensor, rows: Tensor, layout: 
     p = layout.pad(attn.qkv(blk.norm1(rows)), qkv_cls)
     new = layout if select is None else select_step(layout, p, attn, select, mode, xvit=False)
     o = attend(attn, p, layout.key_mask)
-    if new is layout:
-        o_rows, residual = layout.pack(o), rows
-    else:
-        moved_rows, moved_slots = layout.moved(new)
-        o_rows, residual = layout.pack(o, moved_slots), rows.index_select(0, moved_rows)
+    o_rows, residual = surviving(layout, new, o, rows)
     clips = torch.arange(B, device=cls.device)
     cls_res = drop_path(blk.ls1(attn.proj_drop(attn.proj(o[:, 0]))), keep1, clips.repeat_interleave(T))
     cls = cls + cls_res.view(B, T, -1).mean(1)  # the frames' copies averaged
