@@ -9,15 +9,7 @@ import pytest
 
 from vitbench import cli, configfile, flagtypes
 from vitbench.train import build_parser as train_parser
-
-
-def parse_fails(parser, argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        cli.parse(parser, argv)
-    assert exit_.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
-    assert len(lines) == 1
-    return lines[0]
+from vitbench.testing import parse_fails
 
 
 def test_file_sets_flags_and_the_command_line_overrides_it(tmp_path):

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from vitbench.train import main as train_main
 from vitbench.testing import image_folder
+from vitbench.testing import exit_code
 
 DIGITS = "digits:train_size=96,val_size=32"
 
@@ -16,13 +17,6 @@ DIGITS = "digits:train_size=96,val_size=32"
 def _folder(root, size=32):
     """Three learnable classes, 4 training and 2 validation images each."""
     return image_folder(root, per_class=4, val_per_class=2, size=size, coloured=True)
-
-
-def _rc(main, argv):
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return e.code
 
 
 def test_num_classes_drops_the_checkpoints_head(tmp_path, capsys):
@@ -43,7 +37,7 @@ def test_num_classes_drops_the_checkpoints_head(tmp_path, capsys):
 
 def test_num_classes_without_it_names_the_flag(tmp_path, capsys):
     root = _folder(tmp_path / "folder", size=112)
-    assert _rc(train_main, ["--cpu", "--data", f"imagefolder:{root}", "--num-workers", "0",
+    assert exit_code(train_main, ["--cpu", "--data", f"imagefolder:{root}", "--num-workers", "0",
                             "--output-dir", str(tmp_path / "run")]) == 2
     assert ("model vit_digits_patch8_112 has 10 classes but imagefolder:" in capsys.readouterr().err)
 

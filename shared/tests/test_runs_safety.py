@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from vitbench.engine import EXIT_INTERRUPTED, Diverged, Preempted, RunLock, RunLocked, TrainConfig, train
 from vitbench.engine.runs import checkpoint_problem, sha256
 from vitbench.train import main as train_main
+from vitbench.testing import exit_code, error_line
 
 DATA = "digits:train_size=96,val_size=32"
 
@@ -52,19 +53,6 @@ def _snapshot(folder: Path) -> dict:
             if p.is_file() and p.name != ".lock"}
 
 
-def _rc(main, argv):
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return e.code
-
-
-def _one_error_line(err: str, prog: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    return lines[0]
-
-
 def _all_finite(path: Path) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in load_file(str(path)).values() if t.is_floating_point())
 
@@ -96,8 +84,8 @@ def test_overwrite_with_a_bad_input_leaves_the_earlier_run_untouched(tmp_path, c
     assert {"config.json", "log.jsonl", "results.json", "model.safetensors"} <= set(before)
     capsys.readouterr()
     argv = [*CLI, "--epochs", "1", "--overwrite", "--output-dir", str(out), *(a.format(tmp=tmp_path) for a in bad)]
-    assert _rc(train_main, argv) == 2
-    _one_error_line(capsys.readouterr().err, "vitbench-train")
+    assert exit_code(train_main, argv) == 2
+    error_line(capsys.readouterr().err, "vitbench-train")
     assert _snapshot(out) == before
 
 
@@ -179,8 +167,8 @@ def test_huge_lr_on_one_update_writes_no_results(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*CLI, "--model", "vit_digits_patch8_112", "--epochs", "1", "--max-steps", "1", "--lr", "1e30",
             "--unscale-lr", "--output-dir", str(out)]
-    assert _rc(train_main, argv) == 2
-    line = _one_error_line(capsys.readouterr().err, "vitbench-train")
+    assert exit_code(train_main, argv) == 2
+    line = error_line(capsys.readouterr().err, "vitbench-train")
     assert line.startswith("vitbench-train: error: training diverged at update 1 (epoch 0): non-finite outputs on ")
     assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
     for step in (out / "checkpoints").glob("step_*"):
@@ -191,8 +179,8 @@ def test_huge_lr_never_writes_non_finite_weights(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*CLI, "--model", "vit_digits_patch8_112", "--epochs", "2", "--lr", "1e30", "--unscale-lr",
             "--checkpointing-steps", "1", "--output-dir", str(out)]
-    assert _rc(train_main, argv) == 2
-    line = _one_error_line(capsys.readouterr().err, "vitbench-train")
+    assert exit_code(train_main, argv) == 2
+    line = error_line(capsys.readouterr().err, "vitbench-train")
     assert "training diverged at update " in line and "lower learning rate" in line
     assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
     for step in (out / "checkpoints").glob("step_*"):
@@ -257,7 +245,7 @@ def test_disk_full_writing_the_weights_is_one_line(tmp_path, monkeypatch, capsys
     out = tmp_path / "run"
     assert train_main([*CLI, "--model", "vit_digits_patch8_112", "--epochs", "1", "--max-steps", "1",
                        "--output-dir", str(out)]) == 2
-    line = _one_error_line(capsys.readouterr().err, "vitbench-train")
+    line = error_line(capsys.readouterr().err, "vitbench-train")
     assert line.startswith(f"vitbench-train: error: cannot write {out}/model.safetensors: Error while serializing: "
                            "I/O error: No space left on device (os error 28) (")
     assert line.endswith(f"free); the newest intact checkpoint is {out}/checkpoints/step_00000001; free space and "
@@ -297,7 +285,7 @@ def test_two_runs_started_at_once_into_one_folder_one_is_refused(tmp_path):
         codes = sorted(p.returncode for p in procs)
         assert codes == [0, 2], errs
         winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
-        line = _one_error_line(errs[loser], "vitbench-train")
+        line = error_line(errs[loser], "vitbench-train")
         assert line == (f"vitbench-train: error: {out} is in use by another run (PID {procs[winner].pid}, lock file "
                         f"{out}/.lock); wait for it to end or choose another --output-dir")
         assert [r.get("event") for r in _log(out)].count("start") == 1

@@ -2,18 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from vitbench import cli
-
-
-def parse_fails(parser, argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        cli.parse(parser, argv)
-    assert exit_.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
-    assert len(lines) == 1
-    return lines[0]
+from vitbench.testing import parse_fails
 
 
 def test_renamed_keys_are_not_config_keys(tmp_path, capsys):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from ats import sampling
 from vitbench.train import main as train_main
 from vitbench.testing import image_folder
+from vitbench.testing import exit_code, error_line
 
 CLI = ["--cpu", "--data", "digits:train_size=96,val_size=32", "--limit-train", "32", "--limit-val", "8",
        "--batch-size", "8", "--num-workers", "0", "--eval-every", "0", "--warmup-epochs", "0"]
@@ -18,19 +19,6 @@ CLI = ["--cpu", "--data", "digits:train_size=96,val_size=32", "--limit-train", "
 def _folder(root, size=32):
     """Three learnable classes, 4 training and 2 validation images each."""
     return image_folder(root, per_class=4, val_per_class=2, size=size, coloured=True)
-
-
-def _rc(main, argv):
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return e.code
-
-
-def _one_error_line(err: str, prog: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    return lines[0]
 
 
 def _all_finite(path) -> bool:
@@ -71,7 +59,7 @@ def test_ats_train_num_classes_on_an_image_folder_then_ats_eval(tmp_path, capsys
     assert rows and "Traceback" not in capsys.readouterr().err
     # a cross-package resume: vitbench-train does not know the ats.* settings of this run
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
-    assert _rc(train_main, argv[:-2] + ["--output-dir", str(out), "--resume", "auto"]) == 2
+    assert exit_code(train_main, argv[:-2] + ["--output-dir", str(out), "--resume", "auto"]) == 2
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("vitbench-train: error: ")]
     assert line == [f"vitbench-train: error: cannot resume {out}: it was written by another command (settings "
                     "unknown here: ats.k, ats.mode, ats.rho, ats.stages, ats.variant); resume it with that command, "
@@ -84,8 +72,8 @@ def test_ats_train_divergence_is_one_line(tmp_path, capsys):
 
     out = tmp_path / "run"
     argv = [*CLI, "--epochs", "2", "--opt", "sgd", "--lr", "1e12", "--unscale-lr", "--output-dir", str(out)]
-    assert _rc(ats_main, argv) == 2
-    line = _one_error_line(capsys.readouterr().err, "ats-train")
+    assert exit_code(ats_main, argv) == 2
+    line = error_line(capsys.readouterr().err, "ats-train")
     assert line.startswith("ats-train: error: training diverged at update ") and "lower learning rate" in line
     assert not (out / "model.safetensors").exists()
     for step in (out / "checkpoints").glob("step_*"):
@@ -101,7 +89,8 @@ def test_overwrite_with_a_missing_checkpoint_leaves_the_earlier_run_untouched(tm
     assert ats_main([*CLI, "--epochs", "1", "--max-steps", "1", "--output-dir", str(out)]) == 0
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     capsys.readouterr()
-    assert _rc(ats_main, [*CLI, "--epochs", "1", "--overwrite", "--checkpoint", str(tmp_path / "nope.safetensors"),
-                          "--output-dir", str(out)]) == 2
-    assert _one_error_line(capsys.readouterr().err, "ats-train").endswith(f"{tmp_path / 'nope.safetensors'}")
+    missing = str(tmp_path / "nope.safetensors")
+    assert exit_code(ats_main, [*CLI, "--epochs", "1", "--overwrite", "--checkpoint", missing,
+                                "--output-dir", str(out)]) == 2
+    assert error_line(capsys.readouterr().err, "ats-train").endswith(f"{tmp_path / 'nope.safetensors'}")
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
+from .cli import parse
 from .evaluation import add_eval_args, validate_result
 
 
@@ -81,6 +82,34 @@ def one_line_error(main, argv: list[str], capsys, match: str) -> str:
     assert code == 2, err
     assert len(lines) == 1 and "Traceback" not in err, err
     assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def exit_code(main, argv: list[str]) -> int | str | None:
+    """A CLI ``main(argv)``'s exit code, also when argparse exits (a flag refused at parse time)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def error_line(err: str, prog: str) -> str:
+    """The one ``prog: error: ...`` line of ``err`` (asserted: exactly one, no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def parse_fails(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
+    """The one ``error:`` line of :func:`vitbench.cli.parse` refusing ``argv`` (asserted: exit 2, one line)."""
+    try:
+        parse(parser, argv)
+    except SystemExit as e:
+        assert e.code == 2, e.code
+    else:
+        raise AssertionError(f"{argv} was accepted")
+    lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(lines) == 1
     return lines[0]
 
 
