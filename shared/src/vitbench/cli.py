@@ -20,6 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import configfile
 from .flagtypes import (COUNT, FINITE, FRACTION, IMG_SIZE, KEEP_RATE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED,
@@ -70,7 +71,8 @@ def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], in
         if os.environ.get("VITBENCH_TRACEBACK"):
             raise
         stop = e if isinstance(e, Interrupted) else Interrupted("SIGINT")
-        print(f"{parser.prog}: {stop}", file=sys.stderr, flush=True)
+        open_bar = any(not bar.disable for bar in list(getattr(tqdm, "_instances", ())))  # a line left unfinished
+        print(f"{chr(10) * open_bar}{parser.prog}: {stop}", file=sys.stderr, flush=True)
         return stop.code
 
 
