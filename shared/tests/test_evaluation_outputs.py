@@ -273,6 +273,28 @@ def test_interrupt_outside_the_harness_is_one_line(capsys):
     assert capsys.readouterr().err == "toy-eval: interrupted (SIGINT)\n"
 
 
+@pytest.mark.parametrize("bar", ["drawn", "in its constructor"])
+def test_interrupt_with_a_progress_bar_open_starts_its_own_line(capsys, bar):
+    """A bar left open gets its line ended first; one the signal stopped in its constructor (no attributes yet)
+    drew nothing."""
+    from tqdm.auto import tqdm
+
+    parser = ev.build_parser("toy-eval", "toy", "runs/toy")
+    bars = []  # open while the interrupt arrives
+
+    def body(args):
+        bars.append(tqdm(total=2, disable=False) if bar == "drawn" else tqdm.__new__(tqdm))  # __new__: no __init__
+        raise KeyboardInterrupt
+
+    assert cli.run(parser, body, []) == 130
+    err = capsys.readouterr().err
+    if bar == "drawn":
+        assert err.startswith("\r  0%|") and err.endswith("it/s]\ntoy-eval: interrupted (SIGINT)\n"), err
+        bars[0].close()
+    else:
+        assert err == "toy-eval: interrupted (SIGINT)\n"
+
+
 def test_accuracy_figure_is_staged_like_the_rest(tmp_path):
     rows = [{**ev.empty_row(ev.Setting("dense", "dense", "", {}, torch.nn.Identity())), "top1": 50.0, "gflops": 1.0}]
     stage = outputs.StagedOutputs(tmp_path / "e")

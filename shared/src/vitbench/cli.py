@@ -71,7 +71,8 @@ def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], in
         if os.environ.get("VITBENCH_TRACEBACK"):
             raise
         stop = e if isinstance(e, Interrupted) else Interrupted("SIGINT")
-        open_bar = any(not bar.disable for bar in list(getattr(tqdm, "_instances", ())))  # a line left unfinished
+        # a line left unfinished by an open bar (one the signal stopped in its constructor has drawn nothing)
+        open_bar = any(not getattr(bar, "disable", True) for bar in list(getattr(tqdm, "_instances", ())))
         print(f"{chr(10) * open_bar}{parser.prog}: {stop}", file=sys.stderr, flush=True)
         return stop.code
 
