@@ -53,7 +53,7 @@ def dense_row(tag: str, key: str, model: evit.EViT, shared) -> ev.Setting:
 
     def step(x, y, index):
         hidden = shared.hidden(key, model, x, index, len(model.blocks))
-        return backbones.head_from_hidden(model, hidden), torch.tensor(g)
+        return backbones.for_model(model).head(model, hidden), torch.tensor(g)
 
     params = {"keep_rate": model.keep_rate, "drop_loc": list(model.drop_loc), "weights": tag, "model": EVIT_MODEL}
     return ev.Setting("evit", f"EViT {tag}", f"keep {model.keep_rate:g}", params, model, gflops=g, step=step)

@@ -111,7 +111,7 @@ def load_model(cfg: ev.EvalConfig) -> torch.nn.Module:
     """The dense model as given, in eval mode: vitbench's loader, or for a backbone that reads its own checkpoints
     (a CvT: official / HuggingFace layouts) :func:`ats.backbones.load_weights` with ``--checkpoint`` or the shipped
     weights of an embedded one."""
-    if not backbones.owns_weights(cfg.model):
+    if not backbones.for_name(cfg.model).owns_weights:
         return ev.load_model(cfg)
     if cfg.pretrained:
         raise ValueError(f"timm has no pretrained weights for {cfg.model}; give --checkpoint PATH "
@@ -125,8 +125,9 @@ def load_model(cfg: ev.EvalConfig) -> torch.nn.Module:
 def model_runs(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> tuple[Run, ...]:
     """The ATS configurations for ``cfg.model``: :meth:`ATSEvalConfig.runs` on a ViT; on another backbone (CvT) rho 1
     (K = N) and the requested ``--rho`` / ``--k`` (default 1 / 0.87 / 0.72) in ``--stages`` (default: the backbone's,
-    :func:`ats.backbones.default_stages`), the paper's fine-tuned point on rho 1 at the paper's placement."""
-    default = backbones.default_stages(cfg.model)
+    :attr:`ats.backbones.Backbone.stages`), the paper's fine-tuned point on rho 1 at the paper's placement."""
+    family = backbones.for_name(cfg.model)
+    default = family.stages
     if default == MULTI:
         runs = opts.runs(embedded=_embedded(cfg))
         if reports_deit_s(cfg.model, cfg.img_size):
@@ -138,16 +139,16 @@ def model_runs(cfg: ev.EvalConfig, opts: ATSEvalConfig) -> tuple[Run, ...]:
     paper_ft = (cvt_finetuned_paper(cfg.model) or evit_finetuned_paper(cfg.model)) if stages == default and \
         not opts.variant and dense_paper(cfg.model, cfg.img_size) else ()
     series = "ATS " + "+".join(opts.variant) if opts.variant else "ATS"
-    series += f" k-rule {opts.k_rule}" if cfg.model in evit.EVIT_MODELS else ""  # how rho sets an EViT's K_n
-    at = backbones.paper_rho(cfg.model)  # the paper's fine-tuned point: rho 1 (CvT), 0.7 (EViT, Table A.5)
-    sweep = opts.k or opts.rho or backbones.default_rho(cfg.model, DEFAULT_RHO)
+    series += f" k-rule {opts.k_rule}" if family.takes_k_rule else ""  # how rho sets an EViT's K_n
+    at = family.rho  # the paper's fine-tuned point: rho 1 (CvT), 0.7 (EViT, Table A.5)
+    sweep = opts.k or opts.rho or family.sweep(DEFAULT_RHO)
     return tuple(Run(tuple(stages), v, opts.mode, opts.variant, series, paper_finetuned=paper_ft if v == at else ())
                  for v in dict.fromkeys((1.0, *map(float, sweep))))
 
 
 def _patched(model, run: Run, seed: int, k_rule: str = "evit"):
     return backbones.apply(copy.deepcopy(model), stages=run.stages, mode=run.mode, variant=run.variant, seed=seed,
-                           **run.size, **backbones.apply_options(model, k_rule)).eval()
+                           **run.size, **backbones.for_model(model).options(k_rule)).eval()
 
 
 def _check_runs(runs, geom, name: str, scope: str = "blocks") -> None:
@@ -164,7 +165,7 @@ def dense_settings(cfg, model, base, geom, shared: SharedBlocks) -> list[ev.Sett
     dense_g, paper = dense_gmacs(backbones.geometry(model)), dense_paper(cfg.model, cfg.img_size)
 
     def on_base(gflops):
-        return lambda x, y, i: (backbones.head_from_hidden(base, shared.hidden("", base, x, i, geom.depth)),
+        return lambda x, y, i: (backbones.for_model(base).head(base, shared.hidden("", base, x, i, geom.depth)),
                                 torch.tensor(gflops))
 
     if base is model:
@@ -186,7 +187,8 @@ def build_settings(cfg, opts, model, finetuned, loader, spec, base=None, runs=No
 
     base = model if base is None else base
     runs = opts.runs(embedded=_embedded(cfg)) if runs is None else runs
-    geom = backbones.geometry(base)
+    family = backbones.for_model(base)
+    geom = family.geometry(base)
     plans = [("", base, runs, None)]
     plans += [("fine-tuned", m, r, name) for m, r, name in finetuned]
     reference = tuple(r for r in runs if r.paper_finetuned)
@@ -194,8 +196,8 @@ def build_settings(cfg, opts, model, finetuned, loader, spec, base=None, runs=No
                                                            or isinstance(base, (evit.EViT, psvit.PSViT))):
         plans.append(("fine-tuned", base, reference, None))
     for _, _, rs, _ in plans:
-        _check_runs(rs, geom, cfg.model, backbones.block_scope(base))
-    shared = SharedBlocks({name or "": {backbones.resume_point(w, run.stages) for run in rs}
+        _check_runs(rs, geom, cfg.model, family.scope)
+    shared = SharedBlocks({name or "": {family.resume_point(w, run.stages) for run in rs}
                            for _, w, rs, name in plans})
     settings = dense_settings(cfg, model, base, geom, shared)
     for tag, weights, rs, name in plans:
@@ -207,7 +209,7 @@ def build_settings(cfg, opts, model, finetuned, loader, spec, base=None, runs=No
             m = _patched(weights, run, cfg.seed, opts.k_rule)
             bound = upper_bound_gmacs(geom, m.record.config)
             params = {**run.params(), "weights": tag or "given", **({"weights_file": name} if name else {}),
-                      **({"k_rule": opts.k_rule} if backbones.apply_options(weights, opts.k_rule) else {})}
+                      **family.options(opts.k_rule)}
             series = run.series_for(tag or ("off-the-shelf" if len(plans) > 1 else ""))
             s = ev.Setting("ats", series, run.point, params, m, gflops=bound, paper=paper,
                            extra={"gflops_upper_bound": bound})
@@ -251,7 +253,7 @@ def _attach_probe(s: ev.Setting, geom, keep, loader, spec, figures, cfg, shared:
     """The per-batch hook (logits, per-image GMACs, kept-token counts, kept tokens of the drawn images, share of
     the last stage's tokens on the digit box) and the figures after the pass."""
     model, stages = s.model, s.model.record.config.stages
-    first = backbones.resume_point(model, stages)
+    first = backbones.for_model(model).resume_point(model, stages)
     counts, kept, on_object, at_random = [], {}, [], []
 
     def step(images, labels, index):
@@ -305,7 +307,7 @@ def command(args: argparse.Namespace) -> int:
     except TypeError as e:
         raise ValueError(f"{cfg.model}: {e}") from None
     runs = model_runs(cfg, opts)
-    plan_runs = None if backbones.default_stages(cfg.model) == MULTI else runs  # a ViT's files: opts.runs()
+    plan_runs = None if backbones.for_name(cfg.model).stages == MULTI else runs  # a ViT's files: opts.runs()
     finetuned = [(backbones.load_weights(copy.deepcopy(base), path).eval(), r, path.name)
                  for path, r in finetuned_plans(cfg, opts, plan_runs)]
     if opts.preset:

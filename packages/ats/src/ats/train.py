@@ -83,7 +83,7 @@ def ats_config_from_args(ns: argparse.Namespace) -> ATSTrainConfig:
     if ns.rho is not None and ns.k is not None:
         raise ValueError("give --rho or --k, not both")
     rho = None if ns.k is not None else (1.0 if ns.rho is None else ns.rho)
-    stages = ns.stages or video_train.default_stages(ns.model) or backbones.default_stages(ns.model)
+    stages = ns.stages or video_train.default_stages(ns.model) or backbones.for_name(ns.model).stages
     return ATSTrainConfig(None if ns.no_ats else tuple(stages), rho, ns.k, ns.mode, tuple(ns.variant))
 
 
@@ -91,8 +91,9 @@ def build_model(cfg: TrainConfig, ats_cfg: ATSTrainConfig):
     if cfg.model in VIDEO_MODELS:
         return video_train.build_model(cfg, ats_cfg)
     kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
-    if backbones.owns_weights(cfg.model):  # a CvT: linear stage 3 for ATS, its own checkpoint layouts
-        kwargs.update(backbones.ats_build_kwargs(cfg.model) if ats_cfg.stages is not None else {})
+    family = backbones.for_name(cfg.model)
+    if family.owns_weights:  # CvT, PS-ViT, EViT: their own checkpoint layouts (a CvT: linear stage 3 for ATS)
+        kwargs.update(family.build_kwargs if ats_cfg.stages is not None else {})
         model = vitbench.create_model(cfg.model, pretrained=cfg.pretrained, drop_path_rate=cfg.drop_path, **kwargs)
         if cfg.checkpoint:
             backbones.load_weights(model, cfg.checkpoint)

@@ -4,15 +4,19 @@ records per-image token counts in :class:`ats.patch.ATSRecord`.
 
 A backbone's ATS-able blocks are timm ``Block`` s in ``model.blocks`` on a token sequence with the CLS first; it
 provides ``embed_tokens(x)`` (the input of those blocks) and ``token_grid(x)``, an ``apply`` and a FLOPs geometry
-with ``depth``, ``num_tokens``, ``grid``, ``at_grid`` and ``gmacs(tokens_per_block, layernorm)``. :func:`apply`,
-:func:`check_structure` and :func:`geometry` pick the backbone's (the timm ViT's for any other model).
+with ``depth``, ``num_tokens``, ``grid``, ``at_grid`` and ``gmacs(tokens_per_block, layernorm)``. Each family is one
+:class:`Backbone` in :data:`BACKBONES`; :func:`for_model` and :func:`for_name` pick it (timm's ViT, :data:`VIT`, for
+any other model). Adding a family is adding its record.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from vitbench.flops import ViTGeometry
 from vitbench.models import load_checkpoint, load_state, read_state_dict
 
@@ -20,101 +24,89 @@ from .. import patch
 from . import cvt, evit, psvit
 
 
-def apply(model: nn.Module, *args, **kwargs) -> nn.Module:
-    """ATS on ``model``: :func:`ats.backbones.cvt.apply` for a CvT, :func:`ats.patch.apply` otherwise (the
-    arguments and their defaults are theirs: CvT stage 3's blocks 0..8, a ViT's blocks 3..11)."""
-    if isinstance(model, psvit.PSViT):  # the transformer module's layers 1..9
-        return psvit.apply(model, *args, **kwargs)
-    if isinstance(model, evit.EViT):  # blocks 4, 5, 7, 8, 10, 11 (Table A.5)
-        return evit.apply(model, *args, **kwargs)
-    return (cvt.apply if isinstance(model, cvt.CvT) else patch.apply)(model, *args, **kwargs)
+def _first_stage(model: nn.Module, stages) -> int:
+    return min(stages)
 
 
-def check_structure(model: nn.Module) -> None:
-    """The backbone's structure check (``TypeError`` / ``ValueError`` naming what ATS cannot patch)."""
-    if isinstance(model, psvit.PSViT):
-        return psvit.check_structure(model)
-    if isinstance(model, evit.EViT):
-        return evit.check_structure(model)
-    (cvt.check_structure if isinstance(model, cvt.CvT) else patch.check_structure)(model)
+def _normed_head(model: nn.Module, hidden: Tensor) -> Tensor:
+    return model.forward_head(model.norm(hidden))
 
 
-def geometry(model: nn.Module):
-    """What ``model``'s FLOPs depend on: :class:`~ats.backbones.cvt.CvTGeometry` or
-    :class:`~vitbench.flops.ViTGeometry` (or :class:`~ats.backbones.psvit.PSViTGeometry`)."""
-    if isinstance(model, psvit.PSViT):
-        return psvit.PSViTGeometry.from_model(model)
-    if isinstance(model, evit.EViT):  # its reorganising blocks' counts
-        return evit.EViTGeometry.from_model(model)
-    return cvt.CvTGeometry.from_model(model) if isinstance(model, cvt.CvT) else ViTGeometry.from_model(model)
+def _itself(model: nn.Module) -> nn.Module:
+    return model
 
 
-def default_stages(name: str) -> tuple[int, ...]:
-    """The paper's ATS blocks for model ``name``, known before it is built: CvT stage 3's 0..8 (App. E.2), a ViT's
-    3..11 (PS-ViT: its transformer module's 1..9)."""
-    if name in psvit.PSVIT_MODELS:
-        return psvit.STAGES
-    if name in evit.EVIT_MODELS:  # EViT + ATS, Table A.5
-        return evit.STAGES
-    return cvt.STAGES if name in cvt.CVT_MODELS else tuple(range(3, 12))
+@dataclass(frozen=True)
+class Backbone:
+    """One family's ATS integration: which models it covers, where the paper puts ATS, and how to patch, count,
+    load and evaluate them."""
+
+    model_class: type[nn.Module] | None  # None: timm's ViT (any model no other record claims)
+    model_names: tuple[str, ...]  # its timm names, known before a model is built
+    stages: tuple[int, ...]  # the paper's ATS blocks
+    apply: Callable[..., nn.Module]
+    check_structure: Callable[[nn.Module], None]  # TypeError / ValueError naming what ATS cannot patch
+    geometry: Callable[[nn.Module], Any]  # what its FLOPs depend on
+    load: Callable[[nn.Module, dict[str, Tensor], str | Path], nn.Module] | None = None  # its own layouts
+    scope: str = "blocks"  # where its block indices count, for messages
+    build_kwargs: Mapping[str, Any] = field(default_factory=dict)  # what a model is built with to take ATS
+    rho: float = 1.0  # the paper's fine-tuned point; ats-eval's sweep without --rho / --k when not 1
+    takes_k_rule: bool = False  # its apply takes k_rule (how rho sets K_n)
+    resume_point: Callable[[nn.Module, Any], int] = _first_stage  # the block ATS rows may start from
+    head: Callable[[nn.Module, Tensor], Tensor] = _normed_head  # logits from the output of all its blocks
+    sampling_model: Callable[[nn.Module], nn.Module] = _itself  # the model ATS samples in (eval mode)
+
+    @property
+    def owns_weights(self) -> bool:
+        """Whether it reads its checkpoints through :func:`load_weights` rather than vitbench's timm loader."""
+        return self.load is not None
+
+    def sweep(self, default: tuple[float, ...]) -> tuple[float, ...]:
+        """The rho sweep ``ats-eval`` runs without ``--rho`` / ``--k``: the paper's point when it is not 1 (next
+        to rho 1, K = N), ``default`` otherwise."""
+        return default if self.rho == 1.0 else (self.rho,)
+
+    def options(self, k_rule: str) -> dict:
+        """Its own :func:`apply` arguments: an EViT's ``k_rule``."""
+        return {"k_rule": k_rule} if self.takes_k_rule else {}
 
 
-def owns_weights(name: str) -> bool:
-    """Whether model ``name`` reads its checkpoints through :func:`load_weights` (a CvT: the official and HF layouts)
-    rather than vitbench's timm loader."""
-    return name in cvt.CVT_MODELS or name in psvit.PSVIT_MODELS or name in evit.EVIT_MODELS
+def _fitting(path: str | Path, family: str, load: Callable[[], nn.Module]) -> nn.Module:
+    try:
+        return load()
+    except (ValueError, RuntimeError) as e:  # a foreign layout or mis-shaped tensors (another class count)
+        raise ValueError(f"checkpoint {path} does not fit {family}: {str(e).splitlines()[0][:300]}") from None
 
 
-def ats_build_kwargs(name: str) -> dict:
-    """What model ``name`` is built with to take ATS: a CvT's ``projection="linear"`` stage 3 (App. E.2)."""
-    return {"projection": "linear"} if name in cvt.CVT_MODELS else {}
+def _load_psvit(model: psvit.PSViT, state: dict[str, Tensor], path: str | Path) -> nn.Module:
+    """The released PS-ViT layout."""
+    return _fitting(path, type(model).__name__, lambda: psvit.load_psvit_state(model, state))
 
 
-def block_scope(model: nn.Module) -> str:
-    """Where ``model``'s ATS block indices count, for messages: ``"stage-3 blocks"`` (CvT), ``"transformer-module
-    layers"`` (PS-ViT) or ``"blocks"``."""
-    if isinstance(model, psvit.PSViT):
-        return "transformer-module layers"
-    return "stage-3 blocks" if isinstance(model, cvt.CvT) else "blocks"
-
-
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load the checkpoint ``path`` into ``model`` (strict; ``ValueError`` naming the file when it does not fit).
-
-    A CvT reads the official and HuggingFace layouts (:func:`~ats.backbones.cvt.load_cvt_state`: ``dw_bn`` weights,
-    folded for a ``linear`` stage 3) and this package's own ``linear`` checkpoints (``ats-train`` output) as they are;
-    any other model goes through vitbench's loader."""
-    if isinstance(model, psvit.PSViT):  # the released layout
-        try:
-            return psvit.load_psvit_state(model, read_state_dict(path))
-        except (ValueError, RuntimeError) as e:
-            raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: "
-                             f"{str(e).splitlines()[0][:300]}") from None
-    if isinstance(model, evit.EViT):  # the released EViT / DeiT layout, unknown keys refused by name
-        try:
-            load_state(model, evit.convert_state_dict(read_state_dict(path)), path)
-        except ValueError as e:
-            raise ValueError(f"checkpoint {path} does not fit EViT: {str(e).splitlines()[0][:300]}") from None
+def _load_evit(model: evit.EViT, state: dict[str, Tensor], path: str | Path) -> nn.Module:
+    """The released EViT / DeiT layout, unknown keys refused by name."""
+    def load() -> nn.Module:
+        load_state(model, evit.convert_state_dict(state), path)
         return model
-    if not isinstance(model, cvt.CvT):
-        return load_checkpoint(model, path)
-    state = read_state_dict(path)
+
+    return _fitting(path, "EViT", load)
+
+
+def _load_cvt(model: cvt.CvT, state: dict[str, Tensor], path: str | Path) -> nn.Module:
+    """The official and HuggingFace layouts (:func:`~ats.backbones.cvt.load_cvt_state`: ``dw_bn`` weights, folded
+    for a ``linear`` stage 3) and this package's own ``linear`` checkpoints (``ats-train`` output) as they are."""
     if any(".attn.qkv." in k for k in state):  # a linear stage 3 (ours): no conversion
         if model.projection != "linear":
             raise ValueError(f"checkpoint {path} has a linear stage 3 (an ATS CvT); it does not fit a dw_bn CvT")
         load_state(model, state, path)
         return model
-    try:
-        return cvt.load_cvt_state(model, state)
-    except (ValueError, RuntimeError) as e:  # a foreign layout or mis-shaped tensors (another class count)
-        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: {str(e).splitlines()[0][:300]}") \
-            from None
+    return _fitting(path, type(model).__name__, lambda: cvt.load_cvt_state(model, state))
 
 
-def linear_variant(model: nn.Module) -> nn.Module:
-    """The model ATS samples in, in eval mode: for a ``dw_bn`` CvT a ``linear``-stage-3 copy with its weights folded
-    (:func:`~ats.backbones.cvt.fold_projections`, the training-free start); ``model`` itself otherwise."""
-    if not isinstance(model, cvt.CvT) or model.projection == "linear":
+def _cvt_linear(model: cvt.CvT) -> nn.Module:
+    """For a ``dw_bn`` CvT a ``linear``-stage-3 copy with its weights folded
+    (:func:`~ats.backbones.cvt.fold_projections`, the training-free start); a ``linear`` one itself."""
+    if model.projection == "linear":
         return model
     qkv_bias = model.stages[0].blocks[0].attn.proj_q.bias is not None
     linear = cvt.CvT(model.img_size, model.in_chans, model.num_classes, model.depths, model.dims, model.heads,
@@ -124,30 +116,62 @@ def linear_variant(model: nn.Module) -> nn.Module:
     return linear.to(next(model.parameters()).device).eval()
 
 
-def head_from_hidden(model: nn.Module, hidden):
-    """Logits from the output of all of ``model``'s ATS-able blocks run dense (:func:`ats.patch.dense_hidden`)."""
-    return model.forward_head(hidden if isinstance(model, cvt.CvT) else model.norm(hidden))
+def _evit_resume_point(model: evit.EViT, stages) -> int:
+    """No later than the first reorganising block: the kept tokens' original indices come from running it."""
+    return min(min(stages), *model.drop_loc)
 
 
-def resume_point(model: nn.Module, stages) -> int:
-    """The block whose input the ATS rows of ``model`` may start from (:class:`ats.evaluate.SharedBlocks`): the
-    first ATS stage, but no later than an EViT's first reorganising block (its kept tokens' original indices come
-    from running it)."""
-    first = min(stages)
-    return min(first, *model.drop_loc) if isinstance(model, evit.EViT) else first
+BACKBONES = (
+    Backbone(cvt.CvT, tuple(cvt.CVT_MODELS), cvt.STAGES, cvt.apply, cvt.check_structure, cvt.CvTGeometry.from_model,
+             _load_cvt, scope="stage-3 blocks", build_kwargs={"projection": "linear"},  # App. E.2
+             head=lambda model, hidden: model.forward_head(hidden), sampling_model=_cvt_linear),
+    Backbone(psvit.PSViT, tuple(psvit.PSVIT_MODELS), psvit.STAGES, psvit.apply, psvit.check_structure,
+             psvit.PSViTGeometry.from_model, _load_psvit, scope="transformer-module layers"),
+    Backbone(evit.EViT, tuple(evit.EVIT_MODELS), evit.STAGES, evit.apply, evit.check_structure,  # Table A.5
+             evit.EViTGeometry.from_model, _load_evit, rho=evit.ATS_RHO, takes_k_rule=True,
+             resume_point=_evit_resume_point),
+)
+VIT = Backbone(None, (), tuple(range(3, 12)), patch.apply, patch.check_structure, ViTGeometry.from_model)
 
 
-def apply_options(model: nn.Module, k_rule: str) -> dict:
-    """Backbone-specific :func:`apply` arguments: an EViT's ``k_rule`` (how Table A.5's rho sets K_n)."""
-    return {"k_rule": k_rule} if isinstance(model, evit.EViT) else {}
+def for_model(model: nn.Module) -> Backbone:
+    """``model``'s family (:data:`VIT` for any model no other record claims)."""
+    return next((b for b in BACKBONES if isinstance(model, b.model_class)), VIT)
 
 
-def default_rho(name: str, default: tuple[float, ...]) -> tuple[float, ...]:
-    """The rho sweep ``ats-eval`` runs on model ``name`` without ``--rho`` / ``--k``: Table A.5's 0.7 for an EViT
-    (next to rho 1, K = N), ``default`` otherwise."""
-    return (evit.ATS_RHO,) if name in evit.EVIT_MODELS else default
+def for_name(name: str) -> Backbone:
+    """The family of the timm model ``name``, known before it is built."""
+    return next((b for b in BACKBONES if name in b.model_names), VIT)
 
 
-def paper_rho(name: str) -> float:
-    """The rho of the paper's fine-tuned ATS point for model ``name``: 0.7 for EViT (Table A.5), 1 otherwise."""
-    return evit.ATS_RHO if name in evit.EVIT_MODELS else 1.0
+def apply(model: nn.Module, *args, **kwargs) -> nn.Module:
+    """ATS on ``model`` with its family's ``apply`` (the arguments and their defaults are theirs: a ViT's blocks
+    3..11, CvT stage 3's blocks 0..8, PS-ViT's layers 1..9, EViT's blocks 4, 5, 7, 8, 10, 11)."""
+    return for_model(model).apply(model, *args, **kwargs)
+
+
+def check_structure(model: nn.Module) -> None:
+    """The family's structure check (``TypeError`` / ``ValueError`` naming what ATS cannot patch)."""
+    for_model(model).check_structure(model)
+
+
+def geometry(model: nn.Module):
+    """What ``model``'s FLOPs depend on: :class:`~vitbench.flops.ViTGeometry` or its family's (e.g.
+    :class:`~ats.backbones.cvt.CvTGeometry`)."""
+    return for_model(model).geometry(model)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load the checkpoint ``path`` into ``model`` (strict; ``ValueError`` naming the file when it does not fit):
+    with its family's own layouts (a CvT: official and HuggingFace; PS-ViT and EViT: the released ones), or
+    vitbench's loader."""
+    family = for_model(model)
+    if not family.owns_weights:
+        return load_checkpoint(model, path)
+    return family.load(model, read_state_dict(path), path)
+
+
+def linear_variant(model: nn.Module) -> nn.Module:
+    """The model ATS samples in: for a ``dw_bn`` CvT a ``linear``-stage-3 copy with its weights folded; ``model``
+    itself otherwise."""
+    return for_model(model).sampling_model(model)
