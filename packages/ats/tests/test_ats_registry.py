@@ -52,3 +52,16 @@ def test_deit_s_name_equals_apply_on_deit_s():
     assert named.pretrained_cfg["architecture"] == "deit_small_patch16_224"  # timm's data config is DeiT-S's
     torch.manual_seed(2)
     _same(named, applied, torch.randn(2, 3, 224, 224))
+
+
+def test_every_backbone_name_builds_a_model_of_its_family():
+    """``for_name`` (before building) and ``for_model`` (after) agree for every name a family lists, and timm's ViT
+    is the family of everything else."""
+    from ats import backbones
+
+    for family in backbones.BACKBONES:
+        for name in family.model_names:
+            model = timm.create_model(name)
+            assert backbones.for_model(model) is family is backbones.for_name(name), name
+    assert backbones.for_name("vit_digits_patch8_112") is backbones.VIT
+    assert backbones.for_model(timm.create_model("vit_digits_patch8_112")) is backbones.VIT
