@@ -48,14 +48,14 @@ def test_pool_and_config():
     p = argparse.ArgumentParser()
     bench.add_arguments(p, "runs/bench/x.json")
     with pytest.raises(ValueError, match="--threads 1"):
-        bench.config(p.parse_args(["--threads", "2"]))
+        bench.config(p.parse_args(["--threads", "2"]), "toy")
     with pytest.raises(ValueError, match="positive"):
-        bench.config(p.parse_args(["--batch-sizes", "0"]))
-    assert bench.config(p.parse_args([])).weight_layout == "transposed"
+        bench.config(p.parse_args(["--batch-sizes", "0"]), "toy")
+    assert bench.config(p.parse_args([]), "toy").weight_layout == "transposed"
     linear = torch.nn.Linear(4, 3)
-    assert bench.laid_out(linear, bench.config(p.parse_args(["--weight-layout", "timm"]))).weight.is_contiguous()
-    assert bench.laid_out(linear, bench.config(p.parse_args([]))).weight.t().is_contiguous()
-    assert bench.laid_out(None, bench.config(p.parse_args([]))) is None  # no released checkout
+    assert bench.laid_out(linear, bench.config(p.parse_args(["--weight-layout", "timm"]), "toy")).weight.is_contiguous()
+    assert bench.laid_out(linear, bench.config(p.parse_args([]), "toy")).weight.t().is_contiguous()
+    assert bench.laid_out(None, bench.config(p.parse_args([]), "toy")) is None  # no released checkout
 
 
 def test_summary_is_one_table_of_every_file(tmp_path, capsys):
@@ -97,17 +97,20 @@ def test_released_argument_and_path(tmp_path, monkeypatch):
     assert bench.released_path(str(tmp_path), "a/b.py") == tmp_path
 
 
-def test_json_replaces_only_an_earlier_benchmark_result(tmp_path):
-    """A benchmark's --json never replaces another command's file (checked by ``config``, before any timing); an
-    earlier benchmark result is replaced, once, atomically."""
+def test_json_replaces_only_an_earlier_result_of_the_same_benchmark(tmp_path):
+    """A benchmark's --json never replaces another command's file, nor another benchmark's (checked by ``config``,
+    before any timing); its own earlier result is replaced, once, atomically."""
     p = argparse.ArgumentParser()
     bench.add_arguments(p, str(tmp_path / "x.json"))
     foreign = tmp_path / "flops.json"
     foreign.write_text(json.dumps({"model": "m", "img_size": 112, "gmacs": 1.0}))
     with pytest.raises(ValueError, match="is not an earlier result of this command; it is never replaced"):
-        bench.config(p.parse_args(["--json", str(foreign)]))
-    cfg = bench.config(p.parse_args([]))
-    bench.report("one", [{"name": "dense", "batch_size": 1}], cfg)
-    bench.report("two", [{"name": "dense", "batch_size": 1}], bench.config(p.parse_args([])))
-    assert json.loads((tmp_path / "x.json").read_text())["benchmark"] == "two"
+        bench.config(p.parse_args(["--json", str(foreign)]), "one")
+    bench.report([{"name": "dense", "batch_size": 1}], bench.config(p.parse_args([]), "one"))
+    bench.report([{"name": "dense", "batch_size": 2}], bench.config(p.parse_args([]), "one"))
+    written = json.loads((tmp_path / "x.json").read_text())
+    assert written["benchmark"] == "one" and written["rows"][0]["batch_size"] == 2
+    with pytest.raises(ValueError, match="is not an earlier result of this command; it is never replaced"):
+        bench.config(p.parse_args([]), "two")
+    assert json.loads((tmp_path / "x.json").read_text()) == written
     assert sorted(f.name for f in tmp_path.iterdir()) == ["flops.json", "x.json"]

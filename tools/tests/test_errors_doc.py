@@ -114,7 +114,7 @@ CASES = [
     ("Video", "`ats-train --pretrained` on a video model", [f"ats-train {VIDEO} --pretrained"]),
     ("Other", "`vitbench-flops --json afile`, `vitbench-throughput --json afile`, a "
      "benchmark's `--json` (an existing file that is no earlier result of the same command: another run's "
-     "`results.json`, an evaluation's, a non-JSON file; its own earlier output is replaced)",
+     "`results.json`, an evaluation's, another benchmark's, a non-JSON file; its own earlier output is replaced)",
      ["vitbench-flops --json afile", "vitbench-throughput --json afile"]),
     ("Training", "`liferegress-train --resume auto` into a finished run whose stage folders are gone, or into "
      "another command's results (a finished run with its stages is reported instead: `R holds a finished run "

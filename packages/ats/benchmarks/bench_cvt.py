@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command(args: argparse.Namespace) -> int:
-    cfg = bench.config(args)
-    bench.report("ats-cvt", measure(args, cfg), cfg, model=args.model, mode=args.mode, rho=args.rho)
+    cfg = bench.config(args, "ats-cvt")
+    bench.report(measure(args, cfg), cfg, model=args.model, mode=args.mode, rho=args.rho)
     return 0
 
 

@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 def command(args: argparse.Namespace) -> int:
     if released_path(args.released) is not None and (1.0 not in args.rho or args.mode != "official"):
         raise ValueError("--released compares against ATS rho 1 in official mode: add 1 to --rho")
-    cfg = bench.config(args)
-    bench.report("ats", measure(args, cfg), cfg, model=args.model, mode=args.mode)
+    cfg = bench.config(args, "ats")
+    bench.report(measure(args, cfg), cfg, model=args.model, mode=args.mode)
     return 0
 
 

@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command(args: argparse.Namespace) -> int:
-    cfg = bench.config(args)
-    bench.report("ats-video", measure(args, cfg), cfg, rho=args.rho, mode=args.mode)
+    cfg = bench.config(args, "ats-video")
+    bench.report(measure(args, cfg), cfg, rho=args.rho, mode=args.mode)
     return 0
 
 

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def command(args: argparse.Namespace) -> int:
     if not 0.0 <= args.focus_fraction <= 1.0:
         raise ValueError("--focus-fraction must be in [0, 1]")
-    cfg = bench.config(args)
+    cfg = bench.config(args, "lfvit")
     torch.manual_seed(cfg.seed)
     model = bench.laid_out(bench.peaked(timm.create_model("lfvit_deit_small_patch16_224"), cfg.peak), cfg)
     dense = bench.laid_out(VisionTransformer(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6).eval(),
@@ -160,7 +160,7 @@ def command(args: argparse.Namespace) -> int:
         operating.append(point)
         print(f"batch {b}: {reached:.3f} of {len(pool)} images to focus (eta {eta:.6f}), "
               f"{stages.expected(reached):.3f} GFLOPs vs dense {dense_g:.3f}: ideal {ideal:.2f}x{against}")
-    bench.report("lfvit", rows, cfg, operating_points=operating, dense_gflops=dense_g)
+    bench.report(rows, cfg, operating_points=operating, dense_gflops=dense_g)
     return 0
 
 

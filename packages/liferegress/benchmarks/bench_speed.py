@@ -100,7 +100,7 @@ def train_step(model: torch.nn.Module, targets: torch.Tensor):
 def command(args: argparse.Namespace) -> int:
     if args.train_repeats < 0:
         raise ValueError("--train-repeats must be >= 0")
-    cfg = bench.config(args)
+    cfg = bench.config(args, "liferegress")
     torch.manual_seed(cfg.seed)
     dense = bench.laid_out(bench.peaked(timm.create_model(args.model, pretrained=False), cfg.peak), cfg)
     ours = liferegress.apply(copy.deepcopy(dense), keep_rate=args.rho).eval()
@@ -137,7 +137,7 @@ def command(args: argparse.Namespace) -> int:
         training = [{"name": r["name"], "batch_size": r["batch_size"], "median_s": r["median_ms"] / 1e3,
                      "min_s": r["min_ms"] / 1e3, "ratio_vs_plain": 1 / r["speedup"]} for r in train_rows]
 
-    bench.report("liferegress", rows, cfg, training=training, released_available=released is not None,
+    bench.report(rows, cfg, training=training, released_available=released is not None,
                  gflops={"dense": model_gmacs(dense), "liferegress": model_gmacs(ours)})
     if training:
         print()

@@ -42,7 +42,7 @@ from .throughput import CLOCKS, LEGEND, compare, transpose_linear_weights, warn_
 
 MIN_IMAGES = 9  # at batch 1, nine forwards (LF-ViT: 2 of 9 = 22 % reach the focus stage)
 # What every benchmark's --json holds (report): an existing file without these keys is another command's (an
-# evaluation's results.json has no "benchmark") and never replaced.
+# evaluation's results.json has no "benchmark") and never replaced, nor is another benchmark's.
 OWN_JSON = has_keys("benchmark", "config", "environment", "rows")
 COMPILE_CHOICES = ("none", "dense", "all")
 WEIGHT_LAYOUTS = ("transposed", "timm")
@@ -73,6 +73,7 @@ class BenchConfig:
     clock: str = "thread"
     seed: int = 0
     json: str = ""
+    benchmark: str = ""  # its name in the JSON and the table
 
 
 def add_arguments(parser: argparse.ArgumentParser, json_default: str, **defaults: Any) -> None:
@@ -104,19 +105,20 @@ def add_arguments(parser: argparse.ArgumentParser, json_default: str, **defaults
     parser.add_argument("--json", default=json_default, help=f"where to write the results (default: {json_default})")
 
 
-def config(args: argparse.Namespace) -> BenchConfig:
-    """Checked :class:`BenchConfig` from :func:`add_arguments`' flags (``ValueError`` on bad values); sets the
+def config(args: argparse.Namespace, benchmark: str) -> BenchConfig:
+    """Checked :class:`BenchConfig` of the benchmark named ``benchmark`` from :func:`add_arguments`' flags
+    (``ValueError`` on bad values, or on a ``--json`` file that is not an earlier result of this benchmark); sets the
     thread count."""
     if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0 or args.peak <= 0 or args.threads < 0:
         raise ValueError("--batch-sizes, --repeats and --peak must be positive, --warmup and --threads >= 0")
     if args.clock == "thread" and args.threads != 1:
         raise ValueError("--clock thread measures one thread's CPU time: use it with --threads 1")
     check_writable_file(args.json)
-    check_own_json(args.json, OWN_JSON)
+    check_own_json(args.json, lambda data: OWN_JSON(data) and data["benchmark"] == benchmark)
     if args.threads:
         torch.set_num_threads(args.threads)
     return BenchConfig(tuple(args.batch_sizes), args.compile, args.peak, args.weight_layout, args.warmup, args.repeats,
-                       args.threads, args.clock, args.seed, args.json)
+                       args.threads, args.clock, args.seed, args.json, benchmark)
 
 
 def peaked(model: torch.nn.Module, peak: float) -> torch.nn.Module:
@@ -231,10 +233,9 @@ def environment(cfg: BenchConfig) -> dict:
             "loadavg": os.getloadavg()}
 
 
-def report(benchmark: str, rows: list[dict], cfg: BenchConfig, **extra: Any) -> None:
+def report(rows: list[dict], cfg: BenchConfig, **extra: Any) -> None:
     """Print the table and write ``{"benchmark", "config", "environment", "rows", **extra}`` to ``cfg.json``."""
-
-    env = environment(cfg)
+    benchmark, env = cfg.benchmark, environment(cfg)
     write_json(cfg.json, {"benchmark": benchmark, "config": asdict(cfg), "environment": env, "rows": rows, **extra})
     print(markdown_table(rows, [c for c in COLUMNS if any(c in r for r in rows)], digits=3))
     print(f"speedup*: the reference's median time / this row's; {LEGEND.split('; ')[-1]}")
