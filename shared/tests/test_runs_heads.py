@@ -1,5 +1,6 @@
 """--num-classes on every *-train (a new head, the old one's weights dropped, said in one line) and --report-to
-tensorboard (the ats-train side: packages/ats/tests/test_ats_train_runs.py)."""
+(the ats-train side: packages/ats/tests/test_ats_train_runs.py): each tracker's records read back with its own
+reader (vitbench's test extra installs tensorboard, wandb and mlflow)."""
 
 import json
 import os
@@ -69,12 +70,67 @@ def test_report_to_tensorboard_writes_the_logged_scalars(tmp_path):
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
-def test_report_to_a_tracker_that_is_not_installed_is_one_line(tmp_path, capsys, tracker):
+def test_report_to_a_tracker_that_is_not_installed_is_one_line(tmp_path, capsys, monkeypatch, tracker):
     import importlib.util
 
-    if importlib.util.find_spec(tracker):
-        pytest.skip(f"{tracker} is installed")
+    from vitbench.engine import tracking
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec",
+                        lambda name, *a: None if name == tracker else real(name, *a))  # as if not installed
     assert train_main(["--cpu", "--report-to", tracker, "--output-dir", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"vitbench-train: error: --report-to {tracker}: the {tracker} package is not installed (pip install {tracker})"]
     assert not (tmp_path / "run").exists()
+
+
+def _tracked_run(out, tracker):
+    argv = ["--cpu", "--data", DIGITS, "--limit-train", "16", "--limit-val", "8", "--batch-size", "8",
+            "--num-workers", "0", "--epochs", "2", "--warmup-epochs", "0", "--report-to", tracker,
+            "--checkpointing-steps", "1", "--output-dir", str(out)]
+    assert train_main([*argv, "--max-steps", "2"]) == 0  # epoch 0, then a resume continues the same tracker run
+    assert train_main([*argv, "--resume", "auto"]) == 0
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in log if "train_loss" in r], json.loads((out / "config.json").read_text())["tracker_run"]
+
+
+def test_report_to_mlflow_keeps_its_store_in_the_run_folder(tmp_path, monkeypatch):
+    """Without MLFLOW_TRACKING_URI the store is OUTPUT_DIR/tracking/mlflow.db (MLflow's own default is a database
+    in the working directory); a resume logs into a run of the same name."""
+    pytest.importorskip("mlflow")
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    epochs, name = _tracked_run(out, "mlflow")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing in the working directory
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'tracking' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vitbench").experiment_id])
+    assert {r.info.run_name for r in runs} == {name}
+    logged = sorted((m.step, m.value) for r in runs for m in client.get_metric_history(r.info.run_id, "train_loss"))
+    assert logged == [(r["updates"], pytest.approx(r["train_loss"])) for r in epochs]
+
+
+def test_report_to_wandb_resumes_the_same_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no account, no network: files only
+    out = tmp_path / "run"
+    _, name = _tracked_run(out, "wandb")
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(f"-{name}") for r in runs)  # both parts under the run's one id
+
+
+def test_a_tracker_that_fails_to_start_is_one_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from accelerate import Accelerator
+
+    def unreachable(self, *args, **kwargs):
+        raise ConnectionError("tracking server at http://mlflow:5000 unreachable\nretried 5 times")
+
+    monkeypatch.setattr(Accelerator, "init_trackers", unreachable)
+    assert train_main(["--cpu", "--data", DIGITS, "--limit-train", "8", "--limit-val", "8", "--batch-size", "8",
+                       "--num-workers", "0", "--report-to", "tensorboard", "--output-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "vitbench-train: error: --report-to tensorboard: the tracker did not start (ConnectionError: tracking server "
+        "at http://mlflow:5000 unreachable)")

@@ -2,7 +2,8 @@
 
 ``log_with`` / ``init_trackers`` / ``log`` as Accelerate defines them, on the main process only. TensorBoard writes
 into ``OUTPUT_DIR/tracking/<project>``, which a resumed run appends to (a new event file in the same folder);
-W&B resumes the same run by an id kept in ``config.json`` (``tracker_run``); MLflow starts a run of the same name.
+W&B resumes the same run by an id kept in ``config.json`` (``tracker_run``); MLflow starts a run of the same name,
+in ``OUTPUT_DIR/tracking/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` names a server or store.
 Off by default (``none``); ``all`` is every tracker whose package is installed. The run's process group is left up,
 so the trackers are finished one by one instead of ``end_training`` (see :func:`vitbench.engine.train`).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -74,7 +76,19 @@ def start_trackers(accelerator: Accelerator, record: dict, saved: dict) -> None:
     run_id = record["tracker_run"]
     init = {"wandb": {"id": run_id, "resume": "allow", "dir": str(accelerator.project_dir)},
             "mlflow": {"run_name": run_id}}
-    accelerator.init_trackers(PROJECT, config=_scalars(record), init_kwargs=init)
+    names = [str(t) for t in accelerator.log_with]  # LoggerType members
+    if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
+        import mlflow  # its own default is a database in the working directory
+
+        store = Path(accelerator.logging_dir).resolve()
+        store.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    try:
+        accelerator.init_trackers(PROJECT, config=_scalars(record), init_kwargs=init)
+    except Exception as e:  # a tracker's own failure (server, credentials, store): one line, not its traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(f"--report-to {', '.join(names)}: the tracker did not start "
+                         f"({type(e).__name__}: {first})") from None
 
 
 def log_record(accelerator: Accelerator, entry: dict) -> None:
