@@ -1,22 +1,17 @@
-"""ATS in PS-ViT's transformer module (ats.backbones.psvit.apply): the image ViT's semantics on PS-ViT's sampled
-tokens, batch invariance, per-image FLOPs against FlopCounterMode, the data-free bounds and ``ats-eval``."""
+"""ATS in PS-ViT's transformer module (ats.backbones.psvit.apply): the paper's default layers, the data-free bounds
+and ``ats-eval``. The image ViT's semantics on PS-ViT's sampled tokens (batch invariance, per-image FLOPs against
+FlopCounterMode, ...) are tested with every backbone's in test_backbones_ats.py, on :func:`tiny_psvit`."""
 
-import copy
 
 import pytest
 import torch
-from test_ats_patch import assert_each_alone_equals_batch, run
-from vitbench.flops import flop_counter_gmacs
-from vitbench.syncs import count_syncs
 from vitbench.testing import one_line_error, read_valid_result
 
 import ats
-from ats import evaluate, patch, sampling
-from ats.backbones import geometry, psvit
-from ats.flops import dense_gmacs, per_image_gmacs, upper_bound_gmacs
+from ats import evaluate
+from ats.backbones import psvit
+from ats.flops import dense_gmacs, upper_bound_gmacs
 
-CONFIGS = [dict(), dict(rho=0.72), dict(mode="paper", rho=0.87), dict(stages=[2], k=12), dict(variant="topk", rho=0.8)]
-STAGES = (1, 2, 3)  # of the tiny model's 5 transformer layers
 
 
 def tiny_psvit(seed: int = 0) -> psvit.PSViT:
@@ -33,34 +28,6 @@ def tiny_psvit(seed: int = 0) -> psvit.PSViT:
     return model
 
 
-def tiny_ats(**cfg) -> psvit.PSViT:
-    return ats.apply(tiny_psvit(), **{"stages": STAGES, **cfg})
-
-
-@pytest.fixture
-def images():
-    torch.manual_seed(2)
-    return torch.randn(4, 3, 64, 64)
-
-
-def test_no_stage_equals_the_dense_psvit(images):
-    model = tiny_psvit()
-    ref = run(model, images)
-    keys = list(model.state_dict())
-    ats.apply(model, stages=[])
-    torch.testing.assert_close(run(model, images), ref)
-    assert list(model.state_dict()) == keys
-    assert model.record.token_counts()[1].eq(37).all() and model.record.grid == (6, 6)
-
-
-def test_topk_at_k_equal_n_keeps_every_token_and_the_logits(images):
-    model = tiny_psvit()
-    ref = run(model, images)
-    ats.apply(model, stages=range(5), rho=1.0, variant="topk")
-    torch.testing.assert_close(run(model, images), ref, atol=1e-5, rtol=1e-5)
-    assert model.record.token_counts()[1].eq(37).all()
-
-
 def test_default_layers_are_the_papers_and_psvit_is_dispatched():
     model = ats.apply(psvit.PSViT(img_size=64, num_points=4, depth=14, embed_dim=32, num_heads=2,
                                   stem_widths=(8, 16), stem_inner=8), rho=0.9)
@@ -68,50 +35,6 @@ def test_default_layers_are_the_papers_and_psvit_is_dispatched():
     assert isinstance(model, psvit.ATSPSViT) and isinstance(model, psvit.PSViT)
     with pytest.raises(ValueError, match="stages"):
         ats.apply(tiny_psvit(), stages=[5])
-
-
-@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
-def test_batch_invariance(images, cfg):
-    assert_each_alone_equals_batch(tiny_ats(**cfg), images)
-
-
-@pytest.mark.parametrize("cfg", CONFIGS[:3], ids=str)
-def test_cls_first_kept_counts_bounded_and_adaptive(images, cfg):
-    model = tiny_ats(**cfg)
-    run(model, images)
-    info = model.record
-    n_in, n_out = info.token_counts()
-    for j, b in enumerate(info.config.stages):
-        for i, kept in enumerate(info.kept_indices(b)):
-            assert kept[0] == 0 and kept.unique().numel() == kept.numel() and kept.max() < 37
-            assert n_out[i, b] <= sampling.stage_k(int(n_in[i, b]), info.config.k[j])
-    assert n_out[:, -1].min() < 37
-
-
-@pytest.mark.parametrize("cfg", [dict(rho=0.8), dict(stages=[2], k=12)], ids=str)
-def test_per_image_gmacs_equal_flop_counter(images, cfg):
-    model = tiny_ats(**cfg)
-    geom = geometry(model)
-    for i in range(2):
-        measured = flop_counter_gmacs(model, images[i : i + 1])
-        analytic = float(per_image_gmacs(geom, model.record, layernorm=False)[0])
-        assert analytic == pytest.approx(measured, rel=1e-9)
-    run(model, images)
-    g = per_image_gmacs(geom, model.record)
-    assert (g < dense_gmacs(geom)).all() and (g <= upper_bound_gmacs(geom, model.record.config) + 1e-12).all()
-
-
-def test_one_host_sync_per_ats_stage(images):
-    assert count_syncs(tiny_ats(rho=0.8), images) == {"total": 3, "tolist": 3}
-
-
-def test_resuming_from_dense_hidden_states_equals_the_full_forward(images):
-    dense = tiny_psvit()
-    model = ats.apply(copy.deepcopy(dense), stages=[2, 3], rho=0.8)
-    full = run(model, images)
-    with torch.inference_mode():
-        out = model.forward_head(model.forward_features(images, hidden=patch.dense_hidden(dense, images, 2), start=2))
-    torch.testing.assert_close(out, full)
 
 
 # ------------------------------------------------------------------------------------------------- data-free, ats-eval
