@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import vitbench  # noqa: F401  (registers the embedded backbone, the dense model of two names below)
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 from vitbench.patching import register_method
 
@@ -29,6 +29,19 @@ def register_unshipped(name: str, cls: type[nn.Module], kwargs: dict, module: st
     create.__doc__ = f"{cls.__name__} {kwargs} ({module})."
     create.__module__ = module
     return register_model(create)
+
+
+def register_unshipped_models(models: dict[str, tuple[type[nn.Module], dict, dict]], namespace: dict,
+                              load_hint: str) -> None:
+    """Register every ``name: (cls, kwargs, pretrained config)`` of ``models`` with :func:`register_unshipped`: their
+    ``default_cfgs`` (``<name>.untrained``, the input size from ``kwargs["img_size"]`` when given) go into the
+    module ``namespace`` first, where timm reads them, and the builders become the module's attributes."""
+    namespace["default_cfgs"] = generate_default_cfgs({
+        f"{name}.untrained": dict(cfg, **({"input_size": (3, kw["img_size"], kw["img_size"])} if "img_size" in kw
+                                          else {}))
+        for name, (_, kw, cfg) in models.items()})
+    for name, (cls, kwargs, _) in models.items():
+        namespace[name] = register_unshipped(name, cls, kwargs, namespace["__name__"], load_hint)
 
 
 # The paper's ATS configurations as timm names (``timm.create_model(name)`` after ``import ats``): multi-stage ATS in

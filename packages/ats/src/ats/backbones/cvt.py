@@ -33,13 +33,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm, Mlp, QuickGELU, trunc_normal_
-from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from vitbench.flops import block_macs, layernorm_macs, linear_macs
 
 from ..patch import ATSRecord, attach_ats, check_blocks, run_blocks
-from ..registry import register_unshipped
+from ..registry import register_unshipped_models
 
 PROJECTIONS = ("dw_bn", "linear")
 ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
@@ -309,15 +308,8 @@ CVT_MODELS = {
     "cvt_digits_112": (dict(depths=DEPTHS[13], img_size=112, dims=(16, 32, 64), heads=(1, 1, 2), num_classes=10,
                             embed=((7, 4, 2), (3, 2, 1), (3, 1, 1))), _DIGITS),
 }
-default_cfgs = generate_default_cfgs({
-    f"{name}.untrained": dict(cfg, input_size=(3, kw["img_size"], kw["img_size"]))
-    for name, (kw, cfg) in CVT_MODELS.items()
-})
-
-
-for _name, (_kwargs, _) in CVT_MODELS.items():
-    globals()[_name] = register_unshipped(_name, CvT, _kwargs, __name__, "the official or HuggingFace weights with "
-                                          "ats.backbones.cvt.load_cvt_state")
+register_unshipped_models({name: (CvT, kw, cfg) for name, (kw, cfg) in CVT_MODELS.items()}, globals(),
+                          "the official or HuggingFace weights with ats.backbones.cvt.load_cvt_state")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint layouts

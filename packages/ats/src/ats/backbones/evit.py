@@ -32,7 +32,6 @@ import re
 from dataclasses import dataclass, replace
 
 import torch
-from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from vitbench.flops import ViTGeometry, block_macs, head_macs, layernorm_macs, linear_macs, patch_embed_macs
@@ -40,7 +39,7 @@ from vitbench.patching import attach
 
 from ..patch import ATSAttention, ATSBlock, ATSRecord, ATSVisionTransformer, attach_ats
 from ..patch import check_structure as check_vit
-from ..registry import register_unshipped
+from ..registry import register_unshipped_models
 from ..sampling import stage_k, valid_mask
 from ..tokens import TokenSets, ragged_index
 
@@ -349,11 +348,5 @@ EVIT_MODELS = {
     "evit_digits_patch8_112": (dict(img_size=112, patch_size=8, embed_dim=64, depth=12, num_heads=2, num_classes=10),
                                _DIGITS),
 }
-default_cfgs = generate_default_cfgs({
-    f"{name}.untrained": dict(cfg, input_size=(3, kw["img_size"], kw["img_size"]))
-    for name, (kw, cfg) in EVIT_MODELS.items()
-})
-
-for _name, (_kwargs, _) in EVIT_MODELS.items():
-    globals()[_name] = register_unshipped(_name, EViT, _kwargs, __name__, "the released EViT (or DeiT) weights with "
-                                          "ats.backbones.load_weights (--checkpoint)")
+register_unshipped_models({name: (EViT, kw, cfg) for name, (kw, cfg) in EVIT_MODELS.items()}, globals(),
+                          "the released EViT (or DeiT) weights with ats.backbones.load_weights (--checkpoint)")

@@ -34,13 +34,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm, trunc_normal_
-from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from vitbench.flops import block_macs, layernorm_macs, linear_macs
 
 from ..patch import ATSRecord, attach_ats, check_blocks, run_blocks
-from ..registry import register_unshipped
+from ..registry import register_unshipped_models
 
 NORM_EPS = 1e-5  # the released nn.LayerNorm
 BN_PER_ELEMENT = 2  # fvcore's eval-mode BatchNorm (affine): 2 per element
@@ -356,11 +355,8 @@ PSVIT_MODELS = {
     "psvit_b14_224": (dict(num_points=14), _IMAGENET, "ps_vit_b_14.pth"),
     "psvit_b18_224": (dict(num_points=18), _IMAGENET, "ps_vit_b_18.pth"),
 }
-default_cfgs = generate_default_cfgs({f"{name}.untrained": cfg for name, (_, cfg, _) in PSVIT_MODELS.items()})
-
-for _name, (_kwargs, _, _) in PSVIT_MODELS.items():
-    globals()[_name] = register_unshipped(_name, PSViT, _kwargs, __name__, "the authors' PS-ViT weights with "
-                                          "ats.backbones.psvit.load_psvit_state (or --checkpoint)")
+register_unshipped_models({name: (PSViT, kw, cfg) for name, (kw, cfg, _) in PSVIT_MODELS.items()}, globals(),
+                          "the authors' PS-ViT weights with ats.backbones.psvit.load_psvit_state (or --checkpoint)")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint layout

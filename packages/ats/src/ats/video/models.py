@@ -24,12 +24,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, PatchEmbed, trunc_normal_
-from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from vitbench.patching import qkv_heads
 
-from ..registry import register_unshipped
+from ..registry import register_unshipped_models
 
 ARCHS = ("timesformer", "xvit")
 Selector = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -335,12 +334,4 @@ VIDEO_MODELS = {
     "xvit_digits_patch8_64": (XViT, dict(img_size=64, patch_size=8, num_frames=8, embed_dim=64, num_heads=2,
                                          num_classes=10, head_dropout=0.0, frame_stride=2), _DIGITS),
 }
-default_cfgs = generate_default_cfgs({
-    f"{name}.untrained": dict(cfg, input_size=(3, kw["img_size"], kw["img_size"]))
-    for name, (_, kw, cfg) in VIDEO_MODELS.items()
-})
-
-
-for _name, (_cls, _kwargs, _) in VIDEO_MODELS.items():
-    globals()[_name] = register_unshipped(_name, _cls, _kwargs, __name__, "the authors' checkpoint with "
-                                          "ats.video.load_released(model, path)")
+register_unshipped_models(VIDEO_MODELS, globals(), "the authors' checkpoint with ats.video.load_released(model, path)")
