@@ -8,6 +8,7 @@ from timm.layers import Attention, QuickGELU
 from timm.models.vision_transformer import Block
 from torch import nn
 from vitbench.flops import flop_counter_gmacs
+from vitbench.testing import spread_weights
 
 import ats  # noqa: F401  (registers the CvT models with timm)
 from ats.backbones.cvt import (CvT, CvTGeometry, ConvBlock, convert_state_dict, cvt_gmacs, fold_projections,
@@ -26,26 +27,9 @@ def transformers():
     return pytest.importorskip("transformers", reason="the HuggingFace CvT is the reference implementation")
 
 
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Weights with enough spread that every part matters (attention far from uniform, BatchNorm statistics and
-    LayerNorm affines away from identity)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if name.endswith("num_batches_tracked"):
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif t.dim() == 1:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * t[0].numel() ** -0.5)
-    return model
-
-
 def hf_model(transformers, depth: int, num_classes: int = 10) -> nn.Module:
     config = transformers.CvtConfig(depth=DEPTHS[depth], num_labels=num_classes, drop_path_rate=[0.0, 0.0, 0.0])
-    return randomize(transformers.CvtForImageClassification(config)).eval()
+    return spread_weights(transformers.CvtForImageClassification(config))
 
 
 @pytest.mark.parametrize("depth,size", [(13, 224), (21, 224), (13, 384), (21, 384)])
@@ -125,7 +109,7 @@ def test_stage3_linear_is_plain_timm_blocks_with_the_whole_width_scale():
     for blk in model.stage2.blocks:
         assert type(blk) is Block and type(blk.attn) is Attention and isinstance(blk.mlp.act, nn.GELU)
         assert blk.attn.scale == 384**-0.5
-    attn = randomize(model.stage2.blocks[0].attn)
+    attn = spread_weights(model.stage2.blocks[0].attn)
     x = torch.randn(2, 197, 384)
     q, k, v = attn.qkv(x).view(2, 197, 3, 6, 64).permute(2, 0, 3, 1, 4)
     o = ((q @ k.transpose(-2, -1)) * 384**-0.5).softmax(-1) @ v
@@ -168,7 +152,7 @@ def test_flops_match_flop_counter_and_reference(name):
 
 
 def test_fold_projections_keeps_the_centre_tap_and_batchnorm():
-    dw = randomize(CvT(num_classes=10)).eval()
+    dw = spread_weights(CvT(num_classes=10))
     state = dw.state_dict()
     for key in state:
         if key.endswith(".conv.weight"):  # centre taps only: at stride 1 (the queries) the fold is exact

@@ -11,6 +11,7 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from vitbench.flops import flop_counter_gmacs
+from vitbench.testing import spread_weights
 
 import ats  # noqa: F401  (registers the PS-ViT models with timm)
 from ats.backbones.psvit import (PSViT, PSViTGeometry, bilinear_sample, convert_state_dict, initial_points,
@@ -43,18 +44,7 @@ RELEASED_B14_SUM = -57.53257369995117  # the sum of all 2 x 1000 logits
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Seeded weights with spread (BatchNorm statistics and norm affines away from identity, offset layers on, so
     that a quarter of the later points leave the map and others sit within a pixel of its border)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in sorted([*model.named_parameters(), *model.named_buffers()]):
-            if name.endswith("num_batches_tracked") or name == "point_coord":
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif t.dim() == 1:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * t[0].numel() ** -0.5)
-    return model.eval()
+    return spread_weights(model, seed, keep=("point_coord",))  # the fixed initial sampling grid
 
 
 def inputs(size: int, seed: int) -> torch.Tensor:

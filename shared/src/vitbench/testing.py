@@ -17,6 +17,25 @@ from .cli import parse
 from .evaluation import add_eval_args, validate_result
 
 
+def spread_weights(model: torch.nn.Module, seed: int = 0, keep: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Seeded weights with enough spread that every part matters, set in name order from one generator: BatchNorm
+    running variances in [0.5, 1.5), other vectors (norm affines, biases, running means) N(1 or 0, 0.3), matrices and
+    kernels at their fan-in scale. ``num_batches_tracked`` and the tensors named in ``keep`` stay as they are.
+    Returns ``model`` in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in sorted([*model.named_parameters(), *model.named_buffers()]):
+            if name.endswith("num_batches_tracked") or name in keep:
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif t.dim() == 1:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * t[0].numel() ** -0.5)
+    return model.eval()
+
+
 def tiny_vit(img_size: int = 56, patch_size: int = 8, peak: float | None = 4.0, seed: int | None = 0, **kw):
     """A depth-12 timm ViT with a CLS token (embed 32, 2 heads, 10 classes) that runs in milliseconds (patch 8:
     56 px -> 7 x 7 grid, 112 px -> 14 x 14; patch 4 at 56 px: the papers' 14 x 14). ``peak`` spreads every
