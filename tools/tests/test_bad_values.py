@@ -9,10 +9,10 @@ augmentation policies.
 
 from __future__ import annotations
 
-import importlib.metadata
 import shlex
 
 import pytest
+from vitbench.testing import run_script
 
 TRAIN = ("vitbench-train", "ats-train", "lfvit-train", "liferegress-train")
 EVAL = ("ats-eval", "lfvit-eval", "liferegress-eval")
@@ -101,13 +101,7 @@ CASES = (
 
 def run_command(command: str, capsys) -> tuple[int, str]:
     prog, *argv = shlex.split(command)
-    (entry,) = importlib.metadata.entry_points(group="console_scripts", name=prog)
-    capsys.readouterr()
-    try:
-        rc = entry.load()(argv)
-    except SystemExit as exit_:
-        rc = exit_.code
-    return rc, capsys.readouterr().err
+    return run_script(prog, argv, capsys)
 
 
 @pytest.mark.parametrize(("command", "text"), CASES, ids=[c[0].split()[0] + " " + c[0].split("out ")[-1].split(

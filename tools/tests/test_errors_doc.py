@@ -9,13 +9,13 @@ line; ``MODEL`` is replaced by the model of the command, and ``...`` in the doc 
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+from vitbench.testing import run_script
 
 ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "ERRORS.md"
@@ -187,13 +187,7 @@ def error_line(command: str, capsys) -> tuple[str, str]:
         argv.append("--cpu")
     if prog.endswith(("-train", "-eval")) and "--output-dir" not in argv:
         argv += ["--output-dir", "out"]
-    (entry,) = importlib.metadata.entry_points(group="console_scripts", name=prog)
-    capsys.readouterr()
-    try:
-        rc = entry.load()(argv)
-    except SystemExit as exit_:
-        rc = exit_.code
-    err = capsys.readouterr().err
+    rc, err = run_script(prog, argv, capsys)
     lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error: ")]
     assert rc == 2 and len(lines) == 1, f"`{command}`: exit {rc}, stderr:\n{err}"
     return prog, lines[0]

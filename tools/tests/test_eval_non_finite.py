@@ -3,25 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 
 import pytest
 import timm
 import torch
 from vitbench.models import save_weights
+from vitbench.testing import run_script
 
 ARGS = ["--data", "digits:train_size=8,val_size=8", "--num-workers", "0", "--no-throughput", "--batch-size", "4"]
-
-
-def run_command(prog: str, argv: list[str], capsys) -> tuple[int, str]:
-    """A console script run in-process: ``(exit code, stderr)``."""
-    (entry,) = importlib.metadata.entry_points(group="console_scripts", name=prog)
-    capsys.readouterr()
-    try:
-        rc = entry.load()(argv)
-    except SystemExit as exit_:
-        rc = exit_.code
-    return rc, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("prog", "tensor"), [("ats-eval", "head.weight"), ("ats-eval", "blocks.1.attn.qkv.weight"),
@@ -32,7 +21,7 @@ def test_every_eval_refuses_a_checkpoint_with_nan_naming_the_tensor(prog, tensor
     with torch.no_grad():
         model.get_parameter(tensor).view(-1)[0] = float("nan")
     save_weights(model, tmp_path / "nan.safetensors")
-    rc, err = run_command(prog, ["--checkpoint", "nan.safetensors", "--output-dir", "e", *ARGS[:4]], capsys)
+    rc, err = run_script(prog, ["--checkpoint", "nan.safetensors", "--output-dir", "e", *ARGS[:4]], capsys)
     size = model.get_parameter(tensor).numel()
     assert rc == 2 and err.strip().splitlines()[-1] == (
         f"{prog}: error: checkpoint nan.safetensors holds non-finite weights: {tensor} has 1 NaN/inf value(s) of "

@@ -4,6 +4,7 @@ checks every ``*-eval`` test makes). Not used by library code."""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -110,6 +111,15 @@ def exit_code(main, argv: list[str]) -> int | str | None:
         return main(argv)
     except SystemExit as e:
         return e.code
+
+
+def run_script(prog: str, argv: list[str], capsys) -> tuple[int | str | None, str]:
+    """The installed console script ``prog`` run in-process on ``argv``: its exit code (:func:`exit_code`) and what
+    it printed on stderr."""
+    (entry,) = importlib.metadata.entry_points(group="console_scripts", name=prog)
+    capsys.readouterr()
+    code = exit_code(entry.load(), argv)
+    return code, capsys.readouterr().err
 
 
 def error_line(err: str, prog: str) -> str:
