@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from vitbench.evaluation import EvalConfig
 from vitbench.models import save_weights
-from vitbench.testing import one_line_error, read_valid_result
+from vitbench.testing import one_line_error, result_rows
 
 import ats  # noqa: F401  (registers the CvT models with timm)
 from ats import evaluate, options, train
@@ -18,14 +18,8 @@ from ats.paper import DENSE, FINETUNED
 DEIT_NUMBERS = {*DENSE.values(), *FINETUNED[1.0].values(), 79.2, 3.0}
 
 
-def _rows(tmp_path, *argv):
-    out = tmp_path / "r.json"
-    assert evaluate.main([*argv, "--json", str(out), "--output-dir", str(tmp_path / "o")]) == 0
-    return read_valid_result(out)["rows"]
-
-
 def test_flops_only_cvt_13_rows_and_table1_numbers(tmp_path):
-    rows = _rows(tmp_path, "--flops-only", "--model", "cvt_13_224")
+    rows = result_rows(evaluate.main, tmp_path, "--flops-only", "--model", "cvt_13_224")
     assert [r["label"] for r in rows] == [
         "dense", "dense linear stage 3", "ATS off-the-shelf rho 1 @ 0-8", "ATS off-the-shelf rho 0.87 @ 0-8",
         "ATS off-the-shelf rho 0.72 @ 0-8", "ATS fine-tuned rho 1 @ 0-8"]
@@ -41,7 +35,7 @@ def test_flops_only_cvt_13_rows_and_table1_numbers(tmp_path):
 
 
 def test_flops_only_cvt_stages_and_k_are_stage_local(tmp_path):
-    rows = _rows(tmp_path, "--flops-only", "--model", "cvt_21_384", "--stages", "2", "--k", "100")
+    rows = result_rows(evaluate.main, tmp_path, "--flops-only", "--model", "cvt_21_384", "--stages", "2", "--k", "100")
     assert [r["label"] for r in rows] == ["dense", "dense linear stage 3", "ATS rho 1 @ 2", "ATS K 100 @ 2"]
     assert rows[0]["paper"] == {"top1": 83.3, "gflops": 24.9} and not rows[2]["paper"]
 
@@ -72,9 +66,9 @@ def test_ats_train_output_is_a_linear_cvt_with_ats_in_stage_3(trained):
 
 def test_end_to_end_with_an_hf_checkpoint_and_finetuned_weights(tmp_path, trained):
     hf, ft = trained
-    rows = _rows(tmp_path, "--model", "cvt_digits_112", "--img-size", "56", "--checkpoint", str(hf), "--finetuned",
-                 str(ft), "--rho", "0.8", "--limit", "6", "--batch-size", "6", "--num-workers", "0", "--no-throughput",
-                 "--visualize", "0")
+    rows = result_rows(evaluate.main, tmp_path, "--model", "cvt_digits_112", "--img-size", "56", "--checkpoint",
+                       str(hf), "--finetuned", str(ft), "--rho", "0.8", "--limit", "6", "--batch-size", "6",
+                       "--num-workers", "0", "--no-throughput", "--visualize", "0")
     assert [r["label"] for r in rows] == [
         "dense", "dense linear stage 3", "ATS off-the-shelf rho 1 @ 0-8", "ATS off-the-shelf rho 0.8 @ 0-8",
         "ATS fine-tuned rho 1 @ 0-8", "ATS fine-tuned rho 0.8 @ 0-8"]

@@ -11,12 +11,7 @@ from ats.evaluate import main as ats_eval
 from safetensors.torch import save_file
 from vitbench.engine import TrainConfig
 from vitbench.flops import main as flops_main
-
-
-def rows_of(tmp_path, *argv):
-    out = tmp_path / "r.json"
-    assert ats_eval([*argv, "--output-dir", str(tmp_path / "o"), "--json", str(out)]) == 0
-    return {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+from vitbench.testing import result_rows
 
 
 def test_vitbench_flops_counts_evit(tmp_path):
@@ -30,7 +25,8 @@ def test_vitbench_flops_counts_evit(tmp_path):
 
 @pytest.mark.parametrize("rule, bound", [("evit", 2.583), ("compound", 2.154)])
 def test_flops_only_rows_with_table_a5(tmp_path, rule, bound):
-    rows = rows_of(tmp_path, "--flops-only", "--model", "evit_deit_small_patch16_224", "--k-rule", rule)
+    argv = ["--flops-only", "--model", "evit_deit_small_patch16_224", "--k-rule", rule]
+    rows = {r["label"]: r for r in result_rows(ats_eval, tmp_path, *argv)}
     dense = rows["dense"]
     assert dense["paper"] == {"top1": 79.5, "gflops": 3.0} and dense["gflops"] == pytest.approx(3.0355, abs=1e-3)
     series = f"ATS k-rule {rule}"

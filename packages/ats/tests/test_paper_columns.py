@@ -3,7 +3,7 @@ on DeiT-S at 224 px, Table 1's dense rows on their own model (DeiT-S, DeiT-B, Cv
 embedded backbone."""
 
 import pytest
-from vitbench.testing import read_valid_result
+from vitbench.testing import read_valid_result, result_rows
 
 from ats import evaluate
 from ats.paper import DENSE_MODELS, dense_paper, reports_deit_s
@@ -12,9 +12,7 @@ DEIT_S_NUMBERS = {79.8, 4.6, 79.2, 3.0, 79.7, 2.9}
 
 
 def _rows(tmp_path, capsys, *argv):
-    out = tmp_path / "r.json"
-    assert evaluate.main(["--flops-only", *argv, "--json", str(out), "--output-dir", str(tmp_path / "o")]) == 0
-    return read_valid_result(out)["rows"], capsys.readouterr().out
+    return result_rows(evaluate.main, tmp_path, "--flops-only", *argv), capsys.readouterr().out
 
 
 def test_deit_s_rows_carry_the_papers_numbers(tmp_path, capsys):

@@ -5,7 +5,7 @@ FlopCounterMode, ...) are tested with every backbone's in test_backbones_ats.py,
 
 import pytest
 import torch
-from vitbench.testing import one_line_error, read_valid_result
+from vitbench.testing import one_line_error, result_rows
 
 import ats
 from ats import evaluate
@@ -49,14 +49,8 @@ def test_data_free_bounds_of_the_full_models():
             assert upper_bound_gmacs(geom, config) == pytest.approx(bound, abs=1e-3)
 
 
-def _rows(tmp_path, *argv):
-    out = tmp_path / "r.json"
-    assert evaluate.main([*argv, "--json", str(out), "--output-dir", str(tmp_path / "o")]) == 0
-    return read_valid_result(out)["rows"]
-
-
 def test_flops_only_psvit_rows_and_table1_numbers(tmp_path):
-    rows = _rows(tmp_path, "--flops-only", "--model", "psvit_b14_224")
+    rows = result_rows(evaluate.main, tmp_path, "--flops-only", "--model", "psvit_b14_224")
     assert [r["label"] for r in rows] == [
         "dense", *(f"ATS off-the-shelf rho {r} @ 1-9" for r in ("1", "0.87", "0.72")), "ATS fine-tuned rho 1 @ 1-9"]
     dense, *ats_rows = rows

@@ -90,6 +90,14 @@ def read_valid_result(path: Path) -> dict:
     return result
 
 
+def result_rows(main, tmp_path: Path, *argv: str) -> list[dict]:
+    """The rows of an evaluation ``main([*argv, "--json", ..., "--output-dir", ...])`` into ``tmp_path``, which must
+    exit 0, its JSON checked against the one schema (:func:`read_valid_result`)."""
+    out = tmp_path / "r.json"
+    assert main([*argv, "--json", str(out), "--output-dir", str(tmp_path / "o")]) == 0
+    return read_valid_result(out)["rows"]
+
+
 def one_line_error(main, argv: list[str], capsys, match: str) -> str:
     """Run a CLI ``main(argv)`` that must fail with exactly one ``prog: error: ...`` line (exit 2) containing
     ``match``; returns that line."""
