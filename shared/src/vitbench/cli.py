@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import configfile
 from .flagtypes import (COUNT, FINITE, FRACTION, IMG_SIZE, KEEP_RATE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED,
-                        UNIT, Number, finite_numbers, number, range_problems)
+                        UNIT, Number, finite_numbers, range_problems)
 from .outputs import Interrupted
 
 EXIT_ERROR = 2
@@ -135,7 +135,7 @@ def has_subcommands(parser: argparse.ArgumentParser) -> bool:
 
 __all__ = ["COUNT", "FINITE", "FRACTION", "IMG_SIZE", "KEEP_RATE", "NON_NEGATIVE", "NON_NEGATIVE_INT", "POSITIVE",
            "SEED", "UNIT", "HelpFormatter", "Number", "check_eval_input", "check_img_size", "check_train_input",
-           "check_writable", "check_writable_file", "fail", "flag_defaults", "has_shipped_weights", "number", "parse",
+           "check_writable", "check_writable_file", "fail", "flag_defaults", "has_shipped_weights", "parse",
            "renamed", "run", "warn"]
 
 

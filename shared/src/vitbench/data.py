@@ -21,6 +21,7 @@ import logging
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -332,27 +333,28 @@ def _load_source(spec: DataSpec, split: str) -> ImageDataset:
     return _from_hf(ds, str(spec))
 
 
-def find_corrupt(dataset: ImageDataset, progress: bool = True) -> list[int]:
-    """Indices of images that fail to decode (a full read of the dataset)."""
-    return readable(dataset, progress=progress)[1]
-
-
-def readable(dataset: ImageDataset, limit: int | None = None, progress: bool = True) -> tuple[list[int], list[int]]:
-    """``(good, bad)`` indices, reading images in order until ``limit`` good ones are found (all without a limit):
-    with ``--skip-corrupt --limit N`` an unreadable file does not count toward the N."""
+def drop_unreadable(dataset, decode: Callable[[int], object], error: type[Exception], kind: str,
+                    limit: int | None = None, progress: bool = True):
+    """``(dataset, skipped paths)``: ``dataset`` without the items ``decode(i)`` fails on with ``error`` (each logged,
+    then their count), reading in order until ``limit`` good ones are found (all without a limit): with
+    ``--skip-corrupt --limit N`` an unreadable file does not count toward the N. For image and video datasets with
+    ``paths`` and ``select``."""
     good: list[int] = []
     bad: list[int] = []
-    for i in tqdm(range(len(dataset)), desc="checking images", disable=not progress):
+    for i in tqdm(range(len(dataset)), desc=f"checking {kind}s", disable=not progress):
         if limit is not None and len(good) >= limit:
             break
         try:
-            dataset.image(i).load()
-        except CorruptImageError as e:
+            decode(i)
+        except error as e:
             log.warning("%s", e)
             bad.append(i)
         else:
             good.append(i)
-    return good, bad
+    if bad:
+        log.warning("skipping %d unreadable %s(s) of %d", len(bad), kind, len(good) + len(bad))
+    skipped = [dataset.paths[i] for i in bad]
+    return (dataset.select(good) if len(good) < len(dataset) else dataset), skipped
 
 
 def check_headers(dataset: ImageDataset) -> None:
@@ -383,14 +385,10 @@ def build_dataset(spec: str | DataSpec, split: str, transform=None, skip_corrupt
     dataset = _load_source(parse_data_spec(spec), split)
     skipped: list[str] = []
     if skip_corrupt and dataset.paths is not None:  # files: decode each (the embedded digits cannot be corrupt)
-        good, bad = readable(dataset, limit)
-        if bad:
-            skipped = [dataset.paths[i] for i in bad]
-            log.warning("skipping %d unreadable image(s) of %d", len(bad), len(good) + len(bad))
-        if bad or len(good) < len(dataset):
-            dataset = dataset.select(good)
+        dataset, skipped = drop_unreadable(dataset, lambda i: dataset.image(i).load(), CorruptImageError, "image",
+                                           limit)
     elif limit is not None and limit < len(dataset):
-        dataset = dataset.select(np.arange(min(limit, len(dataset))))
+        dataset = dataset.select(np.arange(limit))
     dataset.transform = transform
     dataset.skipped = skipped
     return dataset

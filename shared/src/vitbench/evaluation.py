@@ -457,7 +457,8 @@ def write_results(cfg: EvalConfig, method_options: Any, rows: list[dict], device
               "data": {"spec": cfg.data, "images": len(dataset) if dataset is not None else None,
                        "skipped": list(getattr(dataset, "skipped", []) or [])},
               "rows": rows}
-    validate_result(_round_trip(result))
+    text = json.dumps(plain(result), indent=2) + "\n"  # what results.json and --json hold
+    validate_result(json.loads(text))
     table = markdown(rows, unit)
     print(table)
     if any(r["img_s"] is not None for r in rows):
@@ -465,7 +466,7 @@ def write_results(cfg: EvalConfig, method_options: Any, rows: list[dict], device
         print(throughput.legend(load, "clip_s" if unit == "clip" else "img_s"))
     write_json(stage.dir / "results.json", result)
     (stage.dir / "results.md").write_text(table + "\n")
-    stage.write_json_copy(json.dumps(plain(result), indent=2) + "\n")
+    stage.write_json_copy(text)
     written = stage.commit()
     mine = {p.resolve() for p in written}
     others = sorted(p.name for p in stage.out.iterdir() if p.is_file() and not p.name.startswith(".")
@@ -481,14 +482,10 @@ def write_results(cfg: EvalConfig, method_options: Any, rows: list[dict], device
     return result
 
 
-def _round_trip(result: dict) -> dict:
-    return json.loads(json.dumps(plain(result)))
-
-
-def check_weights(settings: Sequence[Setting]) -> None:
+def check_weights(settings: Sequence[Setting], checked: Sequence[torch.nn.Module] = ()) -> None:
     """Refuse settings whose weights hold NaN or infinite values, naming the first bad tensor (whatever loaded
-    them: a checkpoint, timm's pretrained weights, a method's fine-tuned files)."""
-    seen: set[int] = set()
+    them: a checkpoint, timm's pretrained weights, a method's fine-tuned files); models in ``checked`` were."""
+    seen = {id(m) for m in checked}
     for s in settings:
         if id(s.model) not in seen:
             seen.add(id(s.model))
@@ -542,7 +539,7 @@ def harness(cfg: EvalConfig, options: Any, model: torch.nn.Module,
         status(f"loading the validation set of {cfg.data}" + (" (checking every file)" if cfg.skip_corrupt else ""))
         loader, spec = build_loader(cfg, model)
         settings = make_settings(loader, spec)
-        check_weights(settings)
+        check_weights(settings, checked=[model])
         rows = evaluate(cfg, settings, loader, device, stage.dir, sweep_unit)
         if sweep_title and sum(r["top1"] is not None for r in rows) > 2:
             from .figures import accuracy_vs_gflops  # deferred: matplotlib takes a second to import

@@ -57,11 +57,6 @@ class Number:
         return f"Number({self.kind.__name__}, {self.describe()})"
 
 
-def number(kind: type = float, **bounds) -> Number:
-    """``Number(kind, **bounds)``: e.g. ``number(gt=0)`` for a learning rate, ``number(int, ge=1)`` for a count."""
-    return Number(kind, **bounds)
-
-
 FINITE = Number()                       # any finite number
 POSITIVE = Number(gt=0)                 # learning rates, temperatures
 NON_NEGATIVE = Number(ge=0)             # weight decay, mixup alphas, warm-up epochs, decay rates

@@ -71,11 +71,8 @@ def write_error(path: str | os.PathLike, e: OSError, detail: str = "") -> OSErro
 def read_result(path: Path) -> dict | None:
     """The parsed ``results.json`` of an earlier evaluation at ``path``; None when it is not one (another file,
     unreadable, or another command's JSON)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return data if isinstance(data, dict) and RESULT_KEYS <= set(data) else None
+    data = read_json_or_none(path)
+    return data if has_keys(*RESULT_KEYS)(data) else None
 
 
 def run_files(folder: Path) -> list[str]:
@@ -89,10 +86,10 @@ def check_output_folder(folder: Path) -> None:
     if found:
         raise ValueError(f"--output-dir {folder} holds a training run ({', '.join(found)}); an evaluation never "
                          "writes into it: give another --output-dir")
-    for name in OWN_FILES:
-        if (folder / name).exists() and read_result(folder / "results.json") is None:
-            raise ValueError(f"--output-dir {folder} holds a {name} that no evaluation wrote; an evaluation never "
-                             "replaces it: give another --output-dir")
+    name = next((n for n in OWN_FILES if (folder / n).exists()), None)
+    if name is not None and read_result(folder / "results.json") is None:
+        raise ValueError(f"--output-dir {folder} holds a {name} that no evaluation wrote; an evaluation never "
+                         "replaces it: give another --output-dir")
 
 
 def earlier_files(folder: Path) -> set[str]:
@@ -136,7 +133,7 @@ def read_json_or_none(path: Path) -> object:
     """The parsed JSON at ``path``; None when it cannot be read or is not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, ValueError):  # a decoding error is a ValueError
         return None
 
 

@@ -35,6 +35,7 @@ from timm.data import resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 
 from . import digits as digits_lib
+from .data import drop_unreadable
 from .cli import check_writable, run
 from .dataspec import MOVING_DIGITS_OPTIONS, VIDEO_KINDS, DataError, DataSpec, is_video, parse_video_spec
 from .moving_digits import GENERATOR_VERSION, ClipSplit, MovingDigitsConfig, generate, load_split, render_clip
@@ -278,22 +279,9 @@ def build_video_dataset(spec: str | DataSpec, split: str, sampling: ClipSampling
         paths, labels, classes = _folder_index(root, split)
         dataset = VideoDataset(paths, labels, classes, sampling, train, paths=paths, name=str(root), seed=seed)
     if skip_corrupt and dataset.paths is not None:  # decode in order until `limit` readable clips are found
-        good, bad = [], []
-        for i, path in enumerate(dataset.paths):
-            if limit is not None and len(good) >= limit:
-                break
-            try:
-                read_video(path)
-            except CorruptVideoError as e:
-                log.warning("%s", e)
-                bad.append(i)
-            else:
-                good.append(i)
-        skipped = [dataset.paths[i] for i in bad]
-        if bad:
-            log.warning("skipping %d unreadable video(s) of %d", len(bad), len(good) + len(bad))
-        if len(good) < len(dataset):
-            dataset = dataset.select(good)
+        paths = dataset.paths
+        dataset, skipped = drop_unreadable(dataset, lambda i: read_video(paths[i]), CorruptVideoError, "video", limit,
+                                           progress=False)
         dataset.skipped = skipped
     elif limit is not None:
         dataset = dataset.select(np.arange(min(limit, len(dataset))))
