@@ -16,7 +16,6 @@ stage was interrupted; a finished run is reported and left as it is. The final m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -32,9 +31,9 @@ from vitbench.engine import (
     add_train_args,
     claim_output_dir,
     config_changes,
+    lock_run,
     new_head,
     remove_run_files,
-    run_lock,
     train,
 )
 from vitbench.models import create_model, load_checkpoint as load_backbone
@@ -209,8 +208,11 @@ def train_stages(tcfg: TrainConfig, lcfg: LifeTrainConfig) -> dict:
     held = claim_output_dir(out, tcfg.resume, tcfg.overwrite, RUN_FILES)
     finished = finished_run(out, tcfg, lcfg, held) if tcfg.resume and not tcfg.overwrite else None
     state.wait_for_everyone()  # every process has looked before the main one locks and writes
-    with run_lock(out, "liferegress-train") if state.is_main_process else contextlib.nullcontext():
+    lock = lock_run(out, state, "liferegress-train")  # refused on every process when another run holds it
+    try:
         return _train_stages(tcfg, lcfg, out, held, state, finished)
+    finally:
+        lock.release()
 
 
 def scheme_stages(lcfg: LifeTrainConfig) -> list[str]:

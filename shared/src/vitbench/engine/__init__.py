@@ -28,7 +28,7 @@ The configuration and its flags are in :mod:`.config`; image and video data come
 from ..sources import resolve_input
 from .config import TrainConfig, add_train_args
 from .health import Diverged
-from .lock import RunLock, RunLocked, run_lock
+from .lock import RunLock, RunLocked
 from .loop import LossFn, Recipe, new_head, train
 from .metrics import evaluate_classifier, ranks_in_sync
 from .runs import (
@@ -42,6 +42,7 @@ from .runs import (
     claim_output_dir,
     config_changes,
     held_run_files,
+    lock_run,
     remove_run_files,
     resume_candidates,
 )
@@ -51,6 +52,6 @@ __all__ = [
     "EXIT_INTERRUPTED", "EXIT_PREEMPTED", "RUN_FILES", "RUN_ONLY_FIELDS", "Diverged", "LossFn", "Preempted",
     "Recipe", "RunFolder", "RunLock", "RunLocked", "TrainConfig", "TrainProgress", "accept_changes",
     "add_train_args", "check_override_names", "checkpoint_problem", "claim_output_dir", "config_changes",
-    "evaluate_classifier", "held_run_files", "new_head", "ranks_in_sync", "remove_run_files", "resolve_input",
-    "resume_candidates", "run_lock", "stop_signals", "train",
+    "evaluate_classifier", "held_run_files", "lock_run", "new_head", "ranks_in_sync", "remove_run_files",
+    "resolve_input", "resume_candidates", "stop_signals", "train",
 ]

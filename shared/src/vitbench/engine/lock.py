@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from vitbench.outputs import process_alive
@@ -56,17 +54,3 @@ class RunLock:
             os.ftruncate(self.fd, 0)  # a clean exit: no stale PID left behind
         os.close(self.fd)  # closing the descriptor releases the flock
         self.fd = None
-
-
-@contextlib.contextmanager
-def run_lock(folder: str | Path, what: str = "run") -> Iterator[RunLock]:
-    """Hold ``folder``'s lock for the block (the folder is created if needed)."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    lock = RunLock(folder, what)
-    note = lock.acquire()
-    if note:
-        print(note, file=sys.stderr, flush=True)
-    try:
-        yield lock
-    finally:
-        lock.release()

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 
 from ..cli import check_writable
@@ -211,7 +211,7 @@ def claim_output_dir(out: Path, resume: str | None, overwrite: bool, names: tupl
     return held
 
 
-def lock_run(out: Path, accelerator: Accelerator, what: str = "run") -> RunLock:
+def lock_run(out: Path, accelerator: Accelerator | PartialState, what: str = "run") -> RunLock:
     """Check ``out`` is writable and take its lock (:class:`~.lock.RunLock`) on the main process; a refusal is
     raised on every process. The caller releases it when the run ends."""
     check_writable(out)
