@@ -113,6 +113,19 @@ def test_nan_loss_stops_with_the_update_and_the_newest_checkpoint(tmp_path):
     assert result["updates"] == 8
 
 
+def test_a_nan_loss_on_the_first_update_after_a_resume_says_so(tmp_path):
+    out = tmp_path / "run"
+    train(_small(out, checkpointing_steps=2, max_steps=2), _tiny)
+
+    def nan_loss(model, images, targets, criterion):
+        return criterion(model(images), targets) * float("nan")
+
+    step = out / "checkpoints" / "step_00000002"
+    with pytest.raises(Diverged, match=rf"^training diverged at update 3 \(epoch 0\): loss nan; the first update "
+                                       rf"after resuming from {step}; the newest intact checkpoint is {step}: "):
+        train(_small(out, checkpointing_steps=2, resume="auto"), _tiny, loss_fn=nan_loss)
+
+
 def test_weights_that_go_non_finite_in_an_update_are_named(tmp_path):
     calls = []
 

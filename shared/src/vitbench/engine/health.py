@@ -35,20 +35,16 @@ def first_nonfinite(model: torch.nn.Module) -> str | None:
     return None
 
 
-def resume_hint(checkpoint: Path | None, lr: float, resumed_from: Path | None, updates: int) -> str:
-    """How to go on after a divergence: the newest intact checkpoint and a lower learning rate."""
+def resume_hint(checkpoint: Path | None, lr: float, resumed_from: Path | None, resumed_at: int, updates: int) -> str:
+    """How to go on after a divergence at update ``updates``: the newest intact checkpoint and a lower learning rate
+    (a run resumed from ``resumed_from`` at update ``resumed_at`` that diverged at once says so)."""
     lower = f"{lr / 10:g}"
     if checkpoint is None:
         return f"no checkpoint was written yet; start over with a lower learning rate (e.g. --lr {lower} --overwrite)"
     first = (f"the first update after resuming from {resumed_from}; "
-             if resumed_from is not None and checkpoint == resumed_from and updates == _step(resumed_from) + 1 else "")
+             if resumed_from is not None and checkpoint == resumed_from and updates == resumed_at + 1 else "")
     return (f"{first}the newest intact checkpoint is {checkpoint}: continue from it with a lower learning rate, e.g. "
             f"--resume auto --lr {lower} --resume-override lr")
-
-
-def _step(path: Path) -> int:
-    digits = path.name.rpartition("_")[2]
-    return int(digits) if digits.isdigit() else -1
 
 
 def diverged(what: str, epoch: int, updates: int, hint: str) -> Diverged:

@@ -211,6 +211,7 @@ class Loop:
         accelerator.register_for_checkpointing(self.progress)
         self.checkpoint: Path | None = None
         self.resumed_from: Path | None = None
+        self.resumed_at = 0  # the update the run resumed at
         self.saved_at: int | None = None
         self.metrics: dict = {}
         self.train_loss = float("nan")
@@ -229,6 +230,7 @@ class Loop:
         resumed_from, failures = folder.load(accelerator, self.loaded_problem)
         accepted = folder.resumed(resumed_from, progress.num_updates)
         self.checkpoint = self.resumed_from = resumed_from
+        self.resumed_at = progress.num_updates
         if resumed_from is None and self.loaded_problem():  # a NaN in --checkpoint, --init-backbone, ...
             bad = first_nonfinite(accelerator.unwrap_model(self.model))
             raise ValueError(f"the initial weights of {self.cfg.model} are not finite ({bad}); nothing was trained "
@@ -403,7 +405,8 @@ class Loop:
         if self.main:
             self.log({"event": "diverged", "epoch": epoch, "updates": updates, "what": what,
                       "checkpoint": self.checkpoint and str(self.checkpoint)})
-        return diverged(what, epoch, updates, resume_hint(self.checkpoint, self.cfg.lr, self.resumed_from, updates))
+        hint = resume_hint(self.checkpoint, self.cfg.lr, self.resumed_from, self.resumed_at, updates)
+        return diverged(what, epoch, updates, hint)
 
     def after_update(self, epoch: int, epoch_end: bool) -> bool:
         """Checkpoint every ``--checkpointing-steps`` updates, stop at ``--max-steps`` (returns True) or on a stop
