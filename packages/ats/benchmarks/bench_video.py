@@ -36,13 +36,7 @@ def build(name: str, cfg: bench.BenchConfig) -> torch.nn.Module:
     """``name`` with random weights (seed ``cfg.seed``), every block's q/k scaled by ``cfg.peak`` (also the temporal
     attention's), in ``cfg.weight_layout``, eval mode."""
     torch.manual_seed(cfg.seed)
-    model = timm.create_model(name)
-    with torch.no_grad():
-        for blk in model.blocks:
-            for attn in (blk.attn, getattr(blk, "temporal_attn", None)):
-                if attn is not None:
-                    attn.qkv.weight[: 2 * attn.attn_dim] *= cfg.peak
-    return bench.laid_out(model.eval(), cfg)
+    return bench.laid_out(bench.peaked(timm.create_model(name), cfg.peak), cfg)
 
 
 def shipped(cfg: bench.BenchConfig) -> torch.nn.Module:

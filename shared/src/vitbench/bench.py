@@ -122,11 +122,14 @@ def config(args: argparse.Namespace, benchmark: str) -> BenchConfig:
 
 
 def peaked(model: torch.nn.Module, peak: float) -> torch.nn.Module:
-    """Scale the q and k projections of every block by ``peak`` (attention logits by ``peak**2``), in place, so that
-    random weights give peaked attention as trained weights do; eval mode."""
+    """Scale the q and k projections of every block's attention (and temporal attention, in a video block) by
+    ``peak`` (attention logits by ``peak**2``), in place, so that random weights give peaked attention as trained
+    weights do; eval mode."""
     with torch.no_grad():
         for blk in model.blocks:
-            blk.attn.qkv.weight[: 2 * blk.attn.attn_dim] *= peak
+            for attn in (blk.attn, getattr(blk, "temporal_attn", None)):
+                if attn is not None:
+                    attn.qkv.weight[: 2 * attn.attn_dim] *= peak
     return model.eval()
 
 

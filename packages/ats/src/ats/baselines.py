@@ -27,6 +27,11 @@ from .options import SHIPPED_ATS, SHIPPED_DENSE, WEIGHTS
 EVIT_MODEL = "evit_digits_patch8_112"
 
 
+def resume_point(model: evit.EViT) -> int:
+    """Where EViT + ATS rows start from (:attr:`ats.backbones.Backbone.resume_point` at Table A.5's blocks)."""
+    return backbones.for_model(model).resume_point(model, evit.STAGES)
+
+
 def evit_model(path: Path) -> evit.EViT:
     """The embedded EViT (keep 0.7) with the weights ``path``, in eval mode."""
     return backbones.load_weights(vitbench.create_model(EVIT_MODEL), path).eval()
@@ -79,13 +84,13 @@ def evit_settings(shared, k_rule: str, seed: int, probe: Callable | None) -> lis
     rows, fine = [], None
     for tag, key, path in evit_weights():
         model = evit_model(path)
-        shared.depths[key] = {min(model.drop_loc), len(model.blocks)}
+        shared.depths[key] = {resume_point(model), len(model.blocks)}
         rows.append(dense_row(tag, key, model, shared))
         fine = model if tag == "fine-tuned" else fine
     if fine is not None:
         rows.append(ats_row("off-the-shelf", "evit:fine-tuned", fine, k_rule, seed, probe))
         tuned = SHIPPED_ATS[EVIT_MODEL].path
         if shipped(tuned, "fine-tuned EViT + ATS"):
-            shared.depths["evit:ats"] = {min(fine.drop_loc)}
+            shared.depths["evit:ats"] = {resume_point(fine)}
             rows.append(ats_row("fine-tuned", "evit:ats", evit_model(tuned), k_rule, seed, probe))
     return rows

@@ -31,9 +31,9 @@ from vitbench.localization import on_box_share, random_share
 from vitbench.video import is_video
 
 from . import backbones, baselines, patch
-from .backbones import evit, psvit
+from .backbones import evit
 from .flops import dense_gmacs, per_image_gmacs, upper_bound_gmacs
-from .options import (BASELINES, K_RULES, SHIPPED, SHIPPED_ATS, ATSEvalConfig, figure_slug, given_finetuned,
+from .options import (BASELINES, SHIPPED, SHIPPED_ATS, ATSEvalConfig, figure_slug, given_finetuned,
                       parse_stages, shipped_dense)
 from .paper import (DEFAULT_RHO, FINETUNED, MULTI, PRESETS, Run, cvt_finetuned_paper, dense_paper,
                     evit_finetuned_paper, reports_deit_s, stage_text)
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuned ATS weights of the same model, evaluated in the same run as a second series "
                    "(default for the embedded model: the shipped "
                    + " and ".join(f"{w.file} (blocks {stage_text(w.stages)})" for w in SHIPPED) + ")")
-    g.add_argument("--k-rule", choices=K_RULES, default=d.k_rule,
+    g.add_argument("--k-rule", choices=evit.K_RULES, default=d.k_rule,
                    help="EViT + ATS (--model evit_*, --baselines evit): how rho sets K_n of Table A.5's K_n = "
                    "round(0.7 x input tokens): evit = rho x the tokens EViT alone gives block n (98, 98, 70, 70, 50, "
                    "50 at 224 px), compound = rho x the tokens that actually enter it (default: %(default)s)")
@@ -192,8 +192,7 @@ def build_settings(cfg, opts, model, finetuned, loader, spec, base=None, runs=No
     plans = [("", base, runs, None)]
     plans += [("fine-tuned", m, r, name) for m, r, name in finetuned]
     reference = tuple(r for r in runs if r.paper_finetuned)
-    if cfg.flops_only and not finetuned and reference and (base is not model
-                                                           or isinstance(base, (evit.EViT, psvit.PSViT))):
+    if cfg.flops_only and not finetuned and reference and family is not backbones.VIT:  # CvT, PS-ViT, EViT
         plans.append(("fine-tuned", base, reference, None))
     for _, _, rs, _ in plans:
         _check_runs(rs, geom, cfg.model, family.scope)

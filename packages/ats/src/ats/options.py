@@ -42,7 +42,6 @@ SHIPPED_DENSE = {"cvt_digits_112": "cvt_digits_112.safetensors",
                  "evit_digits_patch8_112": "evit_digits_patch8_112.safetensors"}
 SHIPPED_ATS = {"cvt_digits_112": Shipped("cvt_digits_112_ats.safetensors", tuple(range(9)), ()),
                "evit_digits_patch8_112": Shipped("evit_digits_patch8_112_ats.safetensors", (4, 5, 7, 8, 10, 11), ())}
-K_RULES = ("evit", "compound")  # how an EViT's rho sets K_n (ats.backbones.evit.apply's k_rule)
 BASELINES = ("evit",)  # static-pruning baselines ats-eval can add to the embedded default's rows
 
 
