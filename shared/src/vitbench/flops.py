@@ -120,24 +120,28 @@ def head_macs(geom: ViTGeometry) -> float:
     return geom.dim * geom.num_classes
 
 
+def blocks_macs(dim: int, tokens_per_block: Sequence, mlp_ratio: float = 4.0,
+                layernorm: bool = True) -> tuple[float, int | None]:
+    """``(MACs, tokens out of the last block)`` of plain transformer blocks at the given token counts: each ``n``, or
+    ``(n_in, n_out[, n_query])`` for a block that shrinks the sequence (see :func:`block_macs`)."""
+    macs, n_last = 0.0, None
+    for c in tokens_per_block:
+        n_in, n_out, *rest = c if isinstance(c, (tuple, list)) else (c, c)
+        macs += block_macs(dim, n_in, n_out, rest[0] if rest else n_in, mlp_ratio, layernorm)
+        n_last = n_out
+    return macs, n_last
+
+
 def vit_macs(geom: ViTGeometry, tokens_per_block: Sequence | None = None, layernorm: bool = True) -> float:
     """MACs of one image through a ViT. ``tokens_per_block[i]`` is block i's token count, or a tuple
     ``(n_in, n_out[, n_query])`` for blocks that shrink the sequence (see :func:`block_macs`); default dense."""
     counts = [geom.num_tokens] * geom.depth if tokens_per_block is None else list(tokens_per_block)
     if len(counts) != geom.depth:
         raise ValueError(f"need {geom.depth} token counts, got {len(counts)}")
-    macs = patch_embed_macs(geom) + head_macs(geom)
-    n_last = geom.num_tokens
-    for c in counts:
-        if isinstance(c, (tuple, list)):
-            n_in, n_out, *rest = c
-            n_query = rest[0] if rest else n_in
-        else:
-            n_in = n_out = n_query = c
-        macs += block_macs(geom.dim, n_in, n_out, n_query, geom.mlp_ratio, layernorm)
-        n_last = n_out
+    blocks, n_last = blocks_macs(geom.dim, counts, geom.mlp_ratio, layernorm)
+    macs = patch_embed_macs(geom) + head_macs(geom) + blocks
     if layernorm:
-        macs += layernorm_macs(n_last, geom.dim)  # final norm
+        macs += layernorm_macs(geom.num_tokens if n_last is None else n_last, geom.dim)  # final norm
     return macs
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm, Mlp, QuickGELU, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
-from vitbench.flops import block_macs, layernorm_macs, linear_macs
+from vitbench.flops import blocks_macs, layernorm_macs, linear_macs
 
 from ..patch import ATSRecord, attach_ats, check_blocks, run_blocks
 from ..registry import register_unshipped_models
@@ -540,21 +540,12 @@ def cvt_macs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None =
         prefix = 1 if i == last else 0
         conv = i < last or geom.projection == "dw_bn"
         if i == last and tokens_per_block is not None:
-            macs += sampled_blocks_macs(dim, tokens_per_block, geom.mlp_ratio, layernorm)
+            macs += blocks_macs(dim, tokens_per_block, geom.mlp_ratio, layernorm)[0]
         else:
             macs += depth * cvt_block_macs(dim, grid, prefix, conv, geom.mlp_ratio, **norms)
         chans = dim
     macs += layernorm_macs(1, geom.dims[-1]) if layernorm else 0.0  # the final norm, on the CLS token
     return macs + geom.dims[-1] * geom.num_classes
-
-
-def sampled_blocks_macs(dim: int, tokens_per_block, mlp_ratio: float, layernorm: bool) -> float:
-    """Plain transformer blocks (a ``linear`` stage 3) at the given token counts (see :func:`cvt_macs`)."""
-    macs = 0.0
-    for c in tokens_per_block:
-        n_in, n_out, *rest = c if isinstance(c, (tuple, list)) else (c, c)
-        macs += block_macs(dim, n_in, n_out, rest[0] if rest else n_in, mlp_ratio, layernorm)
-    return macs
 
 
 def cvt_gmacs(geom: CvTGeometry, layernorm: bool = True, batchnorm: bool | None = None,

@@ -36,18 +36,16 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
-from vitbench.flops import block_macs, layernorm_macs, linear_macs
+from vitbench.flops import block_macs, blocks_macs, layernorm_macs, linear_macs
 
 from ..patch import ATSRecord, attach_ats, check_blocks, run_blocks
 from ..registry import register_unshipped_models
+from .cvt import BN_PER_ELEMENT, Grid, init_weights  # the same counting convention and initialisation as CvT's
 
 NORM_EPS = 1e-5  # the released nn.LayerNorm
-BN_PER_ELEMENT = 2  # fvcore's eval-mode BatchNorm (affine): 2 per element
 SCALES = ("width", "head")
 BACKWARDS = ("kernel", "autograd")
 STAGES = tuple(range(1, 10))  # the transformer module's layers 1-9 (Sec. 4), 0-based: layer 0 dense
-
-Grid = tuple[int, int]
 
 
 # --------------------------------------------------------------------------------------------- progressive sampling
@@ -334,18 +332,6 @@ class PSViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def init_weights(m: nn.Module) -> None:
-    """The released initialisation: truncated normal (std 0.02) linear weights, zero biases, unit LayerNorms (convs
-    and BatchNorms keep torch's defaults)."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 # ---------------------------------------------------------------------------------------------------- registration
 _IMAGENET = dict(num_classes=1000, input_size=(3, 224, 224), crop_pct=0.9, interpolation="bicubic",
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="stem.0", classifier="head",
@@ -493,12 +479,8 @@ def psvit_macs(geom: PSViTGeometry, layernorm: bool = True, batchnorm: bool | No
     counts = [geom.num_tokens] * geom.depth if tokens_per_block is None else list(tokens_per_block)
     if len(counts) != geom.depth:
         raise ValueError(f"need {geom.depth} token counts, got {len(counts)}")
-    n_last = geom.num_tokens
-    for c in counts:
-        n_in, n_out, *rest = c if isinstance(c, (tuple, list)) else (c, c)
-        macs += block_macs(dim, n_in, n_out, rest[0] if rest else n_in, geom.mlp_ratio, layernorm)
-        n_last = n_out
-    macs += layernorm_macs(n_last, dim) if layernorm else 0.0
+    blocks, n_last = blocks_macs(dim, counts, geom.mlp_ratio, layernorm)
+    macs += blocks + (layernorm_macs(geom.num_tokens if n_last is None else n_last, dim) if layernorm else 0.0)
     return macs + dim * geom.num_classes
 
 
