@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch.nn.utils import get_total_norm
 
+from vitbench.models import first_non_finite
+
 
 class Diverged(ValueError):
     """Training diverged (non-finite loss, weights or outputs); the message names the update and where to resume.
@@ -29,10 +31,8 @@ def weights_max(model: torch.nn.Module) -> torch.Tensor:
 def first_nonfinite(model: torch.nn.Module) -> str | None:
     """The name of the first parameter or buffer holding a NaN or inf, or ``None`` (one host read per tensor: for
     messages and saves, not for every update)."""
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
+    found = first_non_finite([*model.named_parameters(), *model.named_buffers()])
+    return found and found[0]
 
 
 def resume_hint(checkpoint: Path | None, lr: float, resumed_from: Path | None, resumed_at: int, updates: int) -> str:

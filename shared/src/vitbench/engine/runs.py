@@ -330,9 +330,9 @@ def rewind(out: Path, updates: int) -> None:
 
 def intact_note(root: Path) -> str:
     """Where a run stands after a failed write: its newest intact checkpoint, or that it has none."""
-    found = [p for p in reversed(_checkpoints(root)) if not checkpoint_problem(p)]
+    found = next((p for p in reversed(_checkpoints(root)) if not checkpoint_problem(p)), None)  # hashes the newest
     if found:
-        return f"the newest intact checkpoint is {found[0]}; free space and continue with --resume auto"
+        return f"the newest intact checkpoint is {found}; free space and continue with --resume auto"
     return "no checkpoint was written yet; free space and start again"
 
 
