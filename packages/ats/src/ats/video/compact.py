@@ -4,8 +4,9 @@ Rows are packed per :class:`ats.video.layout.FrameLayout`. Every linear layer (q
 runs on the alive rows only; spatial attention runs per frame over the frame's CLS and alive patches, TimeSformer's
 temporal attention per patch position over the frames where it is alive, X-ViT's key/value mixing takes the
 neighbouring frame's channels where that token is alive and zeros where it was dropped. An ATS stage scores on the
-full grid view of its q, k, v (:func:`ats.video.patch.select_tokens`, as the masked reference), attends with every
-alive query, and only the kept rows go on through ``proj``, the residual and the MLP.
+padded per-frame view of its q, k, v (:func:`frame_scores`: the masked reference's
+:func:`ats.video.patch.grid_scores` on the clip's grid of patches), attends with every alive query, and only the kept
+rows go on through ``proj``, the residual and the MLP.
 
 Same results as the masked blocks of :mod:`ats.video.models` (their ``alive`` argument, kept as the test oracle) to
 float rounding; drop-path draws once per clip (the masked blocks draw per frame or per position).
